@@ -1,0 +1,270 @@
+"""The ``bnn-distill`` command line: thin wrappers over the library.
+
+Every error a user can cause prints one line (``error: ...``) and exits with status 2;
+``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+from .errors import CheckpointError, UserError
+
+log = logging.getLogger("bnn_distill")
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="bnn-distill", description="Distil binary ResNets with ITRD, export and benchmark them.")
+    ap.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    sub = ap.add_subparsers(dest="command", metavar="COMMAND")
+
+    t = sub.add_parser("train", help="run every stage of a recipe (teacher, W32A1, W1A1)")
+    t.add_argument("recipe", help="YAML recipe, e.g. recipes/quick_fmnist.yaml")
+    t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
+                   help="override a recipe value, e.g. --set stages.stage1.epochs=2 (repeatable)")
+    t.add_argument("--resume", action="store_true", help="continue the run in the recipe's run folder")
+    t.add_argument("--force", action="store_true", help="with --resume: continue even if the recipe changed")
+    t.add_argument("--dry-run", action="store_true", help="validate, print the resolved recipe and model summary; train nothing")
+    t.add_argument("--no-progress", action="store_true", help="no progress bars (one log line per epoch)")
+    _add_common(t)
+
+    e = sub.add_parser("eval", help="top-1/top-5 of a run's final model or of a checkpoint on the test split")
+    e.add_argument("target", help="run folder (runs/NAME) or checkpoint file (.pt)")
+    e.add_argument("--stage", help="stage to evaluate in a run folder (default: the last)")
+    e.add_argument("--data-root", help="dataset folder, if not where the run found it")
+    e.add_argument("--json", action="store_true", help="print JSON")
+    _add_common(e)
+
+    s = sub.add_parser("summary", help="per-layer bit-widths, parameters, MACs and memory")
+    s.add_argument("target", help="recipe (.yaml), run folder or checkpoint (.pt)")
+    s.add_argument("--stage", help="only this stage's model")
+    s.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE")
+    s.add_argument("--json", action="store_true", help="print JSON")
+    _add_common(s)
+    return ap
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    if not args.command:
+        ap.print_help()
+        return 2
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("matplotlib", "PIL", "torch.utils.cpp_extension"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        return {"train": cmd_train, "eval": cmd_eval, "summary": cmd_summary}[args.command](args)
+    except UserError as e:
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        hint = ""
+        if args.command == "train":
+            hint = f"; completed epochs are saved: resume with 'bnn-distill train {args.recipe} --resume'"
+        print(f"interrupted{hint}", file=sys.stderr)
+        return 130
+
+
+# ---------------------------------------------------------------- train
+
+
+def cmd_train(args) -> int:
+    from .recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    if args.dry_run:
+        print(recipe.to_yaml().rstrip())
+        print()
+        for title, model, shape in _recipe_models(recipe):
+            print(f"== {title}")
+            print(_summarize(model, shape).format())
+            print()
+        print(f"recipe OK; run folder would be {recipe.run_dir}")
+        return 0
+    from .train import run_recipe
+
+    if args.resume is False and args.force:
+        raise UserError("--force only applies with --resume")
+    summary = run_recipe(recipe, resume=args.resume, force=args.force,
+                         progress=not args.no_progress and sys.stderr.isatty())
+    _print_summary(summary, recipe.run_dir)
+    return 0
+
+
+def _print_summary(summary: Dict[str, Any], run_dir: Path) -> None:
+    t = summary.get("teacher", {})
+    if "test_top1" in t:
+        print(f"teacher ({t['arch']}): test top-1 {t['test_top1']:.2f}%")
+    for st in summary["stages"]:
+        acc = st["final"].get("test_top1", float("nan"))
+        print(f"{st['name']} ({st['kind']}, {st['quant']}, {st['epochs']} epochs): test top-1 {acc:.2f}% "
+              f"(best {st['best_top1']:.2f}% at epoch {st['best_epoch']}), {st['wall_s']:.0f} s")
+    print(f"total {summary['wall_s']:.0f} s; run folder {run_dir}")
+
+
+# ---------------------------------------------------------------- models of a recipe / checkpoint
+
+
+def _recipe_models(recipe, only_stage: Optional[str] = None):
+    from .data import dataset_info
+    from .train import build_model, model_spec
+
+    info = dataset_info(recipe.data.dataset, recipe.data.root) if _takes_root() else dataset_info(recipe.data.dataset)
+    if info.num_classes <= 0:
+        raise UserError(f"data.dataset '{info.name}': class count unknown until data.root is given")
+    shape = (info.in_chans, info.image_size, info.image_size)
+    seen = set()
+    wanted = [s for s in recipe.stages if only_stage in (None, s.name)]
+    if only_stage is not None and not wanted:
+        raise UserError(f"--stage: no stage named '{only_stage}'; valid: {', '.join(s.name for s in recipe.stages)}")
+    if only_stage is None and (recipe.teacher.checkpoint or not any(s.kind == "teacher" for s in recipe.stages)):
+        spec = model_spec(recipe, recipe.teacher, "FP", info.num_classes, info.in_chans)
+        seen.add(("teacher", "FP"))
+        yield f"teacher: {recipe.teacher.arch} FP", build_model(spec), shape
+    for st in wanted:
+        cfg = recipe.teacher if st.kind == "teacher" else recipe.student
+        key = (st.kind, st.quant)
+        if key in seen:
+            continue
+        seen.add(key)
+        spec = model_spec(recipe, cfg, st.quant, info.num_classes, info.in_chans)
+        yield f"stage {st.name}: {cfg.arch} {st.quant}", build_model(spec), shape
+
+
+def _takes_root() -> bool:
+    import inspect
+
+    from .data import dataset_info
+
+    return "root" in inspect.signature(dataset_info).parameters
+
+
+def _summarize(model, shape):
+    from .summary import summarize
+
+    return summarize(model, shape)
+
+
+def _resolve_checkpoint(target: str, stage: Optional[str]) -> Path:
+    p = Path(target)
+    if p.is_dir():
+        from .recipe import load_recipe
+        from .train import RECIPE_FILE
+
+        if not (p / RECIPE_FILE).exists():
+            raise UserError(f"'{p}' is not a run folder (no {RECIPE_FILE}); give runs/NAME or a checkpoint .pt file")
+        recipe = load_recipe(p / RECIPE_FILE)
+        names = [s.name for s in recipe.stages]
+        name = stage or names[-1]
+        if name not in names:
+            raise UserError(f"--stage: no stage named '{name}' in {p}; valid: {', '.join(names)}")
+        ck = p / "checkpoints" / name / "last.pt"
+        if not ck.exists():
+            raise CheckpointError(f"stage '{name}' of {p} has no checkpoint yet ({ck}); train it first")
+        return ck
+    if not p.exists():
+        raise UserError(f"'{target}' does not exist; give a run folder (runs/NAME) or a checkpoint file")
+    return p
+
+
+def _checkpoint_model(ck: Dict[str, Any], path: Path):
+    from .checkpoint import is_bnn_checkpoint, load_model_state
+    from .train import build_model
+
+    if not is_bnn_checkpoint(ck):
+        raise CheckpointError(f"'{path}' is not a bnn-distill checkpoint (no model spec); plain state dicts load as teacher.checkpoint in a recipe")
+    model = build_model(ck["model_spec"])
+    load_model_state(model, ck["model"], f"checkpoint '{path}'")
+    return model
+
+
+# ---------------------------------------------------------------- eval
+
+
+def cmd_eval(args) -> int:
+    import torch
+    from torch.utils.data import DataLoader
+
+    from .checkpoint import load_checkpoint
+    from .data import build_datasets
+    from .evaluate import evaluate
+    from .recipe import recipe_from_dict
+
+    path = _resolve_checkpoint(args.target, args.stage)
+    ck = load_checkpoint(path)
+    model = _checkpoint_model(ck, path)
+    raw = dict(ck["recipe"])
+    if args.data_root:
+        raw["data"] = {**raw["data"], "root": args.data_root}
+    recipe = recipe_from_dict(raw)
+    d = recipe.data
+    _, test_set, info = build_datasets(d.dataset, d.root, False, False, d.limit_train, d.limit_test, seed=recipe.seed)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    res = evaluate(model.to(device), DataLoader(test_set, batch_size=256, num_workers=d.num_workers), device,
+                   progress=sys.stderr.isatty())
+    out = {"checkpoint": str(path), "stage": ck.get("stage"), "model": ck["model_spec"]["name"],
+           "quant": ck["model_spec"]["quant"], "dataset": info.name, **res}
+    if args.json:
+        print(json.dumps(out, indent=2))
+    else:
+        print(f"{out['model']} {out['quant']} (stage {out['stage']}) on {info.name} test ({res['n']} images): "
+              f"top-1 {res['top1']:.2f}%, top-5 {res['top5']:.2f}%, loss {res['loss']:.4f}")
+    return 0
+
+
+# ---------------------------------------------------------------- summary
+
+
+def cmd_summary(args) -> int:
+    from .checkpoint import load_checkpoint
+    from .recipe import load_recipe
+
+    p = Path(args.target)
+    items: List[Any] = []
+    if p.suffix in (".yaml", ".yml"):
+        recipe = load_recipe(p, args.overrides)
+        items = list(_recipe_models(recipe, args.stage))
+    else:
+        path = _resolve_checkpoint(args.target, args.stage)
+        ck = load_checkpoint(path)
+        model = _checkpoint_model(ck, path)
+        from .recipe import recipe_from_dict
+        from .data import dataset_info
+
+        recipe = recipe_from_dict(ck["recipe"])
+        info = dataset_info(recipe.data.dataset)
+        items = [(f"{ck['model_spec']['name']} {ck['model_spec']['quant']} ({path})", model,
+                  (info.in_chans, info.image_size, info.image_size))]
+    if args.json:
+        print(json.dumps({title: _summarize(m, shape).to_dict() for title, m, shape in items}, indent=2))
+        return 0
+    for title, model, shape in items:
+        print(f"== {title}")
+        print(_summarize(model, shape).format())
+        print()
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
