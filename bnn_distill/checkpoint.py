@@ -8,6 +8,7 @@ a file carrying arbitrary pickled objects is refused without running them.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import tempfile
@@ -122,8 +123,27 @@ def load_model_state(model: torch.nn.Module, state: Dict[str, torch.Tensor], wha
             k = shape[0]
             parts.append(f"shape of '{k}' is {tuple(state[k].shape)}, model has {tuple(own[k].shape)}" + (f" (+{len(shape) - 1} more)" if len(shape) > 1 else ""))
         raise CheckpointError(f"{what} does not match the model: " + "; ".join(parts))
-    model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
+    with keep_quantizers():
+        model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
     return missing_q
+
+
+@contextlib.contextmanager
+def keep_quantizers():
+    """Load state dicts in place, without Brevitas rebuilding its quantisers.
+
+    By default Brevitas re-creates a layer's tensor quantiser when a state dict is loaded
+    (``brevitas.config.REINIT_ON_STATE_DICT_LOAD``). That replaces learned-scale parameters with
+    new objects, so an optimiser or DDP built before the load would silently train stale copies.
+    """
+    from brevitas import config
+
+    old = config.REINIT_ON_STATE_DICT_LOAD
+    config.REINIT_ON_STATE_DICT_LOAD = False
+    try:
+        yield
+    finally:
+        config.REINIT_ON_STATE_DICT_LOAD = old
 
 
 def _few(keys, n: int = 3) -> str:

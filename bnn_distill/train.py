@@ -25,7 +25,8 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler
 
 from . import distributed as ddp
-from .checkpoint import FORMAT, atomic_write_bytes, atomic_save, load_checkpoint, load_model_state, state_dict_of
+from .checkpoint import (FORMAT, atomic_save, atomic_write_bytes, keep_quantizers, load_checkpoint, load_model_state,
+                         state_dict_of)
 from .errors import CheckpointError, UserError
 from .evaluate import evaluate
 from .hooks import FeatureHook, get_module
@@ -223,7 +224,8 @@ class Trainer:
 
     def load_state(self, ck: Dict[str, Any]) -> None:
         load_model_state(self.model, ck["model"], f"checkpoint of stage '{self.stage.name}'")
-        self.criterion.load_state_dict(ck["criterion"])
+        with keep_quantizers():
+            self.criterion.load_state_dict(ck["criterion"])
         self.optimizer.load_state_dict(ck["optimizer"])
         self.scaler.load_state_dict(ck["scaler"])
         self.epoch, self.step = int(ck["epoch"]), int(ck["step"])
@@ -235,6 +237,9 @@ class Trainer:
 
     def fit(self) -> StageResult:
         st = self.stage
+        trained = {id(p) for p in self.step_module.parameters() if p.requires_grad}
+        stepped = {id(p) for g in self.optimizer.param_groups for p in g["params"]}
+        assert trained == stepped, "optimiser parameters are not the model's (a load replaced parameters)"
         if self.epoch >= st.epochs:
             return self.result()
         if self.epoch:

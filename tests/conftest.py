@@ -1,0 +1,42 @@
+"""Shared fixtures: a tiny recipe that trains a teacher and two binary stages in seconds."""
+
+from __future__ import annotations
+
+import copy
+import logging
+from pathlib import Path
+from typing import Any, Dict
+
+import pytest
+
+logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+
+ITRD = [
+    {"name": "ce"},
+    {"name": "itrd_corr", "weight": 2.0, "alpha": 1.01},
+    {"name": "itrd_mi", "weight": 1.0},
+]
+
+
+def tiny_recipe_dict(out: Path, epochs: int = 1, name: str = "tiny") -> Dict[str, Any]:
+    """Teacher + W32A1 + W1A1 on 64 synthetic CIFAR-shaped images, ResNet-20 at quarter width."""
+    stage = {"epochs": epochs, "batch_size": 16, "optimizer": {"name": "sgd", "lr": 0.05},
+             "schedule": {"name": "cosine", "warmup_epochs": 0}}
+    return {
+        "name": name,
+        "seed": 3,
+        "output_dir": str(out),
+        "data": {"dataset": "synthetic", "limit_train": 64, "limit_test": 32},
+        "teacher": {"arch": "cifar_resnet20", "width_mult": 0.25},
+        "student": {"arch": "cifar_resnet20", "width_mult": 0.25},
+        "stages": [
+            {"name": "teacher", "kind": "teacher", "quant": "FP", **copy.deepcopy(stage), "losses": [{"name": "ce"}]},
+            {"name": "stage1", "quant": "W32A1", "init_from": "teacher", **copy.deepcopy(stage), "losses": copy.deepcopy(ITRD)},
+            {"name": "stage2", "quant": "W1A1", "init_from": "stage1", **copy.deepcopy(stage), "losses": copy.deepcopy(ITRD)},
+        ],
+    }
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    return tiny_recipe_dict(tmp_path / "runs")
