@@ -77,6 +77,7 @@ def test_quantisation_only_in_body_convs(name, mode):
                                    .split(".output_quant")[0].split(".bias_quant")[0]), mname
     assert n_body == 2 * sum(MODELS[name].blocks)
     assert type(model.conv1) is nn.Conv2d and type(model.fc) is nn.Linear
+    assert all(m.bias is None for m in model.modules() if isinstance(m, nn.Conv2d))
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
@@ -187,7 +188,8 @@ def test_conv_shortcut_builds_downsample():
     assert p.layer2[0].downsample is None and isinstance(p.layer2[0].shortcut, PadShortcut)
 
 
-@pytest.mark.parametrize("mult, widths", [(1.0, (16, 32, 64)), (2.0, (32, 64, 128)), (0.5, (8, 16, 32))])
+@pytest.mark.parametrize("mult, widths", [(1.0, (16, 32, 64)), (2.0, (32, 64, 128)), (0.5, (8, 16, 32)),
+                                          (0.3, (5, 10, 19))])  # rounded: 4.8, 9.6, 19.2
 def test_width_mult(mult, widths):
     m = create_model("cifar_resnet20", 10, width_mult=mult)
     got = tuple(getattr(m, s)[-1].conv2.out_channels for s in m.stage_names)

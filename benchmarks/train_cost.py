@@ -1,0 +1,140 @@
+"""Training cost of the distillation losses and of Brevitas binarisation, measured side by side.
+
+Times one optimiser step (forward, loss, backward, SGD update) of a student at one batch size for:
+
+* the student with CE only, with KD (Hinton) and with ITRD (CE + 2 L_corr + 1 L_gram);
+  each both as a full step (teacher forward included where the loss needs it) and as the
+  student-side step (teacher outputs precomputed), which isolates what the loss itself costs;
+* the W1A1 Brevitas student against the same network in FP (CE only).
+
+All configurations run interleaved, round after round, after warm-up, and the median per
+configuration is reported with its ratio, so machine noise hits all of them alike. Writes JSON
+and markdown. Usage:
+
+    python benchmarks/train_cost.py --batch 256 --rounds 7 --out benchmarks/results/train_cost
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from bnn_distill.hooks import FeatureHook
+from bnn_distill.losses import Criterion, LossInputs, Term
+from bnn_distill.models import create_model
+from bnn_distill.train import machine_info
+
+ITRD = [Term("ce", 1.0, {}), Term("itrd_corr", 2.0, {"alpha": 1.01}), Term("itrd_mi", 1.0, {})]
+KD = [Term("ce", 1.0, {}), Term("kd", 1.0, {"temperature": 4.0})]
+CE = [Term("ce", 1.0, {})]
+
+
+class Config:
+    def __init__(self, name, quant, terms, with_teacher, args, teacher, x, y):
+        self.name = name
+        torch.manual_seed(0)
+        self.student = create_model(args.arch, 10, in_chans=x.shape[1], quant=quant, width_mult=args.width_mult,
+                                    weight_scale="learned", recu=True)
+        self.feat = FeatureHook(self.student, "head_bn")
+        d = self.student.num_features
+        self.criterion = Criterion(terms, d, d)
+        self.teacher = teacher
+        self.t_feat = FeatureHook(teacher, "head_bn")
+        self.with_teacher = with_teacher
+        self.needs_teacher = self.criterion.needs_teacher
+        params = list(self.student.parameters()) + list(self.criterion.parameters())
+        self.opt = torch.optim.SGD(params, lr=0.01, momentum=0.9)
+        self.x, self.y = x, y
+        with torch.no_grad():
+            self.cached = (teacher(x), self.t_feat.pop()) if self.needs_teacher else (None, None)
+
+    def step(self) -> None:
+        t_logits, t_feat = self.cached
+        if self.needs_teacher and self.with_teacher:
+            with torch.no_grad():
+                t_logits = self.teacher(self.x)
+                t_feat = self.t_feat.pop()
+        logits = self.student(self.x)
+        feat = self.feat.pop()
+        out = self.criterion(LossInputs(logits, self.y, t_logits, feat, t_feat))
+        self.opt.zero_grad(set_to_none=True)
+        out["loss"].backward()
+        self.opt.step()
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--arch", default="cifar_resnet20")
+    ap.add_argument("--width-mult", type=float, default=1.0)
+    ap.add_argument("--image-size", type=int, default=28)
+    ap.add_argument("--in-chans", type=int, default=1)
+    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--out", default="benchmarks/results/train_cost")
+    args = ap.parse_args(argv)
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    x = torch.randn(args.batch, args.in_chans, args.image_size, args.image_size)
+    y = torch.randint(0, 10, (args.batch,))
+    torch.manual_seed(1)
+    teacher = create_model(args.arch, 10, in_chans=args.in_chans, width_mult=args.width_mult).eval()
+    configs = [
+        Config("W1A1 CE", "W1A1", CE, True, args, teacher, x, y),
+        Config("W1A1 KD (student side)", "W1A1", KD, False, args, teacher, x, y),
+        Config("W1A1 ITRD (student side)", "W1A1", ITRD, False, args, teacher, x, y),
+        Config("W1A1 KD (with teacher fwd)", "W1A1", KD, True, args, teacher, x, y),
+        Config("W1A1 ITRD (with teacher fwd)", "W1A1", ITRD, True, args, teacher, x, y),
+        Config("FP CE (same network)", "FP", CE, True, args, teacher, x, y),
+    ]
+    times = {c.name: [] for c in configs}
+    for c in configs:
+        for _ in range(args.warmup):
+            c.step()
+    for r in range(args.rounds):
+        for c in configs:
+            t0 = time.perf_counter()
+            c.step()
+            times[c.name].append(time.perf_counter() - t0)
+        print(f"round {r + 1}/{args.rounds} done", file=sys.stderr)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    base = med["W1A1 CE"]
+    rows = []
+    for c in configs:
+        rows.append({"config": c.name, "median_ms": 1000 * med[c.name], "images_per_s": args.batch / med[c.name],
+                     "vs_W1A1_CE": med[c.name] / base, "all_ms": [round(1000 * t, 2) for t in times[c.name]]})
+    result = {
+        "what": "one optimiser step (forward, loss, backward, SGD) at fixed batch; medians over interleaved rounds",
+        "args": vars(args), "machine": machine_info(), "rows": rows,
+        "itrd_vs_ce_student_side": med["W1A1 ITRD (student side)"] / base,
+        "itrd_vs_kd_with_teacher": med["W1A1 ITRD (with teacher fwd)"] / med["W1A1 KD (with teacher fwd)"],
+        "binary_vs_fp_ce": base / med["FP CE (same network)"],
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    lines = [f"Training step cost: {args.arch} x{args.width_mult} on {args.in_chans}x{args.image_size}x{args.image_size}, "
+             f"batch {args.batch}, {torch.get_num_threads()} threads, {result['machine']['cpu']}", "",
+             "| configuration | median ms/step | images/s | vs W1A1 CE |", "|---|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['config']} | {r['median_ms']:.1f} | {r['images_per_s']:.0f} | {r['vs_W1A1_CE']:.3f} |")
+    lines += ["", f"ITRD / CE (student side): {result['itrd_vs_ce_student_side']:.3f}; "
+              f"ITRD / KD (teacher forward included): {result['itrd_vs_kd_with_teacher']:.3f}; "
+              f"W1A1 Brevitas / FP, CE: {result['binary_vs_fp_ce']:.3f}"]
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
