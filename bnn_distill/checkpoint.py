@@ -59,24 +59,34 @@ def _atomic(path: Union[str, Path], write) -> None:
 def load_checkpoint(path: Union[str, Path], map_location: Union[str, torch.device] = "cpu") -> Dict[str, Any]:
     """Load a checkpoint safely; raise :class:`CheckpointError` with one clear line on any problem."""
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint '{path}' is a folder; give a .pt file (a run folder's are in checkpoints/<stage>/)")
     if not path.is_file():
         raise CheckpointError(f"checkpoint '{path}' does not exist")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):  # torch.save zip archive or legacy pickle
+        raise CheckpointError(f"'{path}' is not a checkpoint (not a torch.save archive) or is truncated; use another file")
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        msg = str(e).splitlines()[0] if str(e) else ""
-        if "weights_only" in str(e) or "Unsupported global" in str(e) or "GLOBAL" in str(e):
+        text = str(e)
+        if "Unsupported global" in text or "Unsupported operand" in text or "GLOBAL" in text:
             raise CheckpointError(
                 f"checkpoint '{path}' holds pickled objects that are not plain tensors; refused without running them "
                 "(only files written by bnn-distill or plain state dicts load)"
             ) from None
-        raise CheckpointError(f"checkpoint '{path}' is corrupted or truncated ({msg}); use another checkpoint") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise CheckpointError(f"checkpoint '{path}' is corrupted or truncated ({msg}); use another checkpoint") from None
+        raise CheckpointError(f"checkpoint '{path}' is corrupted ({_short(e)}); use another checkpoint") from None
+    except Exception as e:  # torch raises many types for damaged archives
+        raise CheckpointError(f"checkpoint '{path}' is corrupted or truncated ({_short(e)}); use another checkpoint") from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"checkpoint '{path}' holds a {type(obj).__name__}, not a state dict or bnn-distill checkpoint")
     return obj
+
+
+def _short(e: BaseException, n: int = 100) -> str:
+    text = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    return text if len(text) <= n else text[: n - 3] + "..."
 
 
 def is_bnn_checkpoint(obj: Dict[str, Any]) -> bool:
@@ -86,7 +96,10 @@ def is_bnn_checkpoint(obj: Dict[str, Any]) -> bool:
 def state_dict_of(obj: Dict[str, Any]) -> Dict[str, torch.Tensor]:
     """The model state dict of a bnn-distill checkpoint, or the dict itself if it is a state dict."""
     if is_bnn_checkpoint(obj):
-        return obj["model"]
+        state = obj.get("model")
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise CheckpointError("bnn-distill checkpoint holds no model state dict (damaged or not written by a trainer)")
+        return state
     if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
         return obj
     for key in ("state_dict", "model"):

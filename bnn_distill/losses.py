@@ -111,6 +111,19 @@ class LossSpec:
     doc: str
 
 
+# Valid ranges of loss parameters: (low, high, low inclusive, high inclusive).
+PARAM_RANGES: Dict[str, tuple] = {
+    "label_smoothing": (0.0, 1.0, True, False),
+    "temperature": (0.0, 100.0, False, True),
+    "alpha": (0.0, 100.0, False, True),  # Renyi order; the paper uses 1.01 (same arch) and 1.5
+    "eps": (0.0, 1.0, True, True),  # 0 reproduces the official (NaN-prone) standardisation
+}
+
+
+def _range_text(lo: float, hi: float, lo_in: bool, hi_in: bool) -> str:
+    return f"{'[' if lo_in else '('}{lo:g}, {hi:g}{']' if hi_in else ')'}"
+
+
 LOSSES: Dict[str, LossSpec] = {}
 
 
@@ -157,6 +170,11 @@ def validate_loss_term(name: str, params: Mapping[str, object], path: str) -> No
             raise RecipeError(f"{path}.{key}: loss '{name}' has no parameter '{key}'{closest(key, spec.params)}; valid: {valid}")
         if isinstance(val, bool) or not isinstance(val, (int, float)):
             raise RecipeError(f"{path}.{key}: expected a number, got {val!r}")
+        if key in PARAM_RANGES:
+            lo, hi, lo_in, hi_in = PARAM_RANGES[key]
+            ok = (lo <= val if lo_in else lo < val) and (val <= hi if hi_in else val < hi)
+            if not ok:  # NaN fails every comparison
+                raise RecipeError(f"{path}.{key}: {val} is out of range; valid: {_range_text(lo, hi, lo_in, hi_in)}")
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,10 @@ STAGE_KINDS = ("teacher", "student")
 
 def _one_of(path: str, value: str, valid: Sequence[str]) -> None:
     if value not in valid:
-        raise RecipeError(f"{path}: '{value}' is not valid{closest(value, valid)}; valid: {choices(valid)}")
+        hint = closest(value, valid)
+        if value.strip() in valid:
+            hint = " (it has stray whitespace)"
+        raise RecipeError(f"{path}: {value!r} is not valid{hint}; valid: {choices(valid)}")
 
 
 def _positive(path: str, value, allow_zero: bool = False) -> None:
@@ -204,8 +207,8 @@ class StageConfig:
         names = [t.name for t in self.losses]
         for i, t in enumerate(self.losses):
             t.check(f"{path}.losses[{i}]")
-            if names.count(t.name) > 1:
-                raise RecipeError(f"{path}.losses[{i}].name: '{t.name}' appears twice; list each term once")
+            if t.name in names[:i]:
+                raise RecipeError(f"{path}.losses[{i}].name: '{t.name}' is already listed at losses[{names.index(t.name)}]; list each term once")
         if self.kind == "teacher":
             from .losses import LOSSES
 
@@ -256,6 +259,8 @@ class Recipe:
                 if self.teacher.checkpoint is not None:
                     raise RecipeError(f"{path}.kind: the recipe both loads teacher.checkpoint and trains a teacher; keep one")
                 has_teacher_stage = True
+            if st.kind == "teacher" and st.init_from is not None:
+                raise RecipeError(f"{path}.init_from: a teacher stage starts from scratch; remove init_from (students use it)")
             elif st.init_from is not None and st.init_from != "teacher":
                 if st.init_from not in seen:
                     valid = [s for s in seen if s != "teacher"] + ["teacher"]
@@ -266,8 +271,29 @@ class Recipe:
         needs_teacher = any(self._stage_needs_teacher(st) for st in self.stages)
         if needs_teacher and not has_teacher_stage and self.teacher.checkpoint is None:
             raise RecipeError("teacher: a stage distils from a teacher but there is none; add a first stage with kind: teacher or set teacher.checkpoint")
-        if any(st.init_from == "teacher" for st in self.stages) and self.teacher.arch != self.student.arch:
-            raise RecipeError("stages[].init_from: 'teacher' needs teacher.arch == student.arch")
+        for i, st in enumerate(self.stages):
+            if st.init_from == "teacher":
+                t, s = self.teacher, self.student
+                diff = [k for k in ("arch", "width_mult", "act", "shortcut", "bireal", "head_norm")
+                        if getattr(t, k) != getattr(s, k)]
+                if diff:
+                    raise RecipeError(f"stages[{i}].init_from: 'teacher' needs the student built like the teacher, but "
+                                      f"student.{diff[0]} ({getattr(s, diff[0])!r}) differs from teacher.{diff[0]} ({getattr(t, diff[0])!r})")
+        self._check_feature_layers()
+
+    def _check_feature_layers(self) -> None:
+        """A feature layer must name a module of its model (checked on the model's structure)."""
+        from .models import create_model
+
+        uses_features = any(_needs_features(st) for st in self.stages)
+        for role, cfg in (("teacher", self.teacher), ("student", self.student)):
+            if cfg.feature_layer is None or not uses_features:
+                continue
+            model = create_model(cfg.arch, 10, 3, "FP", cfg.width_mult, **cfg.model_kwargs())
+            names = [n for n, _ in model.named_modules() if n]
+            if cfg.feature_layer not in names:
+                raise RecipeError(f"{role}.feature_layer: the model has no module {cfg.feature_layer!r}"
+                                  f"{closest(cfg.feature_layer, names)}; e.g. 'head_bn', 'flatten' or 'layer4'")
 
     @staticmethod
     def _stage_needs_teacher(st: StageConfig) -> bool:
@@ -296,6 +322,12 @@ class Recipe:
         d = {k: v for k, v in self.to_dict().items() if k not in ignore}
         d["data"] = {k: v for k, v in d["data"].items() if k not in ("root", "download", "num_workers")}
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _needs_features(st: StageConfig) -> bool:
+    from .losses import LOSSES
+
+    return any(LOSSES[t.name].needs_features for t in st.losses)
 
 
 def _to_plain(obj: Any) -> Any:
@@ -361,7 +393,13 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise RecipeError(f"{path}: expected a number, got {_describe(value)}")
+            hint = ""
+            if isinstance(value, str):
+                try:
+                    hint = f" (YAML reads {value} as text; write it with a dot, e.g. {float(value):.1e})"
+                except ValueError:
+                    pass
+            raise RecipeError(f"{path}: expected a number, got {_describe(value)}{hint}")
         if not math.isfinite(value):
             raise RecipeError(f"{path}: {value} is not a finite number")
         return float(value)
@@ -386,6 +424,8 @@ def _describe(value: Any) -> str:
 
 def _build(cls: type, raw: Any, path: str) -> Any:
     where = path or "the recipe"
+    if cls is LossTermConfig and isinstance(raw, str):
+        raise RecipeError(f"{where}: expected a mapping of keys, got {_describe(raw)}; write {{name: {raw}}}")
     if not isinstance(raw, dict):
         raise RecipeError(f"{where}: expected a mapping of keys, got {_describe(raw)}")
     hints = typing.get_type_hints(cls)
@@ -398,6 +438,9 @@ def _build(cls: type, raw: Any, path: str) -> Any:
         if not isinstance(raw["params"], dict):
             raise RecipeError(f"{path}.params: expected a mapping, got {_describe(raw['params'])}")
         raw["params"] = {**raw["params"], **params}
+        for k, v in raw["params"].items():
+            if isinstance(v, int) and not isinstance(v, bool):
+                raw["params"][k] = float(v)  # alpha: 2 and alpha: 2.0 are the same recipe
     kwargs = {}
     for key, value in raw.items():
         sub = f"{path}.{key}" if path else str(key)
@@ -421,8 +464,8 @@ def parse_overrides(items: Sequence[str]) -> List[Tuple[str, Any]]:
             raise RecipeError(f"--set {item}: expected KEY.PATH=VALUE, e.g. stages.stage1.epochs=2")
         key, text = item.split("=", 1)
         key = key.strip()
-        if not key:
-            raise RecipeError(f"--set {item}: empty key; expected KEY.PATH=VALUE")
+        if not key or any(not part for part in key.split(".")):
+            raise RecipeError(f"--set {item}: '{key}' is not a key path; expected KEY.PATH=VALUE, e.g. stages.stage1.epochs=2")
         try:
             val = yaml.safe_load(text) if text.strip() else None
         except yaml.YAMLError as e:
@@ -464,7 +507,8 @@ def _list_index(node: List[Any], part: str, where: str) -> int:
     names = [n.get("name") for n in node if isinstance(n, dict)]
     if part in names:
         return names.index(part)
-    raise RecipeError(f"--set {where}: no item named '{part}'{closest(part, [n for n in names if n])}; valid: {choices([n for n in names if n])} or an index")
+    named = [n for n in names if n]
+    raise RecipeError(f"--set {where}: no item named '{part}'{closest(part, named)}; valid: a name ({choices(named)}) or an index 0..{len(node) - 1}")
 
 
 def _yaml_problem(e: yaml.YAMLError) -> str:
@@ -492,6 +536,8 @@ def recipe_from_dict(raw: Any, overrides: Sequence[str] = ()) -> Recipe:
 def load_recipe(path: Union[str, Path], overrides: Sequence[str] = ()) -> Recipe:
     """Load and validate a YAML recipe file. Raises :class:`RecipeError` with the bad key's path."""
     p = Path(path)
+    if p.is_dir():
+        raise RecipeError(f"recipe '{path}' is a folder; give the path of a YAML recipe file, e.g. recipes/quick_fmnist.yaml")
     if not p.is_file():
         raise RecipeError(f"recipe '{path}' does not exist; give the path of a YAML recipe, e.g. recipes/quick_fmnist.yaml")
     try:

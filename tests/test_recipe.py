@@ -111,10 +111,6 @@ def _line(text: str) -> int:
     return BASE.splitlines().index(text) + 1
 
 
-def xfail(reason: str):
-    return pytest.mark.xfail(strict=True, reason=reason)
-
-
 # (id, yaml text, substrings the one-line message must contain[, marks])
 CASES: List[Tuple] = [
     # ---- not YAML / not a mapping
@@ -181,13 +177,9 @@ CASES: List[Tuple] = [
     ("warmup_inf", broken("warmup_epochs: 0.5", "warmup_epochs: .inf"), ("stages[0].schedule.warmup_epochs", "not a finite")),
     ("loss_weight_inf", broken("weight: 2.0", "weight: .inf"), ("stages[1].losses[1].weight", "finite")),
     ("loss_weight_negative", broken("{name: itrd_mi}", "{name: itrd_mi, weight: -1}"), ("stages[1].losses[2].weight", ">= 0")),
-    ("alpha_nan", broken("alpha: 1.01", "alpha: .nan"), ("stages[1].losses[1].alpha", "finite"),
-     xfail("losses.validate_loss_term only checks that a loss parameter is a number: alpha: .nan (or .inf) "
-           "is accepted and reaches itrd_correlation")),
+    ("alpha_nan", broken("alpha: 1.01", "alpha: .nan"), ("stages[1].losses[1].alpha", "out of range")),
     ("label_smoothing_out_of_range", broken("      - {name: ce}\n  - name: stage1", "      - {name: ce, label_smoothing: 5}\n  - name: stage1"),
-     ("stages[0].losses[0].label_smoothing",),
-     xfail("loss parameters have no range check: label_smoothing: 5 loads, then F.cross_entropy raises "
-           "RuntimeError 'label_smoothing must be between 0.0 and 1.0' in the first training step")),
+     ("stages[0].losses[0].label_smoothing",)),
     ("warmup_longer_than_stage", broken("warmup_epochs: 0.5", "warmup_epochs: 5"),
      ("stages[0].schedule.warmup_epochs: 5", "exceeds", "3 epochs")),
     ("milestone_out_of_range", broken("milestones: [1]", "milestones: [5]"), ("stages[1].schedule.milestones", "1..2")),
@@ -211,13 +203,9 @@ CASES: List[Tuple] = [
     ("device_unknown", broken("name: tiny\n", "name: tiny\ndevice: gpu\n"), ("device: 'gpu'", "'cuda'", "'cpu'")),
     ("run_name_space", broken("name: tiny\n", "name: my run\n"), ("name: 'my run'", "letters, digits")),
     ("dataset_block_scalar", broken("  dataset: fmnist_subset\n", "  dataset: |\n    fmnist_subset\n"),
-     ("data.dataset",),
-     xfail("recipe._one_of formats the value with '{value}' not repr: a block scalar 'fmnist_subset\\n' makes "
-           "a two-line message that suggests the very same name (did you mean 'fmnist_subset'?)")),
+     ("data.dataset",)),
     ("feature_layer_typo", broken("width_mult: 0.25\nstages", "width_mult: 0.25\n  feature_layer: head_bnn\nstages"),
-     ("student.feature_layer", "head_bn"),
-     xfail("ModelConfig.check does not validate feature_layer: the typo loads (and dry-runs) and only fails in "
-           "hooks.get_module when stage1 starts, after the teacher stage has trained")),
+     ("student.feature_layer", "head_bn")),
     # ---- stage structure
     ("init_from_not_earlier", broken("init_from: teacher", "init_from: stage1"),
      ("stages[1].init_from", "no earlier stage named 'stage1'", "'teacher'")),
@@ -231,16 +219,12 @@ CASES: List[Tuple] = [
     ("duplicate_stage_name", BASE + STUDENT_STAGE.replace("init_from: teacher", "init_from: stage1"),
      ("stages[2].name: 'stage1'", "earlier stage")),
     ("duplicate_loss_term", broken("{name: itrd_mi}", "{name: itrd_mi}\n      - {name: ce}"),
-     ("stages[1].losses[3].name: 'ce'", "twice")),
+     ("stages[1].losses[3].name", "'ce' is already listed at losses[0]")),
     ("empty_stages", HEAD + "stages: []\n", ("stages: empty",)),
     ("teacher_init_from", broken("  - name: teacher\n", "  - name: teacher\n    init_from: stage1\n"),
-     ("stages[0].init_from",),
-     xfail("Recipe.check skips init_from of a teacher stage: 'init_from: stage1' on the teacher loads, then "
-           "train._init_stage raises KeyError 'stage1' (init_from: teacher trips an assert)")),
+     ("stages[0].init_from",)),
     ("init_from_teacher_width_mismatch", broken("width_mult: 0.25\nstages", "width_mult: 0.5\nstages"),
-     ("width_mult",),
-     xfail("Recipe.check only compares teacher.arch and student.arch for init_from: teacher; a different "
-           "width_mult loads and fails with a shape mismatch after the teacher stage has trained")),
+     ("width_mult",)),
     # ---- paths
     ("teacher_checkpoint_missing", broken("teacher:\n", "teacher:\n  checkpoint: /nonexistent/teacher.pt\n"),
      ("teacher.checkpoint", "'/nonexistent/teacher.pt'", "does not exist")),
@@ -256,13 +240,12 @@ def _params(cases: Sequence[Tuple]) -> list:
     return [pytest.param(c[1], c[2], id=c[0], marks=c[3:]) for c in cases]
 
 
-def test_base_recipe_is_valid(tmp_path) -> None:
-    for text in (BASE,):
-        p = tmp_path / "base.yaml"
-        p.write_text(text)
-        r = load_recipe(p)
-        assert [s.name for s in r.stages] == ["teacher", "stage1"]
-    # the NO_TEACHER base is valid once a teacher checkpoint is named
+def test_base_recipes_are_valid(tmp_path) -> None:
+    """Every corpus case breaks a valid recipe: BASE, or NO_TEACHER (valid with a teacher checkpoint)."""
+    p = tmp_path / "base.yaml"
+    p.write_text(BASE)
+    r = load_recipe(p)
+    assert [s.name for s in r.stages] == ["teacher", "stage1"]
     ck = tmp_path / "t.pt"
     ck.write_bytes(b"")
     p.write_text(NO_TEACHER)
@@ -286,39 +269,89 @@ def test_bad_recipe(tmp_path, text: str, expected: Tuple[str, ...]) -> None:
     assert "Traceback" not in msg and "<class" not in msg
 
 
-# --------------------------------------------------------------------------- the corpus through the CLI
+# --------------------------------------------------------------------------- the CLI, as a user runs it
+# Every CLI start imports torch and brevitas (~4 s of CPU), so all CLI work of this module is
+# launched at once by one fixture: ONE helper process runs bnn_distill.cli.main in-process for
+# every corpus case and for the dry runs of the big recipes; the real executable runs the dry run
+# of quick_fmnist, a few representative bad recipes and one --debug case.
 
 HELPER = r"""
 import contextlib, io, json, logging, sys
 from bnn_distill.cli import main
 from bnn_distill.recipe import load_recipe
 results = {}
-for case_id, path, out in json.load(sys.stdin):
-    try:  # a recipe the library accepts (a known gap) would start training: do not run it
-        load_recipe(path)
-        results[case_id] = ["accepted by load_recipe; not run", "", ""]
-        continue
-    except Exception:
-        pass
+for key, argv, guard in json.load(sys.stdin):
+    if guard is not None:
+        try:  # a bad recipe the library accepts (a known gap) would start training: skip it
+            load_recipe(guard)
+            results[key] = ["accepted by load_recipe; not run", "", ""]
+            continue
+        except Exception:
+            pass
     err, std = io.StringIO(), io.StringIO()
-    logging.root.handlers.clear()  # basicConfig binds a handler to the sys.stderr of its first call
+    logging.root.handlers.clear()  # basicConfig binds its handler to the sys.stderr of its first call
     with contextlib.redirect_stderr(err), contextlib.redirect_stdout(std):
         try:
-            rc = main(["train", path, "--set", "output_dir=" + out])
+            rc = main(argv)
         except SystemExit as e:
             rc = e.code
         except BaseException as e:
             rc = "raised " + type(e).__name__ + ": " + str(e)
-    results[case_id] = [rc, err.getvalue(), std.getvalue()]
+    results[key] = [rc, err.getvalue(), std.getvalue()]
 print("RESULTS " + json.dumps(results))
 """
 
-# cases that also start the real executable: one per kind of failure
-REAL_CLI = ("yaml_unclosed_flow", "empty_file", "stages_mapping", "epochs_string", "epoch_typo",
-            "dataset_typo", "no_teacher", "data_root_missing")
+# bad recipes that also start the real executable: a YAML error, a did-you-mean, a stage-level error
+REAL_CLI = ("yaml_unclosed_flow", "dataset_typo", "no_teacher")
+REAL_DRY_RUN = "quick_fmnist"
 
 
-def _check_cli_result(rc, err: str, out: str, out_dir: Path, expected: Sequence[str]) -> None:
+@pytest.fixture(scope="module")
+def cli_runs(tmp_path_factory):
+    """Launch every CLI run of this module concurrently; returns a dict of results.
+
+    ``results["helper"][key] = [rc, stderr, stdout]`` for ``bad/<case>`` and ``dry/<recipe>``;
+    ``results["real"][key] = (rc, stdout, stderr)``; ``results["root"]`` the folder of it all.
+    Every run has its own empty output_dir and (for the executable) its own empty working folder.
+    """
+    root = tmp_path_factory.mktemp("cli")
+    (root / "helper_cwd").mkdir()
+    jobs = []
+    for case_id, text, *_ in CASES:
+        path = root / "bad" / f"{case_id}.yaml"
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(text)
+        jobs.append([f"bad/{case_id}", ["train", str(path), "--set", f"output_dir={root / 'out' / case_id}"], str(path)])
+    for p in RECIPES:
+        if p.stem != REAL_DRY_RUN:
+            jobs.append([f"dry/{p.stem}", ["train", str(p), "--dry-run", "--set", f"output_dir={root / 'out' / p.stem}"], None])
+
+    def start(key: str, args: List[str]) -> subprocess.Popen:
+        cwd = root / "cwd" / key
+        cwd.mkdir(parents=True)
+        return subprocess.Popen(_cli() + args, cwd=cwd, env=_env(), stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+
+    real = {f"dry/{REAL_DRY_RUN}": start(f"dry/{REAL_DRY_RUN}", [
+        "train", str(REPO / "recipes" / f"{REAL_DRY_RUN}.yaml"), "--dry-run", "--set", f"output_dir={root / 'out' / REAL_DRY_RUN}"])}
+    for case_id in REAL_CLI:
+        real[f"bad/{case_id}"] = start(f"bad/{case_id}", [
+            "train", str(root / "bad" / f"{case_id}.yaml"), "--set", f"output_dir={root / 'real_out' / case_id}"])
+    real["debug"] = start("debug", ["train", str(root / "bad" / "epoch_typo.yaml"), "--debug",
+                                    "--set", f"output_dir={root / 'real_out' / 'debug'}"])
+    helper = subprocess.run([sys.executable, "-c", HELPER], input=json.dumps(jobs), cwd=root / "helper_cwd",
+                            env=_env(), capture_output=True, text=True, timeout=300)
+    real_results = {}
+    for key, proc in real.items():
+        out, err = proc.communicate(timeout=300)
+        real_results[key] = (proc.returncode, out, err)
+    assert helper.returncode == 0, helper.stderr[-3000:]
+    line = [ln for ln in helper.stdout.splitlines() if ln.startswith("RESULTS ")]
+    assert line, helper.stdout[-3000:]
+    return {"helper": json.loads(line[0][len("RESULTS "):]), "real": real_results, "root": root}
+
+
+def _check_cli_error(rc, err: str, out: str, out_dir: Path, expected: Sequence[str]) -> None:
     assert rc == 2, (rc, err)
     assert "Traceback" not in err, err
     lines = err.splitlines()
@@ -330,59 +363,36 @@ def _check_cli_result(rc, err: str, out: str, out_dir: Path, expected: Sequence[
     assert _tree(out_dir) == [], f"files written under {out_dir}"
 
 
-@pytest.fixture(scope="module")
-def cli_runs(tmp_path_factory):
-    """Run every corpus case through cli.main (one helper process) and REAL_CLI cases through the
-    executable, plus one ``--debug`` run, all concurrently. Returns (helper results, real results, root)."""
-    root = tmp_path_factory.mktemp("cli")
-    jobs = []
-    for case_id, text, *_ in CASES:
-        (root / f"{case_id}.yaml").write_text(text)
-        jobs.append([case_id, str(root / f"{case_id}.yaml"), str(root / "out" / case_id)])
-    real = {}
-    for case_id in REAL_CLI:
-        cwd = root / "cwd" / case_id
-        cwd.mkdir(parents=True)
-        cmd = _cli() + ["train", str(root / f"{case_id}.yaml"), "--set", f"output_dir={root / 'real_out' / case_id}"]
-        real[case_id] = subprocess.Popen(cmd, cwd=cwd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    debug = subprocess.Popen(_cli() + ["train", str(root / "epoch_typo.yaml"), "--debug"], cwd=root, env=_env(),
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    helper = subprocess.run([sys.executable, "-c", HELPER], input=json.dumps(jobs), cwd=root, env=_env(),
-                            capture_output=True, text=True, timeout=180)
-    real_results = {k: (p.wait(timeout=180), *p.communicate()) for k, p in real.items()}
-    debug_result = (debug.wait(timeout=180), *debug.communicate())
-    assert helper.returncode == 0, helper.stderr[-3000:]
-    line = [ln for ln in helper.stdout.splitlines() if ln.startswith("RESULTS ")]
-    assert line, helper.stdout[-3000:]
-    return json.loads(line[0][len("RESULTS "):]), real_results, debug_result, root
-
-
 @pytest.mark.parametrize("text, expected", _params(CASES))
 def test_bad_recipe_cli(cli_runs, request, text: str, expected: Tuple[str, ...]) -> None:
-    results, _, _, root = cli_runs
     case_id = request.node.callspec.id
-    rc, err, out = results[case_id]
-    _check_cli_result(rc, err, out, root / "out" / case_id, expected)
+    rc, err, out = cli_runs["helper"][f"bad/{case_id}"]
+    _check_cli_error(rc, err, out, cli_runs["root"] / "out" / case_id, expected)
+    assert _tree(cli_runs["root"] / "helper_cwd") == []
 
 
 @pytest.mark.parametrize("case_id", REAL_CLI)
 def test_bad_recipe_real_cli(cli_runs, case_id: str) -> None:
-    _, real, _, root = cli_runs
-    rc, out, err = real[case_id]
-    expected = dict((c[0], c[2]) for c in CASES)[case_id]
-    _check_cli_result(rc, err, out, root / "real_out" / case_id, expected)
-    assert _tree(root / "cwd" / case_id) == [], "files written in the working folder"
+    rc, out, err = cli_runs["real"][f"bad/{case_id}"]
+    expected = {c[0]: c[2] for c in CASES}[case_id]
+    _check_cli_error(rc, err, out, cli_runs["root"] / "real_out" / case_id, expected)
+    assert _tree(cli_runs["root"] / "cwd" / "bad" / case_id) == [], "files written in the working folder"
 
 
 def test_debug_shows_traceback(cli_runs) -> None:
-    _, _, (rc, out, err), _ = cli_runs
+    rc, out, err = cli_runs["real"]["debug"]
     assert rc != 0
     assert "Traceback (most recent call last)" in err
-    assert "bnn_distill.errors.RecipeError" in err and "stages[1].epoch" in err
+    assert "bnn_distill.errors.RecipeError" in err and "stages[1].epoch: unknown key" in err
     assert "did you mean 'epochs'" in err
+    assert _tree(cli_runs["root"] / "real_out" / "debug") == []
 
 
 # --------------------------------------------------------------------------- shipped recipes
+
+
+def test_there_are_shipped_recipes() -> None:
+    assert REAL_DRY_RUN in {p.stem for p in RECIPES}
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=[p.stem for p in RECIPES])
@@ -393,33 +403,17 @@ def test_shipped_recipe_loads(path: Path) -> None:
     assert r.stages and r.stages[-1].kind == "student"
 
 
-@pytest.fixture(scope="module")
-def dry_runs(tmp_path_factory):
-    """``bnn-distill train RECIPE --dry-run`` for every shipped recipe, concurrently, each in an
-    empty working folder with output_dir in another empty folder."""
-    root = tmp_path_factory.mktemp("dry")
-    procs = {}
-    for p in RECIPES:
-        cwd, out = root / p.stem / "cwd", root / p.stem / "out"
-        cwd.mkdir(parents=True)
-        cmd = _cli() + ["train", str(p), "--dry-run", "--set", f"output_dir={out}"]
-        procs[p.stem] = (subprocess.Popen(cmd, cwd=cwd, env=_env(), stdout=subprocess.PIPE,
-                                          stderr=subprocess.PIPE, text=True), cwd, out)
-    res = {}
-    for k, (proc, cwd, out) in procs.items():
-        stdout, stderr = proc.communicate(timeout=300)
-        res[k] = (proc.returncode, stdout, stderr, cwd, out)
-    return res
-
-
-def test_there_are_shipped_recipes() -> None:
-    assert {"quick_fmnist"} <= {p.stem for p in RECIPES}
-
-
 @pytest.mark.parametrize("path", RECIPES, ids=[p.stem for p in RECIPES])
-def test_shipped_recipe_dry_run(dry_runs, path: Path) -> None:
-    rc, stdout, stderr, cwd, out = dry_runs[path.stem]
+def test_shipped_recipe_dry_run(cli_runs, path: Path) -> None:
+    key = f"dry/{path.stem}"
+    if path.stem == REAL_DRY_RUN:
+        rc, stdout, stderr = cli_runs["real"][key]
+        assert _tree(cli_runs["root"] / "cwd" / key) == [], "dry run wrote into its working folder"
+    else:
+        rc, stderr, stdout = cli_runs["helper"][key]
+        assert _tree(cli_runs["root"] / "helper_cwd") == [], "dry run wrote into its working folder"
     assert rc == 0, stderr[-3000:]
+    out = cli_runs["root"] / "out" / path.stem
     recipe = load_recipe(path, [f"output_dir={out}"])
     assert f"name: {recipe.name}" in stdout
     for st in recipe.stages:
@@ -428,7 +422,6 @@ def test_shipped_recipe_dry_run(dry_runs, path: Path) -> None:
     assert stdout.rstrip().splitlines()[-1] == f"recipe OK; run folder would be {out / recipe.name}"
     assert "Traceback" not in stderr
     assert not out.exists(), f"dry run created {out}: {_tree(out)}"
-    assert _tree(cwd) == [], f"dry run wrote into its working folder: {_tree(cwd)}"
 
 
 # --------------------------------------------------------------------------- round trip and fingerprint
@@ -456,13 +449,11 @@ def test_fingerprint_tracks_results_not_places(tmp_path) -> None:
     assert len(fp) == 16
     for ov in ("output_dir=/elsewhere", "device=cpu", "description=hello", "data.num_workers=2"):
         assert load_recipe(path, [ov]).fingerprint() == fp, ov
-    for ov in ("stages.stage1.epochs=1", "seed=1", "stages.teacher.optimizer.lr=0.2", "student.width_mult=0.5",
+    for ov in ("stages.stage1.epochs=1", "seed=1", "stages.teacher.optimizer.lr=0.2", "binary.tau_end=0.95",
                "stages.stage1.losses.itrd_corr.alpha=1.5", "data.limit_train=10"):
         assert load_recipe(path, [ov]).fingerprint() != fp, ov
 
 
-@pytest.mark.xfail(strict=True, reason="loss params (Mapping[str, float]) are stored unconverted: alpha: 2 and "
-                   "alpha: 2.0 give equal Recipes but different fingerprints, so --resume refuses an unchanged recipe")
 def test_equal_recipes_have_equal_fingerprints(tmp_path) -> None:
     path = tmp_path / "base.yaml"
     path.write_text(BASE)
@@ -508,7 +499,7 @@ def test_override_values_are_yaml_scalars() -> None:
         ("a", 2), ("b", 2.5), ("c", True), ("d", None), ("e", [1, 2]), ("f", "x=y"), ("g", None)]
 
 
-@pytest.mark.parametrize("override, expected", [
+BAD_OVERRIDES = [
     ("stages.stage9.epochs=2", ("--set stages.stage9", "no item named 'stage9'", "did you mean 'stage1'", "'teacher'")),
     ("stages.5.epochs=2", ("--set stages.5", "index 5 out of range", "2 items")),
     ("stages.-3.epochs=2", ("--set stages.-3", "out of range")),
@@ -522,12 +513,13 @@ def test_override_values_are_yaml_scalars() -> None:
     ("name.x=1", ("--set name.x", "'name' is not a mapping")),
     ("stages.stage1.optimizer.lr=[1", ("--set stages.stage1.optimizer.lr=[1", "not valid YAML")),
     ("epochs", ("--set epochs", "KEY.PATH=VALUE")),
-    ("=3", ("--set =3", "empty key")),
+    ("=3", ("--set =3", "not a key path")),
     ("modle.arch=x", ("modle: unknown key",)),
-    pytest.param(".epochs=2", ("'.epochs'",), marks=xfail(
-        "recipe.apply_override accepts an empty path segment: --set .epochs=2 ends as "
-        "\"recipe 'x': : unknown key; ...\", which names neither the override nor a key")),
-])
+    (".epochs=2", ("'.epochs'",)),
+]
+
+
+@pytest.mark.parametrize("override, expected", [pytest.param(o, e, id=o, marks=m) for o, e, *m in BAD_OVERRIDES])
 def test_bad_override(base_path, override: str, expected: Tuple[str, ...]) -> None:
     with pytest.raises(RecipeError) as exc:
         load_recipe(base_path, [override])
