@@ -244,7 +244,7 @@ def test_loading_weights_keeps_the_trained_parameter_objects():
 
     model = create_model("cifar_resnet20", 10, quant="W1A1", width_mult=0.25, weight_scale="learned")
     before = {name: id(p) for name, p in model.named_parameters()}
-    state = {k: v + 1 for k, v in model.state_dict().items() if v.dtype.is_floating_point}
+    state = {k: v + 1 if v.dtype.is_floating_point else v for k, v in model.state_dict().items()}
     load_model_state(model, state, "test")
     assert {name: id(p) for name, p in model.named_parameters()} == before
     alpha = model.layer1[0].conv1.weight_quant.tensor_quant.alpha
