@@ -482,15 +482,16 @@ def run_recipe(recipe: Recipe, resume: bool = False, force: bool = False, progre
     run_dir = recipe.run_dir
     try:
         if rt.dist.is_main:
-            run_dir = prepare_run_dir(recipe, resume, force)
-            run_dir.mkdir(parents=True, exist_ok=True)
-            if not resume or force:
-                atomic_write_bytes(run_dir / RECIPE_FILE, recipe.to_yaml().encode())
-        ddp.barrier(rt.dist)
+            prepare_run_dir(recipe, resume, force)  # checks only: nothing is written before the data loads
         torch.manual_seed(recipe.seed)
         d = recipe.data
         train_set, test_set, info = build_datasets(d.dataset, d.root, d.download, d.augment, d.limit_train, d.limit_test,
                                                    seed=recipe.seed)
+        if rt.dist.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            if not resume or force:
+                atomic_write_bytes(run_dir / RECIPE_FILE, recipe.to_yaml().encode())
+        ddp.barrier(rt.dist)
         log.info("data: %s, %d train / %d test images, %d classes, device %s%s", info.name, len(train_set),
                  len(test_set), info.num_classes, rt.device, f", {rt.dist.world_size} processes" if rt.dist.enabled else "")
         history: List[Dict[str, Any]] = []

@@ -249,3 +249,13 @@ def test_loading_weights_keeps_the_trained_parameter_objects():
     assert {name: id(p) for name, p in model.named_parameters()} == before
     alpha = model.layer1[0].conv1.weight_quant.tensor_quant.alpha
     assert torch.equal(alpha, state["layer1.0.conv1.weight_quant.tensor_quant.alpha"])
+
+
+def test_missing_data_writes_nothing(tiny, tmp_path, monkeypatch):
+    import bnn_distill.data as data
+
+    monkeypatch.setattr(data, "DEBIAN_FASHION_MNIST", tmp_path / "no-debian-package")
+    d = dict(tiny, data={"dataset": "fashion_mnist", "root": str(tmp_path)})
+    with pytest.raises(UserError, match="fashion_mnist"):
+        run_recipe(recipe_from_dict(d), progress=False)
+    assert not Path(tiny["output_dir"]).exists()
