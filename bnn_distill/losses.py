@@ -201,6 +201,13 @@ class Criterion(nn.Module):
             assert student_dim and teacher_dim, "feature losses need both feature widths"
             self.embed = nn.Linear(student_dim, teacher_dim)
 
+    @classmethod
+    def itrd(cls, student_dim: int, teacher_dim: int, beta_corr: float = 2.0, beta_gram: float = 1.0,
+             alpha: float = 1.01, eps: float = 1e-5) -> "Criterion":
+        """The paper's loss: ``CE + beta_corr * L_corr + beta_gram * L_gram`` (2.0 and 1.0 in every ITRD run)."""
+        return cls([Term("ce", 1.0, {}), Term("itrd_corr", beta_corr, {"alpha": alpha, "eps": eps}),
+                    Term("itrd_mi", beta_gram, {})], student_dim, teacher_dim)
+
     @property
     def needs_teacher(self) -> bool:
         return any(LOSSES[t.name].needs_teacher for t in self.terms)

@@ -353,3 +353,18 @@ def test_non_numeric_loss_param_rejected():
         Criterion([Term("kd", 1.0, {"temperature": "4"})])
     with pytest.raises(RecipeError):
         Criterion([Term("kd", 1.0, {"temperature": True})])
+
+
+def test_itrd_criterion_has_the_paper_weights():
+    from bnn_distill.losses import Criterion, LossInputs, itrd_correlation, itrd_mutual_information
+
+    torch.manual_seed(0)
+    crit = Criterion.itrd(6, 4)
+    assert [(t.name, t.weight) for t in crit.terms] == [("ce", 1.0), ("itrd_corr", 2.0), ("itrd_mi", 1.0)]
+    logits, labels = torch.randn(8, 3), torch.randint(0, 3, (8,))
+    z_s, z_t = torch.randn(8, 6), torch.randn(8, 4)
+    out = crit(LossInputs(logits, labels, None, z_s, z_t))
+    proj = crit.embed(z_s)
+    expected = (torch.nn.functional.cross_entropy(logits, labels) + 2.0 * itrd_correlation(proj, z_t)
+                + itrd_mutual_information(proj, z_t))
+    assert torch.allclose(out["loss"], expected)
