@@ -24,7 +24,7 @@ import pickle
 import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Protocol, Sequence
+from typing import Callable, Optional, Protocol, Sequence
 from urllib.error import URLError
 
 import numpy as np
@@ -186,6 +186,11 @@ class TensorImageDataset(Dataset):
     ``__getitem__`` returns ``(x, y)``, x float32 (C, H, W). With ``augment``: pad the image by
     ``pad`` zero pixels per side, crop a random H x W window (offsets uniform in ``0..2*pad``),
     flip left-right with probability 1/2 if ``flip``. Then ``x = (img / 255 - mean) / std``.
+
+    The random draws come from torch's global generator, or, after :meth:`set_epoch_seed`, from a
+    generator seeded by ``(epoch seed, index)``: every sample's augmentation is then fixed by the
+    epoch alone, whichever process or worker loads it and whatever was loaded before, so a run
+    resumed in the middle of an epoch sees exactly the images the uninterrupted run saw.
     """
 
     def __init__(self, images: Tensor, targets: Tensor, mean: Sequence[float],
@@ -200,6 +205,12 @@ class TensorImageDataset(Dataset):
         std_t = torch.tensor(self.std, dtype=torch.float32).view(-1, 1, 1)
         self._scale = 1.0 / (255.0 * std_t)                                   # (C, 1, 1)
         self._shift = -torch.tensor(self.mean, dtype=torch.float32).view(-1, 1, 1) / std_t
+        self._epoch_seed: Optional[int] = None
+        self._gen = torch.Generator()
+
+    def set_epoch_seed(self, seed: Optional[int]) -> None:
+        """Seed each sample's augmentation by ``(seed, index)``; ``None``: torch's global RNG."""
+        self._epoch_seed = seed
 
     def __len__(self) -> int:
         return len(self.targets)
@@ -207,15 +218,20 @@ class TensorImageDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[Tensor, int]:
         img = self.images[index]
         if self.augment:
-            img = self._augment(img)
+            img = self._augment(img, index)
         return img.float().mul_(self._scale).add_(self._shift), int(self.targets[index])
 
-    def _augment(self, img: Tensor) -> Tensor:
+    def _augment(self, img: Tensor, index: int) -> Tensor:
         height, width = img.shape[-2:]
-        dy, dx, flip = torch.randint(0, 2 * self.pad + 1, (3,)).tolist()
+        gen = None
+        if self._epoch_seed is not None:
+            gen = self._gen
+            gen.manual_seed((self._epoch_seed * 1_000_003 + index) % (2**63 - 1))
+        dy, dx = torch.randint(0, 2 * self.pad + 1, (2,), generator=gen).tolist()
+        flip = int(torch.randint(0, 2, (1,), generator=gen))
         if self.pad:
             img = F.pad(img, (self.pad,) * 4)[:, dy:dy + height, dx:dx + width]
-        if self.flip and flip % 2:
+        if self.flip and flip:
             img = img.flip(-1)
         return img
 

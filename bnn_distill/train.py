@@ -13,7 +13,9 @@ import json
 import logging
 import math
 import platform
+import signal
 import sys
+import threading
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -22,7 +24,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 import torch.nn as nn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from . import distributed as ddp
 from .checkpoint import (FORMAT, atomic_save, atomic_write_bytes, keep_quantizers, load_checkpoint, load_model_state,
@@ -46,6 +48,45 @@ CURVES_FILE = "curves.png"
 
 class TrainingDiverged(UserError):
     """A loss became NaN or Inf; the stage stops, the last good checkpoint stays."""
+
+
+class Interrupted(UserError):
+    """SIGINT or SIGTERM stopped training after saving its progress; ``--resume`` continues."""
+
+    def __init__(self, message: str, exit_code: int = 130):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class StopFlag:
+    """Set by SIGINT/SIGTERM; the training loop saves and stops at the next step.
+
+    A second SIGINT falls back to Python's default (immediate ``KeyboardInterrupt``).
+    """
+
+    def __init__(self) -> None:
+        self.signal: Optional[str] = None
+        self.exit_code = 130
+        self._previous: Dict[int, Any] = {}
+
+    def _handle(self, signum, frame) -> None:
+        name = signal.Signals(signum).name
+        if self.signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signal = name
+        self.exit_code = 128 + signum
+        log.warning("%s received: saving progress at the next step (Ctrl-C again to abort at once)", name)
+
+    def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return  # signal handlers can only be set from the main thread
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
 
 
 # ---------------------------------------------------------------- runtime
@@ -158,7 +199,7 @@ class Trainer:
 
     def __init__(self, recipe: Recipe, stage_index: int, model: nn.Module, spec: Dict[str, Any],
                  teacher: Optional[nn.Module], train_set: Dataset, test_set: Dataset,
-                 run_dir: Path, rt: Runtime, history: List[Dict[str, Any]]):
+                 run_dir: Path, rt: Runtime, history: List[Dict[str, Any]], stop: Optional["StopFlag"] = None):
         self.recipe = recipe
         self.stage_index = stage_index
         self.stage: StageConfig = recipe.stages[stage_index]
@@ -176,6 +217,7 @@ class Trainer:
         if any(t.name.startswith("itrd") for t in terms):
             s_dim = _feature_dim(model, self.student_feature, train_set, rt.device)
             t_dim = _feature_dim(teacher, self.teacher_feature, train_set, rt.device) if teacher is not None else None
+        torch.manual_seed(_seed_for(recipe.seed, stage_index, 10**6 + 1))  # projection init, whatever ran before
         self.criterion = Criterion(terms, s_dim, t_dim).to(rt.device)
         self.teacher = teacher
         self.teacher_hook: Optional[FeatureHook] = None
@@ -207,6 +249,9 @@ class Trainer:
         self.best_top1 = -1.0
         self.best_epoch = 0
         self.wall_s = 0.0
+        # progress inside an unfinished epoch (set when a signal stops training mid-epoch)
+        self.partial: Optional[Dict[str, Any]] = None
+        self.stop = stop or StopFlag()
         self.tb = _tensorboard(run_dir) if rt.dist.is_main else None
 
     # -- state
@@ -219,7 +264,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
             "epoch": self.epoch, "step": self.step, "history": self.history,
             "best_top1": self.best_top1, "best_epoch": self.best_epoch, "wall_s": self.wall_s,
-            "complete": complete,
+            "complete": complete, "partial": self.partial,
         }
 
     def load_state(self, ck: Dict[str, Any]) -> None:
@@ -232,6 +277,7 @@ class Trainer:
         self.history = list(ck["history"])
         self.best_top1, self.best_epoch = float(ck["best_top1"]), int(ck["best_epoch"])
         self.wall_s = float(ck["wall_s"])
+        self.partial = ck.get("partial")
 
     # -- loop
 
@@ -242,11 +288,13 @@ class Trainer:
         assert trained == stepped, "optimiser parameters are not the model's (a load replaced parameters)"
         if self.epoch >= st.epochs:
             return self.result()
-        if self.epoch:
-            log.info("[%s] resuming after epoch %d/%d", st.name, self.epoch, st.epochs)
+        if self.epoch or self.partial:
+            at = f", step {self.partial['batch']} of epoch {self.epoch + 1}" if self.partial else ""
+            log.info("[%s] resuming after epoch %d/%d%s", st.name, self.epoch, st.epochs, at)
         while self.epoch < st.epochs:
             t0 = time.perf_counter()
             train_metrics = self._train_epoch()
+            t0 -= train_metrics.pop("resumed_elapsed")
             epoch = self.epoch + 1
             record: Dict[str, Any] = {"stage": st.name, "epoch": epoch, "step": self.step + 0, **train_metrics}
             if epoch % st.eval_every == 0 or epoch == st.epochs:
@@ -275,19 +323,24 @@ class Trainer:
                            self.best_top1, self.best_epoch, round(self.wall_s, 3),
                            float(sum(ips) / len(ips)) if ips else float("nan"))
 
-    def _loader(self) -> DataLoader:
+    def _loader(self, start_batch: int = 0) -> DataLoader:
+        """This epoch's batches from ``start_batch`` on, in an order fixed by (seed, stage, epoch)."""
         seed = _seed_for(self.recipe.seed, self.stage_index, self.epoch)
         g = torch.Generator().manual_seed(seed)
         if self.rt.dist.enabled:
             sampler = DistributedSampler(self.train_set, self.rt.dist.world_size, self.rt.dist.rank,
                                          shuffle=True, seed=seed, drop_last=True)
             sampler.set_epoch(0)
+            order = list(sampler)
         else:
-            sampler = RandomSampler(self.train_set, generator=g)
-        return DataLoader(self.train_set, batch_size=self.local_batch, sampler=sampler, drop_last=True,
+            order = torch.randperm(len(self.train_set), generator=g).tolist()
+        order = order[start_batch * self.local_batch: self.steps_per_epoch * self.local_batch]
+        set_seed = getattr(self.train_set, "set_epoch_seed", None)
+        if set_seed is not None:  # per-sample augmentation seeds: exact mid-epoch resume
+            set_seed(seed)
+        return DataLoader(self.train_set, batch_size=self.local_batch, sampler=order, drop_last=True,
                           num_workers=self.recipe.data.num_workers, generator=g,
-                          pin_memory=self.rt.device.type == "cuda",
-                          persistent_workers=False)
+                          pin_memory=self.rt.device.type == "cuda", persistent_workers=False)
 
     def _train_epoch(self) -> Dict[str, Any]:
         st, rt = self.stage, self.rt
@@ -295,10 +348,13 @@ class Trainer:
         torch.manual_seed(_seed_for(self.recipe.seed, self.stage_index, self.epoch) + 1)
         self.model.train()
         self.criterion.train()
-        loader = self._loader()
-        sums: Dict[str, torch.Tensor] = {}
-        correct = torch.zeros((), device=rt.device)
-        seen = 0
+        part = self.partial or {"batch": 0, "sums": {}, "correct": 0.0, "seen": 0, "elapsed": 0.0}
+        self.partial = None
+        start = int(part["batch"])
+        loader = self._loader(start)
+        sums: Dict[str, torch.Tensor] = {k: torch.tensor(float(v), device=rt.device) for k, v in part["sums"].items()}
+        correct = torch.tensor(float(part["correct"]), device=rt.device)
+        seen = int(part["seen"])
         recu = st.quant == "W1A1" and self.recipe.binary.recu and st.kind == "student"
         it = loader
         bar = None
@@ -306,12 +362,11 @@ class Trainer:
             from tqdm.auto import tqdm
 
             bar = tqdm(loader, desc=f"{st.name} {self.epoch + 1}/{st.epochs}", leave=False, dynamic_ncols=True,
-                       total=self.steps_per_epoch)
+                       total=self.steps_per_epoch, initial=start)
             it = bar
-        t0 = time.perf_counter()
-        for i, (x, y) in enumerate(it):
-            if i >= self.steps_per_epoch:
-                break
+        t0 = time.perf_counter() - float(part["elapsed"])
+        lr = lr_at(self.step, self.steps_per_epoch, st.epochs, st.optimizer.lr, st.schedule)
+        for i, (x, y) in enumerate(it, start=start):
             x = x.to(rt.device, non_blocking=True)
             y = y.to(rt.device, non_blocking=True)
             lr = lr_at(self.step, self.steps_per_epoch, st.epochs, st.optimizer.lr, st.schedule)
@@ -328,7 +383,14 @@ class Trainer:
                         t_feat = self.teacher_hook.pop() if self.teacher_hook is not None else None
                 out = self.train_module(x, y, t_logits, t_feat)
             loss = out["loss"]
-            self._check_finite(out)
+            finite, stop = self._step_checks(out)
+            if stop:
+                # keep everything up to the previous step; this batch is redone on resume
+                self.partial = {"batch": i, "sums": {k: float(v) for k, v in sums.items()}, "correct": float(correct),
+                                "seen": seen, "elapsed": time.perf_counter() - t0}
+                self._interrupt(bar)
+            if not finite:
+                self._diverged(out)
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
             if st.grad_clip is not None:
@@ -348,30 +410,47 @@ class Trainer:
         if bar is not None:
             bar.close()
         elapsed = time.perf_counter() - t0
-        n_steps = torch.tensor(float(min(self.steps_per_epoch, i + 1)), device=rt.device)
         keys = sorted(sums)
-        packed = torch.stack([sums[k] for k in keys] + [correct.float(), torch.tensor(float(seen), device=rt.device), n_steps])
+        packed = torch.stack([sums[k] for k in keys] + [correct.float(), torch.tensor(float(seen), device=rt.device)])
         ddp.all_reduce_sum(packed, rt.dist)
-        total_seen = packed[-2].item()
-        steps_all = packed[-1].item()
+        total_seen = packed[-1].item()
+        steps_all = float(self.steps_per_epoch * rt.dist.world_size)
         metrics: Dict[str, Any] = {"lr": lr, "train": {k: packed[j].item() / steps_all for j, k in enumerate(keys)}}
-        metrics["train_top1"] = 100.0 * packed[-3].item() / max(1.0, total_seen)
+        metrics["train_top1"] = 100.0 * packed[-2].item() / max(1.0, total_seen)
         metrics["images_per_s"] = total_seen / max(elapsed, 1e-9)
+        metrics["resumed_elapsed"] = float(part["elapsed"])
         if recu:
             metrics["tau"] = tau_at(self.step / max(1, self.total_steps - 1), self.recipe.binary.tau_start, self.recipe.binary.tau_end)
         return metrics
 
-    def _check_finite(self, out: Dict[str, torch.Tensor]) -> None:
-        ok = bool(torch.isfinite(out["loss"]).item())
-        ok = ddp.all_min(ok, self.rt.dist, self.rt.device)
-        if not ok:
-            bad = [k for k, v in out.items() if k not in ("logits", "loss") and not torch.isfinite(v).all()]
-            where = f"term '{bad[0]}'" if bad else "the total"
-            last = self.ckpt_dir / "last.pt"
-            keep = f"; the last good checkpoint is {last}" if last.exists() else ""
-            raise TrainingDiverged(
-                f"stage '{self.stage.name}': the loss became non-finite at step {self.step + 1} (epoch {self.epoch + 1}) in {where}"
-                f"{keep}; lower the learning rate or that term's weight, or set grad_clip")
+    def _step_checks(self, out: Dict[str, torch.Tensor]):
+        """(loss finite on every process, stop requested on any process): one collective per step."""
+        finite = bool(torch.isfinite(out["loss"]).item())
+        go_on = self.stop.signal is None
+        if self.rt.dist.enabled:
+            t = torch.tensor([int(finite), int(go_on)], device=self.rt.device)
+            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
+            finite, go_on = bool(t[0]), bool(t[1])
+        return finite, not go_on
+
+    def _interrupt(self, bar) -> None:
+        if bar is not None:
+            bar.close()
+        where = f"stage '{self.stage.name}', epoch {self.epoch + 1}, step {self.partial['batch']}"
+        if self.rt.dist.is_main:
+            atomic_save(self.state(complete=False), self.ckpt_dir / "last.pt")
+        ddp.barrier(self.rt.dist)
+        raise Interrupted(f"stopped by {self.stop.signal or 'a signal'} in {where}; progress saved to "
+                          f"{self.ckpt_dir / 'last.pt'}", self.stop.exit_code)
+
+    def _diverged(self, out: Dict[str, torch.Tensor]) -> None:
+        bad = [k for k, v in out.items() if k not in ("logits", "loss") and not torch.isfinite(v).all()]
+        where = f"term '{bad[0]}'" if bad else "the total"
+        last = self.ckpt_dir / "last.pt"
+        keep = f"; the last good checkpoint is {last}" if last.exists() else ""
+        raise TrainingDiverged(
+            f"stage '{self.stage.name}': the loss became non-finite at step {self.step + 1} (epoch {self.epoch + 1}) in {where}"
+            f"{keep}; lower the learning rate or that term's weight, or set grad_clip")
 
     def _save(self, complete: bool, best: bool) -> None:
         state = self.state(complete)
@@ -480,6 +559,8 @@ def run_recipe(recipe: Recipe, resume: bool = False, force: bool = False, progre
     rt = Runtime.create(recipe, progress)
     t_start = time.perf_counter()
     run_dir = recipe.run_dir
+    stop = StopFlag()
+    stop.install()
     try:
         if rt.dist.is_main:
             prepare_run_dir(recipe, resume, force)  # checks only: nothing is written before the data loads
@@ -514,7 +595,7 @@ def run_recipe(recipe: Recipe, resume: bool = False, force: bool = False, progre
             model = build_model(spec)
             get_module(model, feature_layer(cfg), f"{'teacher' if st.kind == 'teacher' else 'student'}.feature_layer")
             trainer = Trainer(recipe, i, model, spec, teacher if st.kind == "student" else None, train_set, test_set,
-                              run_dir, rt, history)
+                              run_dir, rt, history, stop)
             last = run_dir / "checkpoints" / st.name / "last.pt"
             if resume and last.exists():
                 ck = load_checkpoint(last, map_location=rt.device)
@@ -556,6 +637,7 @@ def run_recipe(recipe: Recipe, resume: bool = False, force: bool = False, progre
                 log.warning("no curves plot: %s", e)
         return summary
     finally:
+        stop.restore()
         ddp.cleanup(rt.dist)
 
 
