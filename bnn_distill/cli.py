@@ -74,7 +74,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except UserError as e:
         if args.debug:
             raise
-        print(f"error: {e}", file=sys.stderr)
+        from .train import Interrupted
+
+        if isinstance(e, Interrupted):
+            hint = f"; resume with: bnn-distill train {args.recipe} --resume" if args.command == "train" else ""
+            print(f"interrupted: {e}{hint}", file=sys.stderr)
+        else:
+            print(f"error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         if args.debug:
