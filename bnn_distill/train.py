@@ -252,6 +252,7 @@ class Trainer:
         # progress inside an unfinished epoch (set when a signal stops training mid-epoch)
         self.partial: Optional[Dict[str, Any]] = None
         self.stop = stop or StopFlag()
+        self._stop_after_epoch = False
         self.tb = _tensorboard(run_dir) if rt.dist.is_main else None
 
     # -- state
@@ -313,6 +314,8 @@ class Trainer:
                 self._save(complete=epoch == st.epochs, best=improved)
                 self._log(record)
             ddp.barrier(self.rt.dist)
+            if self._stop_after_epoch and epoch < st.epochs:
+                self._interrupt(f"after epoch {epoch}", save=False)
         return self.result()
 
     def result(self) -> StageResult:
@@ -366,7 +369,14 @@ class Trainer:
             it = bar
         t0 = time.perf_counter() - float(part["elapsed"])
         lr = lr_at(self.step, self.steps_per_epoch, st.epochs, st.optimizer.lr, st.schedule)
+        stop = False
         for i, (x, y) in enumerate(it, start=start):
+            if stop:  # every process agreed to stop after the previous step: save before this one
+                self.partial = {"batch": i, "sums": {k: float(v) for k, v in sums.items()}, "correct": float(correct),
+                                "seen": seen, "elapsed": time.perf_counter() - t0}
+                if bar is not None:
+                    bar.close()
+                self._interrupt(f"epoch {self.epoch + 1}, step {i}")
             x = x.to(rt.device, non_blocking=True)
             y = y.to(rt.device, non_blocking=True)
             lr = lr_at(self.step, self.steps_per_epoch, st.epochs, st.optimizer.lr, st.schedule)
@@ -383,12 +393,9 @@ class Trainer:
                         t_feat = self.teacher_hook.pop() if self.teacher_hook is not None else None
                 out = self.train_module(x, y, t_logits, t_feat)
             loss = out["loss"]
+            # the forward pass has updated BatchNorm statistics, so a stop request is honoured only
+            # after this step completes (saving now and redoing the batch would count it twice)
             finite, stop = self._step_checks(out)
-            if stop:
-                # keep everything up to the previous step; this batch is redone on resume
-                self.partial = {"batch": i, "sums": {k: float(v) for k, v in sums.items()}, "correct": float(correct),
-                                "seen": seen, "elapsed": time.perf_counter() - t0}
-                self._interrupt(bar)
             if not finite:
                 self._diverged(out)
             self.optimizer.zero_grad(set_to_none=True)
@@ -419,6 +426,7 @@ class Trainer:
         metrics["train_top1"] = 100.0 * packed[-2].item() / max(1.0, total_seen)
         metrics["images_per_s"] = total_seen / max(elapsed, 1e-9)
         metrics["resumed_elapsed"] = float(part["elapsed"])
+        self._stop_after_epoch = stop
         if recu:
             metrics["tau"] = tau_at(self.step / max(1, self.total_steps - 1), self.recipe.binary.tau_start, self.recipe.binary.tau_end)
         return metrics
@@ -433,15 +441,12 @@ class Trainer:
             finite, go_on = bool(t[0]), bool(t[1])
         return finite, not go_on
 
-    def _interrupt(self, bar) -> None:
-        if bar is not None:
-            bar.close()
-        where = f"stage '{self.stage.name}', epoch {self.epoch + 1}, step {self.partial['batch']}"
-        if self.rt.dist.is_main:
+    def _interrupt(self, where: str, save: bool = True) -> None:
+        if save and self.rt.dist.is_main:
             atomic_save(self.state(complete=False), self.ckpt_dir / "last.pt")
         ddp.barrier(self.rt.dist)
-        raise Interrupted(f"stopped by {self.stop.signal or 'a signal'} in {where}; progress saved to "
-                          f"{self.ckpt_dir / 'last.pt'}", self.stop.exit_code)
+        raise Interrupted(f"stopped by {self.stop.signal or 'a signal'} in stage '{self.stage.name}', {where}; "
+                          f"progress saved to {self.ckpt_dir / 'last.pt'}", self.stop.exit_code)
 
     def _diverged(self, out: Dict[str, torch.Tensor]) -> None:
         bad = [k for k, v in out.items() if k not in ("logits", "loss") and not torch.isfinite(v).all()]
@@ -597,6 +602,9 @@ def run_recipe(recipe: Recipe, resume: bool = False, force: bool = False, progre
             trainer = Trainer(recipe, i, model, spec, teacher if st.kind == "student" else None, train_set, test_set,
                               run_dir, rt, history, stop)
             last = run_dir / "checkpoints" / st.name / "last.pt"
+            if rt.dist.is_main and last.parent.is_dir():
+                for stale in last.parent.glob(".*.tmp"):  # left by a process killed mid-write
+                    stale.unlink(missing_ok=True)
             if resume and last.exists():
                 ck = load_checkpoint(last, map_location=rt.device)
                 if ck.get("model_spec") != spec:
@@ -606,6 +614,9 @@ def run_recipe(recipe: Recipe, resume: bool = False, force: bool = False, progre
             else:
                 _init_stage(trainer, st, teacher, final_states, rt)
             result = trainer.fit()
+            if trainer._stop_after_epoch and i + 1 < len(recipe.stages):  # agreed by every process
+                raise Interrupted(f"stopped by {stop.signal or 'a signal'} after stage '{st.name}'; its checkpoint is complete",
+                                  stop.exit_code)
             results.append(result)
             history = history + trainer.history
             final_states[st.name] = {"model": {k: v.detach().clone() for k, v in trainer.model.state_dict().items()},
