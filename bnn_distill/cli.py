@@ -50,6 +50,26 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE")
     s.add_argument("--json", action="store_true", help="print JSON")
     _add_common(s)
+
+    x = sub.add_parser("export", help="export a run's binary student, FP32 student and teacher to ONNX, with a parity check")
+    x.add_argument("run", help="run folder (runs/NAME)")
+    x.add_argument("--out", help="export folder (default: export/<run-name>)")
+    x.add_argument("--stage", help="binary student stage to export (default: the last stage)")
+    x.add_argument("--force", action="store_true", help="overwrite an export folder that holds another run's export")
+    x.add_argument("--data-root", help="dataset folder, if not where the run found it")
+    x.add_argument("--limit-test", type=int, metavar="N", help="check parity on the first N test images only (default: all)")
+    _add_common(x)
+
+    b = sub.add_parser("bench", help="onnxruntime latency and accuracy of an export folder, models side by side")
+    b.add_argument("export_dir", help="export folder written by 'bnn-distill export'")
+    b.add_argument("--batch", type=int, nargs="+", default=[1, 32], metavar="N", help="batch sizes (default: 1 32)")
+    b.add_argument("--threads", type=int, nargs="+", metavar="N", help="intra-op thread counts (default: 1 and all cores)")
+    b.add_argument("--repeats", type=int, metavar="N", help="measurement rounds per setting (default: from --budget, 10..200)")
+    b.add_argument("--warmup", type=int, default=3, metavar="N", help="warm-up rounds per setting (default: 3)")
+    b.add_argument("--budget", type=float, default=3.0, metavar="S", help="seconds of rounds per setting when --repeats is not given")
+    b.add_argument("--no-accuracy", action="store_true", help="skip the test-split accuracy")
+    b.add_argument("--data-root", help="dataset folder, if not where the run found it")
+    _add_common(b)
     return ap
 
 
@@ -70,7 +90,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for noisy in ("matplotlib", "PIL", "torch.utils.cpp_extension"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
-        return {"train": cmd_train, "eval": cmd_eval, "summary": cmd_summary}[args.command](args)
+        return {"train": cmd_train, "eval": cmd_eval, "summary": cmd_summary, "export": cmd_export,
+                "bench": cmd_bench}[args.command](args)
     except UserError as e:
         if args.debug:
             raise
@@ -269,6 +290,37 @@ def cmd_summary(args) -> int:
         print(f"== {title}")
         print(_summarize(model, shape).format())
         print()
+    return 0
+
+
+# ---------------------------------------------------------------- export / bench
+
+
+def cmd_export(args) -> int:
+    from .export import export_run
+
+    if args.limit_test is not None and args.limit_test < 1:
+        raise UserError(f"--limit-test: {args.limit_test} must be >= 1")
+    manifest = export_run(args.run, out=args.out, stage=args.stage, force=args.force, data_root=args.data_root,
+                          limit_test=args.limit_test)
+    out = Path(args.out) if args.out else Path("export") / manifest["run"]
+    parity = json.loads((out / "parity.json").read_text())
+    for role, r in parity["models"].items():
+        flips = f", {len(r['sign_flips'])} differ by a sign within rounding of 0" if r["sign_flips"] else ""
+        acc = "" if r["onnx_top1"] is None else f", test top-1 {r['onnx_top1']:.2f}%"
+        print(f"{role}: top-1 agrees on {r['top1_agree']}/{r['n']} images, {r['within_tol']} within |logit diff| "
+              f"{r['atol']:.2g} (max {r['max_abs_diff']:.2g}){flips}{acc}")
+    print(f"binary convs fused into MatMulIntegerToFloat: {parity['fused_matmul_integer_to_float']}/{parity['binary_convs']}")
+    print(f"exported stage '{manifest['stage']}' ({manifest['quant']}) of {manifest['run']} to {out}")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from .bench import BENCH_MD, run_bench
+
+    run_bench(args.export_dir, batches=args.batch, threads=args.threads, repeats=args.repeats, warmup=args.warmup,
+              budget_s=args.budget, accuracy=not args.no_accuracy, data_root=args.data_root)
+    print((Path(args.export_dir) / BENCH_MD).read_text().rstrip())
     return 0
 
 
