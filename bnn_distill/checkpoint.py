@@ -23,6 +23,15 @@ from .errors import CheckpointError
 FORMAT = "bnn-distill/1"
 
 
+def _read_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()
+
+
 def atomic_write_bytes(path: Union[str, Path], data: bytes) -> None:
     """Write ``data`` to ``path`` atomically (temp file + fsync + rename + fsync of the folder)."""
     _atomic(path, lambda f: f.write(data))
@@ -38,6 +47,7 @@ def _atomic(path: Union[str, Path], write) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the user's usual mode
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()

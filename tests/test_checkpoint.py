@@ -327,3 +327,15 @@ def test_load_keeps_parameter_objects(small_model) -> None:
     load_model_state(binary, small_model.state_dict(), "fp state", allow_quant_missing=True)
     assert {name: id(p) for name, p in binary.named_parameters()} == before
     assert config.REINIT_ON_STATE_DICT_LOAD == flag
+
+
+def test_atomic_files_get_the_usual_permissions(tmp_path) -> None:
+    import os
+    import stat
+
+    from bnn_distill.checkpoint import atomic_write_bytes
+
+    mask = os.umask(0o022)
+    os.umask(mask)
+    atomic_write_bytes(tmp_path / "f.json", b"{}")
+    assert stat.S_IMODE((tmp_path / "f.json").stat().st_mode) == 0o666 & ~mask

@@ -1,0 +1,274 @@
+"""onnxruntime benchmark of an export folder: teacher FP32, student FP32 and binary student side by side.
+
+Latency is measured interleaved: after a warm-up, every measurement round runs each model once,
+in an order that rotates from round to round, so load from other processes and frequency changes
+hit every model alike. Intra-op threads do not spin-wait (with spinning, the idle pool of one
+session keeps a core busy while the next session runs: 2-3x slower multi-thread numbers here). Reported per (batch size, thread count): p50 and p90 in ms, and each model's
+p50 speed-up over the teacher. Also: which nodes onnxruntime fused (op counts of its optimized
+graph), the machine (CPU model and the SIMD flags that matter for integer kernels), and the
+top-1 accuracy of every exported model on the test split, run through onnxruntime.
+
+Writes ``bench.json``, ``bench.md`` and ``bench.png`` into the export folder.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+
+from .checkpoint import atomic_write_bytes
+from .errors import UserError
+
+log = logging.getLogger(__name__)
+
+ROLES = ("teacher", "student_fp32", "student_binary")
+LABELS = {"teacher": "teacher FP32", "student_fp32": "student FP32", "student_binary": "binary student"}
+FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_vpopcntdq", "avx_vnni", "amx_int8")
+BENCH_JSON, BENCH_MD, BENCH_PNG = "bench.json", "bench.md", "bench.png"
+
+
+def machine() -> Dict[str, Any]:
+    """CPU model, core count, the SIMD flags integer kernels use, onnxruntime version, load."""
+    import onnxruntime as ort
+
+    cpu, flags = "", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and not cpu:
+                cpu = line.split(":", 1)[1].strip()
+            elif line.startswith(("flags", "Features")) and not flags:
+                flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    cpu = cpu or platform.processor() or platform.machine()
+    info: Dict[str, Any] = {"cpu": cpu, "cores": os.cpu_count(), "flags": {f: f in flags for f in FLAGS},
+                            "onnxruntime": ort.__version__, "platform": platform.platform(),
+                            "python": platform.python_version()}
+    try:
+        info["load_average"] = [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        pass
+    return info
+
+
+def load_manifest(export_dir: Path) -> Dict[str, Any]:
+    from .export import EXPORT_FORMAT, MANIFEST
+
+    path = export_dir / MANIFEST
+    if not export_dir.is_dir():
+        raise UserError(f"'{export_dir}' is not a folder; give an export folder (bnn-distill export writes export/<run>/)")
+    if not path.is_file():
+        raise UserError(f"'{export_dir}' holds no {MANIFEST}: not a finished export; run 'bnn-distill export RUN --out {export_dir}'")
+    try:
+        manifest = json.loads(path.read_text())
+    except ValueError:
+        raise UserError(f"'{path}' is not valid JSON; re-run the export") from None
+    if manifest.get("format") != EXPORT_FORMAT:
+        raise UserError(f"'{path}' is not a bnn-distill export manifest (format {manifest.get('format')!r})")
+    for role, entry in manifest.get("models", {}).items():
+        if not (export_dir / entry["file"]).is_file():
+            raise UserError(f"'{export_dir}' lacks {entry['file']} listed in its manifest; re-run the export")
+    return manifest
+
+
+def _percentiles(ms: Sequence[float]) -> Dict[str, float]:
+    a = np.asarray(ms, dtype=np.float64)
+    return {"p50_ms": float(np.percentile(a, 50)), "p90_ms": float(np.percentile(a, 90)),
+            "mean_ms": float(a.mean()), "min_ms": float(a.min()), "n": int(a.size)}
+
+
+def time_interleaved(sessions: Dict[str, Any], x: np.ndarray, repeats: Optional[int], warmup: int,
+                     budget_s: float) -> Dict[str, List[float]]:
+    """Run every session once per round, rotating the order; returns milliseconds per model.
+
+    ``repeats=None`` picks the number of rounds from ``budget_s`` and the warm-up time (10..200).
+    """
+    from .export import INPUT_NAME
+
+    names = list(sessions)
+    feed = {INPUT_NAME: x}
+    t0 = time.perf_counter()
+    for _ in range(max(1, warmup)):
+        for name in names:
+            sessions[name].run(None, feed)
+    per_round = (time.perf_counter() - t0) / max(1, warmup)
+    rounds = repeats if repeats is not None else int(min(200, max(10, budget_s / max(per_round, 1e-6))))
+    times: Dict[str, List[float]] = {n: [] for n in names}
+    for r in range(rounds):
+        for k in range(len(names)):
+            name = names[(r + k) % len(names)]
+            t = time.perf_counter()
+            sessions[name].run(None, feed)
+            times[name].append(1e3 * (time.perf_counter() - t))
+    return times
+
+
+def onnx_accuracy(export_dir: Path, manifest: Dict[str, Any], data_root: Optional[str]) -> Dict[str, Any]:
+    """Top-1 of every exported model on the manifest's test split, through onnxruntime."""
+    from .data import build_datasets
+    from .export import INPUT_NAME, OUTPUT_NAME, iter_batches, ort_session
+
+    ds = manifest.get("dataset") or {}
+    if not ds.get("name"):
+        return {"skipped": "the export records no dataset (exported without a run)"}
+    try:
+        _, test_set, _ = build_datasets(ds["name"], data_root or ds.get("root"), False, False, 1,
+                                        ds.get("limit_test"), seed=int(ds.get("seed") or 0))
+    except UserError as e:  # the latency numbers are still worth writing
+        log.warning("no accuracy: %s (pass --data-root)", e)
+        return {"skipped": f"test split unavailable: {e}"}
+    sessions = {role: ort_session(export_dir / entry["file"]) for role, entry in manifest["models"].items()}
+    right = {role: 0 for role in sessions}
+    n = 0
+    for x, y in iter_batches(test_set):
+        for role, sess in sessions.items():
+            logits = sess.run([OUTPUT_NAME], {INPUT_NAME: x.numpy()})[0]
+            right[role] += int((logits.argmax(1) == y.numpy()).sum())
+        n += len(x)
+    out: Dict[str, Any] = {"images": n}
+    for role, entry in manifest["models"].items():
+        out[role] = {"top1": 100.0 * right[role] / max(n, 1), "export_top1": entry.get("test_top1"),
+                     "torch_top1": entry.get("torch_test_top1")}
+    return out
+
+
+def run_bench(export_dir, batches: Sequence[int] = (1, 32), threads: Optional[Sequence[int]] = None,
+              repeats: Optional[int] = None, warmup: int = 3, budget_s: float = 3.0, accuracy: bool = True,
+              data_root: Optional[str] = None, seed: int = 0) -> Dict[str, Any]:
+    """Benchmark an export folder; writes bench.json, bench.md and bench.png there. Returns the JSON."""
+    from .export import fused_integer_matmuls, optimized_op_counts, ort_session
+
+    export_dir = Path(export_dir)
+    manifest = load_manifest(export_dir)
+    roles = [r for r in ROLES if r in manifest["models"]]
+    if not roles:
+        raise UserError(f"'{export_dir}' lists no models in its manifest")
+    threads = list(dict.fromkeys(threads or [1, os.cpu_count() or 1]))
+    batches = list(dict.fromkeys(batches))
+    for name, vals in (("--batch", batches), ("--threads", threads)):
+        if any(int(v) < 1 for v in vals):
+            raise UserError(f"{name}: {vals} must all be >= 1")
+    if repeats is not None and repeats < 1:
+        raise UserError(f"--repeats: {repeats} must be >= 1")
+    c, h, w = manifest["input"]["shape"][1:]
+    rng = np.random.default_rng(seed)
+    mach = machine()
+    log.info("bench %s on %s (%s cores), load %s", export_dir, mach["cpu"], mach["cores"], mach.get("load_average"))
+    fused = {}
+    for role in roles:
+        counts = optimized_op_counts(export_dir / manifest["models"][role]["file"])
+        fused[role] = {"op_counts": counts, "MatMulIntegerToFloat": fused_integer_matmuls(counts),
+                       "fused_ops": {k: v for k, v in counts.items() if ":" in k}}
+    results: List[Dict[str, Any]] = []
+    for t in threads:
+        sessions = {role: ort_session(export_dir / manifest["models"][role]["file"], threads=int(t), spin=False)
+                    for role in roles}
+        for b in batches:
+            x = rng.standard_normal((int(b), c, h, w)).astype(np.float32)
+            times = time_interleaved(sessions, x, repeats, warmup, budget_s)
+            row: Dict[str, Any] = {"batch": int(b), "threads": int(t), "models": {}}
+            for role in roles:
+                row["models"][role] = _percentiles(times[role])
+            if "teacher" in row["models"]:
+                base = row["models"]["teacher"]["p50_ms"]
+                for role in roles:
+                    row["models"][role]["speedup_vs_teacher"] = base / row["models"][role]["p50_ms"]
+            results.append(row)
+            log.info("batch %d, %d threads: %s", b, t, ", ".join(
+                f"{role} {row['models'][role]['p50_ms']:.2f} ms" for role in roles))
+    mach_end = machine().get("load_average")
+    report: Dict[str, Any] = {
+        "export": str(export_dir), "run": manifest.get("run"), "stage": manifest.get("stage"),
+        "input": manifest["input"], "machine": {**mach, "load_average_end": mach_end},
+        "method": {"interleaved": True, "warmup_rounds": warmup, "repeats": repeats, "budget_s": budget_s,
+                   "graph_optimization": "ORT_ENABLE_ALL", "execution_mode": "sequential", "inter_op_threads": 1,
+                   "intra_op_spinning": False},
+        "latency": results, "fusion": fused,
+    }
+    if accuracy:
+        report["accuracy"] = onnx_accuracy(export_dir, manifest, data_root)
+    atomic_write_bytes(export_dir / BENCH_JSON, (json.dumps(report, indent=2) + "\n").encode())
+    atomic_write_bytes(export_dir / BENCH_MD, markdown(report).encode())
+    plot(report, export_dir / BENCH_PNG)
+    return report
+
+
+def markdown(r: Dict[str, Any]) -> str:
+    m = r["machine"]
+    flags = ", ".join(f for f, on in m["flags"].items() if on) or "none of " + ", ".join(m["flags"])
+    lines = [f"# onnxruntime benchmark: {r.get('run') or r['export']}", "",
+             f"Machine: {m['cpu']}, {m['cores']} cores; flags: {flags}; onnxruntime {m['onnxruntime']}; "
+             f"load average {m.get('load_average')} at start, {m.get('load_average_end')} at end.",
+             f"Input {r['input']['shape']} ({r['input']['layout']}). Interleaved rounds after "
+             f"{r['method']['warmup_rounds']} warm-up rounds; {r['method']['graph_optimization']}; "
+             "intra-op threads do not spin.", "",
+             "| batch | threads | model | p50 ms | p90 ms | images/s | speed-up vs teacher (p50) |",
+             "|---:|---:|---|---:|---:|---:|---:|"]
+    for row in r["latency"]:
+        for role, s in row["models"].items():
+            sp = s.get("speedup_vs_teacher")
+            lines.append(f"| {row['batch']} | {row['threads']} | {LABELS[role]} | {s['p50_ms']:.3f} | {s['p90_ms']:.3f} | "
+                         f"{1e3 * row['batch'] / s['p50_ms']:.0f} | {'' if sp is None else f'{sp:.2f}x'} |")
+    lines += ["", "## Fused nodes in onnxruntime's optimized graph", ""]
+    for role, f in r["fusion"].items():
+        fused = ", ".join(f"{k} x{v}" for k, v in f["fused_ops"].items()) or "none"
+        lines.append(f"- {LABELS[role]}: {fused}")
+    b = r["fusion"].get("student_binary")
+    if b is not None and not b["MatMulIntegerToFloat"]:
+        lines.append("- WARNING: no MatMulIntegerToFloat in the binary student: its convs run in float")
+    acc = r.get("accuracy")
+    if acc:
+        lines += ["", "## Test accuracy through onnxruntime", ""]
+        if "skipped" in acc:
+            lines.append(f"Skipped: {acc['skipped']}.")
+        else:
+            lines += [f"{acc['images']} test images.", "", "| model | top-1 % (onnxruntime) | top-1 % (PyTorch, at export) |",
+                      "|---|---:|---:|"]
+            for role in ROLES:
+                if role in acc:
+                    t = acc[role].get("torch_top1")
+                    lines.append(f"| {LABELS[role]} | {acc[role]['top1']:.2f} | {'' if t is None else f'{t:.2f}'} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(r: Dict[str, Any], path: Path) -> None:
+    """Grouped bars: p50 latency per (batch, threads), one bar per model, p90 as a whisker."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = r["latency"]
+    roles = [role for role in ROLES if rows and role in rows[0]["models"]]
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.6 * len(rows) + 2), 3.8))
+    width = 0.8 / max(1, len(roles))
+    xs = np.arange(len(rows))
+    for k, role in enumerate(roles):
+        p50 = np.array([row["models"][role]["p50_ms"] for row in rows])
+        p90 = np.array([row["models"][role]["p90_ms"] for row in rows])
+        bars = ax.bar(xs + (k - (len(roles) - 1) / 2) * width, p50, width, label=LABELS[role],
+                      yerr=[np.zeros_like(p50), p90 - p50], capsize=3)
+        for bar, row in zip(bars, rows):
+            sp = row["models"][role].get("speedup_vs_teacher")
+            if sp is not None and role != "teacher":
+                ax.annotate(f"{sp:.2f}x", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                            ha="center", va="bottom", fontsize=7, xytext=(0, 2), textcoords="offset points")
+    ax.set_xticks(xs, [f"batch {row['batch']}\n{row['threads']} thr" for row in rows])
+    ax.set_yscale("log")
+    ax.set_ylabel("latency p50 (ms, log), whisker p90")
+    ax.set_title(f"onnxruntime {r['machine']['onnxruntime']} on {r['machine']['cpu']}", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
