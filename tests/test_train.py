@@ -214,11 +214,25 @@ def test_cli_train_eval_summary_as_a_user_runs_them(tiny, tmp_path):
     assert res.returncode == 2 and res.stderr.startswith("error:")
 
 
-def test_ddp_two_processes_gloo(tmp_path):
-    """torchrun with 2 CPU processes: trains every stage, only rank 0 writes, sane accuracy."""
-    d = tiny_recipe_dict(tmp_path / "runs", epochs=3, name="ddp")
-    d["data"]["limit_train"] = 128
-    d["data"]["limit_test"] = 64
+def test_ddp_two_processes_gloo_matches_one_process(tmp_path):
+    """torchrun, 2 CPU processes, same global batch: same learning curve within tolerance; rank 0 writes.
+
+    Not bit-equal by design: the two runs draw different batches (DistributedSampler), and
+    BatchNorm and ITRD statistics are computed over each process's half batch, which on this
+    4-channel toy network slows learning visibly. Tolerance: every epoch's loss within 40% and
+    both runs learning. (The exact equivalence of one DDP step is tested below.)
+    """
+    def recipe(out):
+        d = tiny_recipe_dict(out, epochs=3, name="ddp")
+        d["data"]["limit_train"] = 512
+        d["data"]["limit_test"] = 64
+        for st in d["stages"]:
+            st["batch_size"] = 64
+        return d
+
+    single = recipe_from_dict(recipe(tmp_path / "one"))
+    run_recipe(single, progress=False)
+    d = recipe(tmp_path / "runs")
     path = tmp_path / "ddp.yaml"
     path.write_text(yaml.safe_dump(d))
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -226,15 +240,41 @@ def test_ddp_two_processes_gloo(tmp_path):
            "-m", "bnn_distill", "train", str(path), "--no-progress"]
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
-    summary = json.loads((tmp_path / "runs" / "ddp" / "summary.json").read_text())
+    run = tmp_path / "runs" / "ddp"
+    summary = json.loads((run / "summary.json").read_text())
     assert summary["machine"]["world_size"] == 2
-    records = [json.loads(line) for line in (tmp_path / "runs" / "ddp" / "metrics.jsonl").read_text().splitlines()]
-    teacher = [r for r in records if r["stage"] == "teacher"]
-    assert teacher[-1]["train"]["ce"] < teacher[0]["train"]["ce"]  # the replicas train together
-    assert all(r["stage"] != "stage2" or "itrd_corr" in r["train"] for r in records)
     assert res.stdout.count("total ") == 2  # both ranks finish; only rank 0's files exist
-    leftovers = [p.name for p in (tmp_path / "runs" / "ddp").rglob("*") if p.name.endswith(".tmp")]
-    assert not leftovers
+    assert not [p.name for p in run.rglob("*") if p.name.endswith(".tmp")]
+    one = [json.loads(line) for line in (single.run_dir / "metrics.jsonl").read_text().splitlines()]
+    two = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["stage"], r["epoch"]) for r in one] == [(r["stage"], r["epoch"]) for r in two]
+    for a, b in zip(one, two):
+        if a["stage"] == "teacher":
+            assert b["train"]["loss"] == pytest.approx(a["train"]["loss"], rel=0.4), (a["stage"], a["epoch"])
+    for stage in ("teacher", "stage1", "stage2"):
+        for runs in (one, two):
+            curve = [r["train"]["loss"] for r in runs if r["stage"] == stage]
+            assert curve[-1] < curve[0], (stage, curve)
+
+
+def test_ddp_step_equals_single_process_step(tmp_path):
+    """Gradient averaging over 2 gloo processes == one step on the whole batch (binary student)."""
+    from ddp_step_worker import model_and_batch
+
+    out = tmp_path / "ddp.pt"
+    worker = Path(__file__).with_name("ddp_step_worker.py")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          str(worker), str(out)], capture_output=True, text=True, env=env, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    model, x, y = model_and_batch()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    opt.step()
+    ddp_state = torch.load(out, weights_only=True)
+    for k, v in model.state_dict().items():
+        assert torch.allclose(ddp_state[k].float(), v.float(), atol=1e-6), k
+    assert not torch.equal(ddp_state["fc.weight"], model_and_batch()[0].state_dict()["fc.weight"])  # it moved
 
 
 def test_loading_weights_keeps_the_trained_parameter_objects():
