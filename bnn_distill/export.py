@@ -55,7 +55,7 @@ INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
 EXPORT_FORMAT = "bnn-distill-export/1"
 #: Per-channel constants of flat maps up to this size are stored tiled over positions (speed).
-TILE_BYTES = 256 * 1024
+TILE_BYTES = 64 * 1024
 MANIFEST = "manifest.json"
 PARITY = "parity.json"
 STALE_FILES = ("bench.json", "bench.md", "bench.png")
@@ -341,8 +341,9 @@ class Lowering:
                 cols = self._im2col(name, code, x, (kh, kw, sh, sw, ph, pw), g.const(1, np.uint8))
                 a = g.op("DequantizeLinear", [cols, g.const(1.0, np.float32), g.const(1, np.uint8)], f"{name}/dq_input")
                 wq, scale = binary_weight_matrix(m, bn_scale)
-                wdq = g.op("DequantizeLinear", [g.init(f"{name}.weight_int8", wq), g.init(f"{name}.weight_scale", scale),
-                                                g.init(f"{name}.weight_zero_point", np.zeros(n, np.int8))],
+                # no weight zero point (it is 0): onnxruntime then runs the int8 product without a
+                # per-column zero-point correction
+                wdq = g.op("DequantizeLinear", [g.init(f"{name}.weight_int8", wq), g.init(f"{name}.weight_scale", scale)],
                            f"{name}/dq_weight", axis=1)
                 y = g.op("MatMul", [a, wdq], name)
             else:
@@ -443,16 +444,14 @@ class Lowering:
                          count_include_pad=0)
                 h, w = _pool_out(h, s, s), _pool_out(w, s, s)
             else:
-                idx, count, h, w = avgpool_indices(h, w, s)
-                src = y
-                if (idx == x.h * x.w).any():
-                    src = g.op("Pad", [y, g.const([0, 0, 0, 0, 1, 0], np.int64), g.const(0.0, np.float32)], f"{name}/pad")
-                acc = None  # summed tap by tap in PyTorch's order, then divided by the tap count
-                for t in range(idx.shape[0]):
-                    tap = g.op("Gather", [src, g.init(f"{name}.pool_index{t}", idx[t])], f"{name}/tap{t}", axis=1)
-                    acc = tap if acc is None else g.op("Add", [acc, tap], f"{name}/sum{t}")
-                y = g.op("Div", [acc, self._per_channel(f"{name}.pool_count", count, _T(acc, "flat", x.c, h, w))],
-                         f"{name}/avgpool")
+                # (B, H*W, C) viewed as a one-channel 3-D map (B, 1, H, W, C): an s x s x 1 average pool
+                # is PyTorch's s x s pool of every channel (same taps, divisor and summation order)
+                ho, wo = _pool_out(h, s, s), _pool_out(w, s, s)
+                v = g.op("Reshape", [y, g.const([0, 1, h, w, x.c], np.int64)], f"{name}/as_3d")
+                v = g.op("AveragePool", [v], f"{name}/avgpool3d", kernel_shape=[s, s, 1], strides=[s, s, 1],
+                         ceil_mode=1, count_include_pad=0)
+                y = g.op("Reshape", [v, g.const([0, ho * wo, x.c], np.int64)], f"{name}/avgpool")
+                h, w = ho, wo
         if m.extra:
             pads = [0, 0, 0, 0, 0, m.extra, 0, 0] if x.layout == "nchw" else [0, 0, 0, 0, 0, m.extra]
             y = g.op("Pad", [y, g.const(pads, np.int64), g.const(0.0, np.float32)], f"{name}/pad_channels")
@@ -934,6 +933,10 @@ def export_models(student: nn.Module, student_spec: Dict[str, Any], out_dir, inf
     atomic_write_bytes(out / PARITY, (json.dumps(parity, indent=2) + "\n").encode())
     if failed:
         raise ExportError(parity_message(failed[0]) + f"; see {out / PARITY}")
+    # Until the new manifest lands last, the folder is not a finished export: an interrupted
+    # rewrite must not leave an old manifest vouching for a mix of old and new model files.
+    for name in (MANIFEST, *STALE_FILES):
+        (out / name).unlink(missing_ok=True)
     files = {}
     for role, proto in protos.items():
         r = results[role]
