@@ -1,0 +1,198 @@
+"""The evidence grid: what ITRD and the two-stage recipe buy a binary student, on real data.
+
+Trains one FP teacher, then binary students of the same family from it, one row per method:
+
+* ``ce``          two stages (W32A1 then W1A1), cross-entropy only
+* ``kd``          two stages, CE + Hinton KD (T=4)
+* ``itrd_corr``   two stages, CE + 2.0 L_corr
+* ``itrd``        two stages, CE + 2.0 L_corr + 1.0 L_gram (the paper's loss)
+* ``itrd_single`` one W1A1 stage of the same total epochs, CE + 2.0 L_corr + 1.0 L_gram
+
+Every student starts from the teacher's weights (``init_from: teacher``) so the rows differ only
+by method. Every run is an ordinary bnn-distill run folder under ``--runs``: a finished run is
+skipped, an unfinished one resumes, so the grid can be completed across several sittings.
+Writes ``<out>.json`` (every number), ``<out>.md`` (mean ± std over seeds) and ``<out>.png``.
+
+    python benchmarks/itrd_grid.py --dataset fashion_mnist --seeds 0 1 \\
+        --teacher-epochs 10 --stage-epochs 5 --out benchmarks/results/itrd_grid
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import statistics
+import sys
+from pathlib import Path
+from typing import Any, Dict, List
+
+from bnn_distill.errors import UserError
+from bnn_distill.recipe import recipe_from_dict
+from bnn_distill.train import SUMMARY_FILE, read_metrics, run_recipe
+
+log = logging.getLogger("itrd_grid")
+
+CE = [{"name": "ce"}]
+METHODS: Dict[str, List[Dict[str, Any]]] = {
+    "ce": CE,
+    "kd": CE + [{"name": "kd", "weight": 1.0, "temperature": 4.0}],
+    "itrd_corr": CE + [{"name": "itrd_corr", "weight": 2.0, "alpha": 1.01}],
+    "itrd": CE + [{"name": "itrd_corr", "weight": 2.0, "alpha": 1.01}, {"name": "itrd_mi", "weight": 1.0}],
+}
+SINGLE = "itrd_single"
+ROWS = list(METHODS) + [SINGLE]
+
+
+def _stage(name: str, quant: str, init_from: str, epochs: int, args, losses) -> Dict[str, Any]:
+    return {"name": name, "kind": "student", "quant": quant, "init_from": init_from, "epochs": epochs,
+            "batch_size": args.batch_size, "optimizer": {"name": "adam", "lr": args.lr, "weight_decay": 0.0},
+            "schedule": {"name": "cosine", "warmup_epochs": min(1.0, epochs / 2)}, "losses": copy.deepcopy(losses)}
+
+
+def base(args, name: str, seed: int) -> Dict[str, Any]:
+    model = {"arch": args.arch, "width_mult": args.width_mult}
+    data = {"dataset": args.dataset, "limit_train": args.limit_train, "limit_test": args.limit_test}
+    if args.root:
+        data["root"] = args.root
+    return {"name": name, "seed": seed, "output_dir": args.runs, "data": data,
+            "teacher": dict(model), "student": dict(model), "binary": {"weight_scale": "learned", "recu": True}}
+
+
+def teacher_recipe(args) -> Dict[str, Any]:
+    d = base(args, "teacher", 0)
+    d["stages"] = [{"name": "teacher", "kind": "teacher", "quant": "FP", "epochs": args.teacher_epochs,
+                    "batch_size": args.batch_size, "optimizer": {"name": "sgd", "lr": 0.1, "weight_decay": 5e-4},
+                    "schedule": {"name": "cosine", "warmup_epochs": 1.0}, "losses": CE}]
+    return d
+
+
+def student_recipe(args, row: str, seed: int, teacher_ckpt: str) -> Dict[str, Any]:
+    d = base(args, f"{row}_s{seed}", seed)
+    d["teacher"]["checkpoint"] = teacher_ckpt
+    if row == SINGLE:
+        d["stages"] = [_stage("binary", "W1A1", "teacher", 2 * args.stage_epochs, args, METHODS["itrd"])]
+    else:
+        d["stages"] = [_stage("stage1", "W32A1", "teacher", args.stage_epochs, args, METHODS[row]),
+                       _stage("stage2", "W1A1", "stage1", args.stage_epochs, args, METHODS[row])]
+    return d
+
+
+def run_cached(raw: Dict[str, Any]) -> Dict[str, Any]:
+    """Run a recipe unless its run folder already holds a finished run; resume an unfinished one."""
+    recipe = recipe_from_dict(raw)
+    done = recipe.run_dir / SUMMARY_FILE
+    if done.exists():
+        log.info("%s: finished earlier, skipped", recipe.name)
+        return json.loads(done.read_text())
+    resume = (recipe.run_dir / "recipe.yaml").exists()
+    log.info("%s: %s", recipe.name, "resuming" if resume else "training")
+    return run_recipe(recipe, resume=resume, progress=sys.stderr.isatty())
+
+
+def _mean_std(xs: List[float]) -> str:
+    if not xs:
+        return "-"
+    sd = statistics.stdev(xs) if len(xs) > 1 else 0.0
+    return f"{statistics.mean(xs):.2f} ± {sd:.2f}"
+
+
+def report(args, teacher: Dict[str, Any], results: Dict[str, List[Dict[str, Any]]]) -> Dict[str, Any]:
+    t_acc = teacher["teacher"]["test_top1"]
+    rows = {}
+    for row, runs in results.items():
+        finals = [r["stages"][-1]["final"]["test_top1"] for r in runs]
+        rows[row] = {"top1": finals, "mean": statistics.mean(finals) if finals else None,
+                     "std": statistics.stdev(finals) if len(finals) > 1 else 0.0,
+                     "gap_to_teacher": (t_acc - statistics.mean(finals)) if finals else None,
+                     "wall_s": [r["wall_s"] for r in runs],
+                     "images_per_s": [statistics.mean(s["images_per_s"] for s in r["stages"]) for r in runs]}
+    out = {"args": vars(args), "teacher_top1": t_acc, "teacher_wall_s": teacher["wall_s"], "rows": rows,
+           "machine": teacher["machine"]}
+    lines = [f"Binary {args.arch} x{args.width_mult} students on {args.dataset}; teacher top-1 {t_acc:.2f}%; "
+             f"{args.stage_epochs}+{args.stage_epochs} student epochs (single stage: {2 * args.stage_epochs}); "
+             f"seeds {args.seeds}; {out['machine'].get('cpu')}", "",
+             "| method | test top-1 (mean ± std) | gap to teacher | wall s / run | train images/s |",
+             "|---|---:|---:|---:|---:|"]
+    for row, r in rows.items():
+        gap = "-" if r["gap_to_teacher"] is None else f"{r['gap_to_teacher']:.2f}"
+        wall = f"{statistics.mean(r['wall_s']):.0f}" if r["wall_s"] else "-"
+        ips = f"{statistics.mean(r['images_per_s']):.0f}" if r["images_per_s"] else "-"
+        lines.append(f"| {row} | {_mean_std(r['top1'])} | {gap} | {wall} | {ips} |")
+    lines += ["", "Images/s here come from separate runs (a rough guide); "
+              "`benchmarks/train_cost.py` measures step cost side by side."]
+    path = Path(args.out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.with_suffix(".json").write_text(json.dumps(out, indent=2) + "\n")
+    path.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    _plot(args, out, path.with_suffix(".png"))
+    print("\n".join(lines))
+    return out
+
+
+def _plot(args, out: Dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_bar, ax_curve) = plt.subplots(1, 2, figsize=(12, 4))
+    names = [r for r in ROWS if out["rows"].get(r, {}).get("top1")]
+    for i, row in enumerate(names):
+        vals = out["rows"][row]["top1"]
+        ax_bar.bar(i, statistics.mean(vals), color=f"C{i}", alpha=0.7)
+        ax_bar.plot([i] * len(vals), vals, "k.", ms=8)
+        for seed in args.seeds:
+            metrics = read_metrics(Path(args.runs) / f"{row}_s{seed}")
+            ys = [m["test_top1"] for m in metrics if "test_top1" in m]
+            ax_curve.plot(range(1, len(ys) + 1), ys, color=f"C{i}", alpha=0.8,
+                          label=row if seed == args.seeds[0] else None)
+    ax_bar.axhline(out["teacher_top1"], color="grey", ls="--", label="FP teacher")
+    ax_bar.set_xticks(range(len(names)), names)
+    ax_bar.set(ylabel="final test top-1 (%)", title="binary student by method (dots: seeds)")
+    if names:
+        values = [v for r in names for v in out["rows"][r]["top1"]] + [out["teacher_top1"]]
+        ax_bar.set_ylim(max(0.0, min(values) - 3), min(100.0, max(values) + 2))
+    ax_bar.legend()
+    ax_curve.set(xlabel="student epoch (all stages)", ylabel="test top-1 (%)", title="test accuracy during training")
+    ax_curve.legend(fontsize=8)
+    for ax in (ax_bar, ax_curve):
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dataset", default="fashion_mnist")
+    ap.add_argument("--root", default=None)
+    ap.add_argument("--arch", default="cifar_resnet20")
+    ap.add_argument("--width-mult", type=float, default=1.0)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    ap.add_argument("--teacher-epochs", type=int, default=10)
+    ap.add_argument("--stage-epochs", type=int, default=5)
+    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--lr", type=float, default=2e-3, help="Adam learning rate of the student stages")
+    ap.add_argument("--limit-train", type=int, default=None)
+    ap.add_argument("--limit-test", type=int, default=None)
+    ap.add_argument("--rows", nargs="+", default=ROWS, choices=ROWS)
+    ap.add_argument("--runs", default="runs/grid", help="folder of the grid's run folders (the cache)")
+    ap.add_argument("--out", default="benchmarks/results/itrd_grid")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+    try:
+        teacher = run_cached(teacher_recipe(args))
+        ckpt = str(Path(args.runs) / "teacher" / "checkpoints" / "teacher" / "last.pt")
+        results = {row: [run_cached(student_recipe(args, row, s, ckpt)) for s in args.seeds] for row in args.rows}
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    report(args, teacher, results)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
