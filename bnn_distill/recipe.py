@@ -265,8 +265,6 @@ class Recipe:
                 if st.init_from not in seen:
                     valid = [s for s in seen if s != "teacher"] + ["teacher"]
                     raise RecipeError(f"{path}.init_from: no earlier stage named '{st.init_from}'{closest(st.init_from, valid)}; valid: {choices(valid)} or null")
-                if st.init_from == self.stages[0].name and self.stages[0].kind == "teacher":
-                    pass
             seen.append(st.name)
         needs_teacher = any(self._stage_needs_teacher(st) for st in self.stages)
         if needs_teacher and not has_teacher_stage and self.teacher.checkpoint is None:
