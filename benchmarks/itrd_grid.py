@@ -98,7 +98,8 @@ def _mean_std(xs: List[float]) -> str:
     return f"{statistics.mean(xs):.2f} ± {sd:.2f}"
 
 
-def report(args, teacher: Dict[str, Any], results: Dict[str, List[Dict[str, Any]]]) -> Dict[str, Any]:
+def report(args, teacher: Dict[str, Any], results: Dict[str, List[Dict[str, Any]]],
+           quiet: bool = False) -> Dict[str, Any]:
     t_acc = teacher["teacher"]["test_top1"]
     rows = {}
     for row, runs in results.items():
@@ -113,13 +114,13 @@ def report(args, teacher: Dict[str, Any], results: Dict[str, List[Dict[str, Any]
     lines = [f"Binary {args.arch} x{args.width_mult} students on {args.dataset}; teacher top-1 {t_acc:.2f}%; "
              f"{args.stage_epochs}+{args.stage_epochs} student epochs (single stage: {2 * args.stage_epochs}); "
              f"seeds {args.seeds}; {out['machine'].get('cpu')}", "",
-             "| method | test top-1 (mean ± std) | gap to teacher | wall s / run | train images/s |",
-             "|---|---:|---:|---:|---:|"]
+             "| method | seeds done | test top-1 (mean ± std) | gap to teacher | wall s / run | train images/s |",
+             "|---|---:|---:|---:|---:|---:|"]
     for row, r in rows.items():
         gap = "-" if r["gap_to_teacher"] is None else f"{r['gap_to_teacher']:.2f}"
         wall = f"{statistics.mean(r['wall_s']):.0f}" if r["wall_s"] else "-"
         ips = f"{statistics.mean(r['images_per_s']):.0f}" if r["images_per_s"] else "-"
-        lines.append(f"| {row} | {_mean_std(r['top1'])} | {gap} | {wall} | {ips} |")
+        lines.append(f"| {row} | {len(r['top1'])} | {_mean_std(r['top1'])} | {gap} | {wall} | {ips} |")
     lines += ["", "Images/s here come from separate runs (a rough guide); "
               "`benchmarks/train_cost.py` measures step cost side by side."]
     path = Path(args.out)
@@ -127,7 +128,8 @@ def report(args, teacher: Dict[str, Any], results: Dict[str, List[Dict[str, Any]
     path.with_suffix(".json").write_text(json.dumps(out, indent=2) + "\n")
     path.with_suffix(".md").write_text("\n".join(lines) + "\n")
     _plot(args, out, path.with_suffix(".png"))
-    print("\n".join(lines))
+    if not quiet:
+        print("\n".join(lines))
     return out
 
 
@@ -143,7 +145,7 @@ def _plot(args, out: Dict[str, Any], path: Path) -> None:
         vals = out["rows"][row]["top1"]
         ax_bar.bar(i, statistics.mean(vals), color=f"C{i}", alpha=0.7)
         ax_bar.plot([i] * len(vals), vals, "k.", ms=8)
-        for seed in args.seeds:
+        for seed in args.seeds[:len(vals)]:  # finished runs only (seed-major order)
             metrics = read_metrics(Path(args.runs) / f"{row}_s{seed}")
             ys = [m["test_top1"] for m in metrics if "test_top1" in m]
             ax_curve.plot(range(1, len(ys) + 1), ys, color=f"C{i}", alpha=0.8,
@@ -186,7 +188,13 @@ def main(argv=None) -> int:
     try:
         teacher = run_cached(teacher_recipe(args))
         ckpt = str(Path(args.runs) / "teacher" / "checkpoints" / "teacher" / "last.pt")
-        results = {row: [run_cached(student_recipe(args, row, s, ckpt)) for s in args.seeds] for row in args.rows}
+        # Seed-major order: a grid stopped part-way still has every row for the first seed(s),
+        # and the report is rewritten after every finished run so partial progress is visible.
+        results: Dict[str, List[Dict[str, Any]]] = {row: [] for row in args.rows}
+        for s in args.seeds:
+            for row in args.rows:
+                results[row].append(run_cached(student_recipe(args, row, s, ckpt)))
+                report(args, teacher, results, quiet=True)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
