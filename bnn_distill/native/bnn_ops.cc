@@ -1,0 +1,478 @@
+// bnn-distill native kernels: an onnxruntime custom-op library with a bit-packed binary convolution.
+//
+// Op ai.bnn_distill::BinaryConv2d (version 1), channels-last ("flat") tensors:
+//
+//   inputs   0 X      float  (B, H*W, C)        the conv input; its sign is taken here (sign(0) = +1)
+//            1 Wbits  uint64 (OCp/8, k*k, CW, 8) sign bits of the +-1 weights (bit 1 = -1), 64 input
+//                                               channels per word, 8 output channels per group
+//            2 corr   int32  (16, OCp)          zero-padding correction per border class (see below)
+//            3 scale  float  (OC,)              per-output-channel multiplier (weight scale x BN)
+//            4 shift  float  (OC,)              per-output-channel shift (BN)
+//            5 R      float  (B, Ho*Wo, OC)     optional residual, added before the activation
+//   output   0 Y      float  (B, Ho*Wo, OC)     clip(scale * dot + shift + R, act_min, act_max)
+//   attributes in_h, in_w, in_c, out_c, kernel (1 or 3), stride, pad (0 or kernel/2), act (0 none,
+//            1 clip to [act_min, act_max])
+//
+// dot is the exact integer +-1 dot product of the conv: with the input's sign bits a and the
+// weights' bits w over N = k*k*C bits, dot = N - 2 * popcount(a XOR w) - corr[class][oc]. The
+// packed input has a border of all-zero words (+1 values); corr[class] removes what those
+// border taps added (the sum of the +-1 weights over the taps that fall outside the image) for
+// the output positions of each border class (top/bottom/left/right taps outside). Channel
+// padding bits are 0 in both operands, so they never count.
+//
+// Kernels: AVX-512 VPOPCNTDQ (8 output channels per zmm), AVX2 (nibble-table popcount), portable
+// (__builtin_popcountll). The best one this CPU runs is chosen at kernel creation;
+// BNN_DISTILL_NATIVE_ISA=avx512|avx2|portable forces one (an unsupported choice is an error).
+// Work is split over (image, output row, block of 32 output channels) with onnxruntime's intra-op
+// thread pool (KernelContext_ParallelFor), so the session's thread setting bounds it.
+
+#define ORT_API_MANUAL_INIT
+#include "onnxruntime_cxx_api.h"
+#undef ORT_API_MANUAL_INIT
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <mutex>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace {
+
+enum class Isa { kPortable = 0, kAvx2 = 1, kAvx512 = 2 };
+
+const char* IsaName(Isa isa) {
+  switch (isa) {
+    case Isa::kAvx512: return "avx512_vpopcntdq";
+    case Isa::kAvx2: return "avx2";
+    default: return "portable";
+  }
+}
+
+bool CpuHasAvx512() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vpopcntdq") &&
+         __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512bw");
+}
+
+bool CpuHasAvx2() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2");
+}
+
+Isa BestIsa() { return CpuHasAvx512() ? Isa::kAvx512 : (CpuHasAvx2() ? Isa::kAvx2 : Isa::kPortable); }
+
+Isa ChooseIsa() {
+  const char* env = std::getenv("BNN_DISTILL_NATIVE_ISA");
+  if (env == nullptr || *env == '\0' || std::string(env) == "auto") return BestIsa();
+  std::string want(env);
+  if (want == "portable") return Isa::kPortable;
+  if (want == "avx2") {
+    if (!CpuHasAvx2()) throw std::runtime_error("BNN_DISTILL_NATIVE_ISA=avx2 but this CPU has no AVX2");
+    return Isa::kAvx2;
+  }
+  if (want == "avx512") {
+    if (!CpuHasAvx512()) throw std::runtime_error("BNN_DISTILL_NATIVE_ISA=avx512 but this CPU lacks AVX-512 VPOPCNTDQ");
+    return Isa::kAvx512;
+  }
+  throw std::runtime_error("BNN_DISTILL_NATIVE_ISA='" + want + "' is not one of auto, avx512, avx2, portable");
+}
+
+constexpr int kTileGroups = 4;  // output-channel groups of 8 per work item (32 channels)
+constexpr int kTilePixels = 4;  // output pixels of one row per register tile
+
+struct Geometry {
+  int64_t B, H, W, C, CW, OC, OCp, K, S, P, Ho, Wo, Hp, Wp;
+  int64_t groups() const { return OCp / 8; }
+  int64_t taps() const { return K * K; }
+};
+
+// ------------------------------------------------------------------ sign packing
+
+// One pixel's C floats -> CW words, bit c%64 of word c/64 set when x[c] < 0 (so sign(0) = +1).
+inline void PackPixelPortable(const float* x, int64_t C, int64_t CW, uint64_t* out) {
+  for (int64_t w = 0; w < CW; ++w) {
+    uint64_t word = 0;
+    const int64_t c0 = w * 64, c1 = std::min<int64_t>(C, c0 + 64);
+    for (int64_t c = c0; c < c1; ++c) word |= static_cast<uint64_t>(x[c] < 0.0f) << (c - c0);
+    out[w] = word;
+  }
+}
+
+__attribute__((target("avx512f,avx512bw,avx512dq")))
+void PackPixelAvx512(const float* x, int64_t C, int64_t CW, uint64_t* out) {
+  const __m512 zero = _mm512_setzero_ps();
+  for (int64_t w = 0; w < CW; ++w) {
+    uint64_t word = 0;
+    for (int q = 0; q < 4; ++q) {
+      const int64_t c0 = w * 64 + q * 16;
+      if (c0 >= C) break;
+      const int64_t n = std::min<int64_t>(16, C - c0);
+      const __mmask16 lanes = static_cast<__mmask16>(n == 16 ? 0xFFFF : ((1u << n) - 1));
+      const __m512 v = _mm512_maskz_loadu_ps(lanes, x + c0);
+      const __mmask16 neg = _mm512_mask_cmp_ps_mask(lanes, v, zero, _CMP_LT_OQ);
+      word |= static_cast<uint64_t>(neg) << (q * 16);
+    }
+    out[w] = word;
+  }
+}
+
+__attribute__((target("avx2")))
+void PackPixelAvx2(const float* x, int64_t C, int64_t CW, uint64_t* out) {
+  const __m256 zero = _mm256_setzero_ps();
+  for (int64_t w = 0; w < CW; ++w) {
+    uint64_t word = 0;
+    const int64_t c0 = w * 64, c1 = std::min<int64_t>(C, c0 + 64);
+    int64_t c = c0;
+    for (; c + 8 <= c1; c += 8) {
+      const int m = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(x + c), zero, _CMP_LT_OQ));
+      word |= static_cast<uint64_t>(static_cast<unsigned>(m)) << (c - c0);
+    }
+    for (; c < c1; ++c) word |= static_cast<uint64_t>(x[c] < 0.0f) << (c - c0);
+    out[w] = word;
+  }
+}
+
+// ------------------------------------------------------------------ the epilogue
+
+struct Epilogue {
+  const Geometry* g;
+  const int32_t* corr;   // (16, OCp)
+  const float* scale;    // (OC,)
+  const float* shift;    // (OC,)
+  const float* residual; // (B, Ho*Wo, OC) or null
+  float* y;              // (B, Ho*Wo, OC)
+  int act;
+  float lo, hi;
+
+  int BorderClass(int64_t oy, int64_t ox) const {
+    const int64_t iy = oy * g->S - g->P, ix = ox * g->S - g->P;
+    const int top = iy < 0, bottom = iy + g->K > g->H, left = ix < 0, right = ix + g->K > g->W;
+    return (top | (bottom << 1)) * 4 + (left | (right << 1));
+  }
+
+  // pc: popcounts of 8 * ngroups output channels starting at group g0, for pixel (b, oy, ox)
+  void Store(int64_t b, int64_t oy, int64_t ox, int64_t g0, int ngroups, const uint64_t* pc) const {
+    const int64_t n_bits = g->taps() * g->C;
+    const int32_t* cr = corr + static_cast<int64_t>(BorderClass(oy, ox)) * g->OCp;
+    const int64_t pix = (b * g->Ho + oy) * g->Wo + ox;
+    float* out = y + pix * g->OC;
+    const float* res = residual ? residual + pix * g->OC : nullptr;
+    const int64_t oc0 = g0 * 8, oc1 = std::min<int64_t>(g->OC, oc0 + 8 * ngroups);
+    for (int64_t oc = oc0; oc < oc1; ++oc) {
+      const int64_t dot = n_bits - 2 * static_cast<int64_t>(pc[oc - oc0]) - cr[oc];
+      float v = static_cast<float>(dot) * scale[oc];
+      v = v + shift[oc];
+      if (res) v = v + res[oc];
+      if (act) v = std::min(std::max(v, lo), hi);
+      out[oc] = v;
+    }
+  }
+};
+
+// ------------------------------------------------------------------ conv kernels
+// Each computes one work item: output row oy of image b, output-channel groups [g0, g0 + ng).
+// A: packed padded input (B, Hp, Wp, CW); Wb: packed weights (OCp/8, taps, CW, 8).
+
+struct Item {
+  const Geometry* g;
+  const uint64_t* A;
+  const uint64_t* Wb;
+  const Epilogue* ep;
+};
+
+template <int P, int G>
+void TilePortable(const Item& it, int64_t b, int64_t oy, int64_t ox0, int64_t g0) {
+  const Geometry& g = *it.g;
+  uint64_t acc[P][G * 8] = {};
+  const int64_t tapw = g.CW * 8, gstride = g.taps() * tapw;
+  for (int64_t ky = 0; ky < g.K; ++ky) {
+    const uint64_t* arow = it.A + ((b * g.Hp + oy * g.S + ky) * g.Wp) * g.CW;
+    for (int64_t kx = 0; kx < g.K; ++kx) {
+      const int64_t tap = ky * g.K + kx;
+      for (int64_t cw = 0; cw < g.CW; ++cw) {
+        for (int p = 0; p < P; ++p) {
+          const uint64_t a = arow[((ox0 + p) * g.S + kx) * g.CW + cw];
+          for (int gi = 0; gi < G; ++gi) {
+            const uint64_t* w = it.Wb + (g0 + gi) * gstride + tap * tapw + cw * 8;
+            for (int l = 0; l < 8; ++l) acc[p][gi * 8 + l] += __builtin_popcountll(a ^ w[l]);
+          }
+        }
+      }
+    }
+  }
+  for (int p = 0; p < P; ++p) it.ep->Store(b, oy, ox0 + p, g0, G, acc[p]);
+}
+
+__attribute__((target("avx2"))) inline __m256i Popcnt256(__m256i v) {
+  const __m256i lut = _mm256_setr_epi8(0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4,
+                                       0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4);
+  const __m256i low = _mm256_set1_epi8(0x0F);
+  const __m256i lo = _mm256_and_si256(v, low);
+  const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+  const __m256i bytes = _mm256_add_epi8(_mm256_shuffle_epi8(lut, lo), _mm256_shuffle_epi8(lut, hi));
+  return _mm256_sad_epu8(bytes, _mm256_setzero_si256());  // 4 x 64-bit popcounts
+}
+
+template <int P, int G>
+__attribute__((target("avx2"))) void TileAvx2(const Item& it, int64_t b, int64_t oy, int64_t ox0, int64_t g0) {
+  const Geometry& g = *it.g;
+  __m256i acc[P][2 * G];
+  for (int p = 0; p < P; ++p)
+    for (int j = 0; j < 2 * G; ++j) acc[p][j] = _mm256_setzero_si256();
+  const int64_t tapw = g.CW * 8, gstride = g.taps() * tapw;
+  for (int64_t ky = 0; ky < g.K; ++ky) {
+    const uint64_t* arow = it.A + ((b * g.Hp + oy * g.S + ky) * g.Wp) * g.CW;
+    for (int64_t kx = 0; kx < g.K; ++kx) {
+      const int64_t tap = ky * g.K + kx;
+      for (int64_t cw = 0; cw < g.CW; ++cw) {
+        __m256i w[2 * G];
+        for (int gi = 0; gi < G; ++gi) {
+          const uint64_t* wp = it.Wb + (g0 + gi) * gstride + tap * tapw + cw * 8;
+          w[2 * gi] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp));
+          w[2 * gi + 1] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp + 4));
+        }
+        for (int p = 0; p < P; ++p) {
+          const __m256i a = _mm256_set1_epi64x(static_cast<long long>(arow[((ox0 + p) * g.S + kx) * g.CW + cw]));
+          for (int j = 0; j < 2 * G; ++j) acc[p][j] = _mm256_add_epi64(acc[p][j], Popcnt256(_mm256_xor_si256(a, w[j])));
+        }
+      }
+    }
+  }
+  alignas(32) uint64_t pc[G * 8];
+  for (int p = 0; p < P; ++p) {
+    for (int j = 0; j < 2 * G; ++j) _mm256_store_si256(reinterpret_cast<__m256i*>(pc + 4 * j), acc[p][j]);
+    it.ep->Store(b, oy, ox0 + p, g0, G, pc);
+  }
+}
+
+template <int P, int G>
+__attribute__((target("avx512f,avx512vpopcntdq"))) void TileAvx512(const Item& it, int64_t b, int64_t oy, int64_t ox0,
+                                                                 int64_t g0) {
+  const Geometry& g = *it.g;
+  __m512i acc[P][G];
+  for (int p = 0; p < P; ++p)
+    for (int gi = 0; gi < G; ++gi) acc[p][gi] = _mm512_setzero_si512();
+  const int64_t tapw = g.CW * 8, gstride = g.taps() * tapw;
+  const uint64_t* wbase = it.Wb + g0 * gstride;
+  for (int64_t ky = 0; ky < g.K; ++ky) {
+    const uint64_t* arow = it.A + ((b * g.Hp + oy * g.S + ky) * g.Wp + ox0 * g.S) * g.CW;
+    for (int64_t kx = 0; kx < g.K; ++kx) {
+      const uint64_t* ap = arow + kx * g.CW;
+      const uint64_t* wp = wbase + (ky * g.K + kx) * tapw;
+      for (int64_t cw = 0; cw < g.CW; ++cw) {
+        __m512i w[G];
+        for (int gi = 0; gi < G; ++gi) w[gi] = _mm512_loadu_si512(wp + gi * gstride + cw * 8);
+        for (int p = 0; p < P; ++p) {
+          const __m512i a = _mm512_set1_epi64(static_cast<long long>(ap[p * g.S * g.CW + cw]));
+          for (int gi = 0; gi < G; ++gi)
+            acc[p][gi] = _mm512_add_epi64(acc[p][gi], _mm512_popcnt_epi64(_mm512_xor_si512(a, w[gi])));
+        }
+      }
+    }
+  }
+  alignas(64) uint64_t pc[G * 8];
+  for (int p = 0; p < P; ++p) {
+    for (int gi = 0; gi < G; ++gi) _mm512_store_si512(reinterpret_cast<__m512i*>(pc + 8 * gi), acc[p][gi]);
+    it.ep->Store(b, oy, ox0 + p, g0, G, pc);
+  }
+}
+
+using TileFn = void (*)(const Item&, int64_t, int64_t, int64_t, int64_t);
+
+#define BNN_TILE_TABLE(NAME, FN)                                                              \
+  TileFn NAME##Table(int p, int gcount) {                                                      \
+    static const TileFn t[kTilePixels][kTileGroups] = {                                        \
+        {FN<1, 1>, FN<1, 2>, FN<1, 3>, FN<1, 4>}, {FN<2, 1>, FN<2, 2>, FN<2, 3>, FN<2, 4>},    \
+        {FN<3, 1>, FN<3, 2>, FN<3, 3>, FN<3, 4>}, {FN<4, 1>, FN<4, 2>, FN<4, 3>, FN<4, 4>}};   \
+    return t[p - 1][gcount - 1];                                                               \
+  }
+
+BNN_TILE_TABLE(Portable, TilePortable)
+BNN_TILE_TABLE(Avx2, TileAvx2)
+BNN_TILE_TABLE(Avx512, TileAvx512)
+
+TileFn Tile(Isa isa, int p, int gcount) {
+  switch (isa) {
+    case Isa::kAvx512: return Avx512Table(p, gcount);
+    case Isa::kAvx2: return Avx2Table(p, gcount);
+    default: return PortableTable(p, gcount);
+  }
+}
+
+// ------------------------------------------------------------------ the kernel
+
+struct PackJob {
+  const Geometry* g;
+  const float* x;
+  uint64_t* A;
+  Isa isa;
+};
+
+void PackRow(void* data, size_t index) {  // one padded input row (b, y) of the packed buffer
+  const PackJob& j = *static_cast<const PackJob*>(data);
+  const Geometry& g = *j.g;
+  const int64_t b = static_cast<int64_t>(index) / g.H, y = static_cast<int64_t>(index) % g.H;
+  uint64_t* dst = j.A + ((b * g.Hp + y + g.P) * g.Wp + g.P) * g.CW;
+  const float* src = j.x + (b * g.H + y) * g.W * g.C;
+  for (int64_t x = 0; x < g.W; ++x, dst += g.CW, src += g.C) {
+    switch (j.isa) {
+      case Isa::kAvx512: PackPixelAvx512(src, g.C, g.CW, dst); break;
+      case Isa::kAvx2: PackPixelAvx2(src, g.C, g.CW, dst); break;
+      default: PackPixelPortable(src, g.C, g.CW, dst);
+    }
+  }
+}
+
+struct ConvJob {
+  Item item;
+  Isa isa;
+  int64_t blocks;  // output-channel blocks of kTileGroups groups
+};
+
+void ConvItem(void* data, size_t index) {
+  const ConvJob& j = *static_cast<const ConvJob*>(data);
+  const Geometry& g = *j.item.g;
+  const int64_t blk = static_cast<int64_t>(index) % j.blocks;
+  const int64_t row = static_cast<int64_t>(index) / j.blocks;
+  const int64_t b = row / g.Ho, oy = row % g.Ho;
+  const int64_t g0 = blk * kTileGroups;
+  const int gcount = static_cast<int>(std::min<int64_t>(kTileGroups, g.groups() - g0));
+  for (int64_t ox = 0; ox < g.Wo; ox += kTilePixels) {
+    const int p = static_cast<int>(std::min<int64_t>(kTilePixels, g.Wo - ox));
+    Tile(j.isa, p, gcount)(j.item, b, oy, ox, g0);
+  }
+}
+
+struct BinaryConvKernel {
+  BinaryConvKernel(const OrtApi& /*api*/, const OrtKernelInfo* info) {
+    Ort::ConstKernelInfo ki(info);
+    in_h_ = ki.GetAttribute<int64_t>("in_h");
+    in_w_ = ki.GetAttribute<int64_t>("in_w");
+    in_c_ = ki.GetAttribute<int64_t>("in_c");
+    out_c_ = ki.GetAttribute<int64_t>("out_c");
+    k_ = ki.GetAttribute<int64_t>("kernel");
+    s_ = ki.GetAttribute<int64_t>("stride");
+    p_ = ki.GetAttribute<int64_t>("pad");
+    act_ = static_cast<int>(ki.GetAttribute<int64_t>("act"));
+    lo_ = ki.GetAttribute<float>("act_min");
+    hi_ = ki.GetAttribute<float>("act_max");
+    if (!((k_ == 3 && p_ == 1) || (k_ == 1 && p_ == 0)))
+      throw std::runtime_error("BinaryConv2d: only kernel 3 with pad 1 and kernel 1 with pad 0 are supported");
+    if (s_ < 1 || in_h_ < 1 || in_w_ < 1 || in_c_ < 1 || out_c_ < 1)
+      throw std::runtime_error("BinaryConv2d: stride, sizes and channel counts must be positive");
+    isa_ = ChooseIsa();
+  }
+
+  void Compute(OrtKernelContext* context) {
+    Ort::KernelContext ctx(context);
+    Ort::ConstValue X = ctx.GetInput(0), Wv = ctx.GetInput(1), Cv = ctx.GetInput(2), Sv = ctx.GetInput(3),
+                    Tv = ctx.GetInput(4);
+    const std::vector<int64_t> xs = X.GetTensorTypeAndShapeInfo().GetShape();
+    Geometry g{};
+    g.H = in_h_, g.W = in_w_, g.C = in_c_, g.OC = out_c_, g.K = k_, g.S = s_, g.P = p_;
+    if (xs.size() != 3 || xs[1] != g.H * g.W || xs[2] != g.C)
+      throw std::runtime_error("BinaryConv2d: input must be (batch, " + std::to_string(g.H * g.W) + ", " +
+                               std::to_string(g.C) + ")");
+    g.B = xs[0];
+    g.CW = (g.C + 63) / 64;
+    g.OCp = (g.OC + 7) / 8 * 8;
+    g.Ho = (g.H + 2 * g.P - g.K) / g.S + 1;
+    g.Wo = (g.W + 2 * g.P - g.K) / g.S + 1;
+    g.Hp = g.H + 2 * g.P;
+    g.Wp = g.W + 2 * g.P;
+    const std::vector<int64_t> ws = Wv.GetTensorTypeAndShapeInfo().GetShape();
+    if (ws != std::vector<int64_t>{g.OCp / 8, g.taps(), g.CW, 8})
+      throw std::runtime_error("BinaryConv2d: packed weights have the wrong shape for out_c/kernel/in_c");
+    if (Cv.GetTensorTypeAndShapeInfo().GetElementCount() != static_cast<size_t>(16 * g.OCp) ||
+        Sv.GetTensorTypeAndShapeInfo().GetElementCount() != static_cast<size_t>(g.OC) ||
+        Tv.GetTensorTypeAndShapeInfo().GetElementCount() != static_cast<size_t>(g.OC))
+      throw std::runtime_error("BinaryConv2d: corr must have 16*OCp, scale and shift OC elements");
+    const float* residual = nullptr;
+    if (ctx.GetInputCount() > 5) {
+      Ort::ConstValue R = ctx.GetInput(5);
+      if (static_cast<const OrtValue*>(R) != nullptr) {
+        const std::vector<int64_t> rs = R.GetTensorTypeAndShapeInfo().GetShape();
+        if (rs != std::vector<int64_t>{g.B, g.Ho * g.Wo, g.OC})
+          throw std::runtime_error("BinaryConv2d: the residual must have the output's shape");
+        residual = R.GetTensorData<float>();
+      }
+    }
+    Ort::UnownedValue Y = ctx.GetOutput(0, std::vector<int64_t>{g.B, g.Ho * g.Wo, g.OC});
+    if (g.B == 0) return;
+
+    thread_local std::vector<uint64_t> packed;
+    const size_t words = static_cast<size_t>(g.B * g.Hp * g.Wp * g.CW);
+    packed.assign(words, 0);  // the border stays 0: +1 values, corrected by corr
+    PackJob pj{&g, X.GetTensorData<float>(), packed.data(), isa_};
+    ctx.ParallelFor(PackRow, static_cast<size_t>(g.B * g.H), 0, &pj);
+
+    Epilogue ep{&g, Cv.GetTensorData<int32_t>(), Sv.GetTensorData<float>(), Tv.GetTensorData<float>(), residual,
+                Y.GetTensorMutableData<float>(), act_, lo_, hi_};
+    ConvJob cj{{&g, packed.data(), Wv.GetTensorData<uint64_t>(), &ep}, isa_,
+               (g.groups() + kTileGroups - 1) / kTileGroups};
+    ctx.ParallelFor(ConvItem, static_cast<size_t>(g.B * g.Ho * cj.blocks), 0, &cj);
+  }
+
+ private:
+  int64_t in_h_, in_w_, in_c_, out_c_, k_, s_, p_;
+  int act_;
+  float lo_, hi_;
+  Isa isa_;
+};
+
+struct BinaryConvOp : Ort::CustomOpBase<BinaryConvOp, BinaryConvKernel> {
+  void* CreateKernel(const OrtApi& api, const OrtKernelInfo* info) const { return new BinaryConvKernel(api, info); }
+  const char* GetName() const { return "BinaryConv2d"; }
+  const char* GetExecutionProviderType() const { return "CPUExecutionProvider"; }
+  size_t GetInputTypeCount() const { return 6; }
+  ONNXTensorElementDataType GetInputType(size_t i) const {
+    switch (i) {
+      case 1: return ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT64;
+      case 2: return ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32;
+      default: return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+    }
+  }
+  OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t i) const {
+    return i == 5 ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
+  }
+  size_t GetOutputTypeCount() const { return 1; }
+  ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
+};
+
+std::once_flag g_once;
+Ort::CustomOpDomain* g_domain = nullptr;
+BinaryConvOp* g_op = nullptr;
+
+}  // namespace
+
+extern "C" {
+
+// The kernel family this CPU runs (what BNN_DISTILL_NATIVE_ISA=auto picks).
+__attribute__((visibility("default"))) const char* BnnDistillNativeIsa() { return IsaName(BestIsa()); }
+
+__attribute__((visibility("default"))) int BnnDistillNativeAbi() { return 1; }
+
+__attribute__((visibility("default"))) OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options,
+                                                                                const OrtApiBase* api_base) {
+  const OrtApi* api = api_base->GetApi(ORT_API_VERSION);
+  if (api == nullptr) return nullptr;  // cannot even build a status: the runtime is too old
+  Ort::InitApi(api);
+  try {
+    std::call_once(g_once, [] {
+      g_domain = new Ort::CustomOpDomain("ai.bnn_distill");  // lives as long as the process
+      g_op = new BinaryConvOp();
+      g_domain->Add(g_op);
+    });
+    Ort::UnownedSessionOptions(options).Add(*g_domain);
+  } catch (const std::exception& e) {
+    return api->CreateStatus(ORT_FAIL, e.what());
+  }
+  return nullptr;
+}
+
+}  // extern "C"
