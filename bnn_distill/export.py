@@ -43,6 +43,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 import torch.nn as nn
+from torch import Tensor
 
 from .checkpoint import atomic_write_bytes
 from .errors import UserError
@@ -239,6 +240,18 @@ def bn_affine(bn: nn.Module) -> Tuple[np.ndarray, np.ndarray]:
         return a.numpy(), (b - mean * a).numpy()
 
 
+class _FusedConv(nn.Module):
+    """PyTorch reference of a fused native node: ``act(bn(conv(x)) [+ residual])``."""
+
+    def __init__(self, conv: nn.Module, bn: nn.Module, act: nn.Module):
+        super().__init__()
+        self.conv, self.bn, self.act = conv, bn, act
+
+    def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
+        y = self.bn(self.conv(x))
+        return self.act(y if residual is None else y + residual)
+
+
 class Lowering:
     """Lowers one :class:`~bnn_distill.models.ResNet` (eval mode) to an ONNX graph.
 
@@ -247,7 +260,7 @@ class Lowering:
     :class:`Probe` for the parity diagnosis.
     """
 
-    def __init__(self, model: nn.Module, input_shape: Sequence[int], name: str = "model"):
+    def __init__(self, model: nn.Module, input_shape: Sequence[int], name: str = "model", native: bool = False):
         from .models import ResNet
 
         if not isinstance(model, ResNet):
@@ -266,6 +279,7 @@ class Lowering:
                     raise ExportError(f"cannot lower layer '{mname}': {e}") from None
         self.binary = "W1A1" in kinds
         self.layout = "flat" if self.binary else "nchw"
+        self.native = native and self.binary
         self.num_classes = int(model.fc.out_features)
 
     # -- helpers
@@ -478,6 +492,15 @@ class Lowering:
             self._fail(name, f"block {type(b).__name__} has no lowering (only BasicBlock)")
         sc = self.downsample(f"{name}.downsample", b.downsample, x) if b.downsample is not None \
             else self.pad_shortcut(f"{name}.shortcut", b.shortcut, x)
+        if self.native and x.layout == "flat" and _is_w1a1(b.conv1) and _is_w1a1(b.conv2):
+            if b.bireal:
+                h = self.native_conv(name, "1", b, x, residual=sc)
+                y = self.native_conv(name, "2", b, h, residual=h)
+            else:
+                h = self.native_conv(name, "1", b, x, residual=None)
+                y = self.native_conv(name, "2", b, h, residual=sc)
+            self._probe(name, b, [x], y)
+            return y
         c1 = self.conv_bn(f"{name}.conv1", b.conv1, f"{name}.bn1", b.bn1, x)
         if b.bireal:
             h = self.act(f"{name}.act1", b.act1, self.add(f"{name}/add1", c1, sc))
@@ -489,6 +512,57 @@ class Lowering:
             y = self.act(f"{name}.act2", b.act2, self.add(f"{name}/add2", c2, sc))
         self._probe(name, b, [x], y)
         return y
+
+    def native_conv(self, block: str, i: str, b: nn.Module, x: _T, residual: Optional[_T]) -> _T:
+        """conv{i} + bn{i} (+ residual) + act{i} of a block as one ``ai.bnn_distill::BinaryConv2d``:
+        bit-packed XNOR-popcount conv, the BatchNorm folded into a per-channel scale and shift,
+        the residual add and a clip activation fused (any other activation runs after it)."""
+        from . import native as nat
+
+        conv, bn, act = getattr(b, f"conv{i}"), getattr(b, f"bn{i}"), getattr(b, f"act{i}")
+        cname, bname, aname = f"{block}.conv{i}", f"{block}.bn{i}", f"{block}.act{i}"
+        kh, kw = conv.kernel_size
+        sh, sw = conv.stride
+        ph, pw = conv.padding if not isinstance(conv.padding, str) else (-1, -1)
+        if kh != kw or sh != sw or ph != pw or (kh, ph) not in ((3, 1), (1, 0)):
+            self._fail(cname, f"kernel {conv.kernel_size}, stride {conv.stride}, padding {conv.padding}: the native "
+                       "runtime runs square 3x3/pad 1 and 1x1/pad 0 binary convs; use --runtime standard")
+        if conv.groups != 1 or tuple(conv.dilation) != (1, 1) or conv.padding_mode != "zeros" or conv.bias is not None:
+            self._fail(cname, "groups, dilation, a padding mode or a bias the native runtime does not run; "
+                       "use --runtime standard")
+        self._check_bn(bname, bn, conv.out_channels)
+        a, shift = bn_affine(bn)
+        wq, scale = binary_weight_matrix(conv, a)  # (k*k*Cin, N), taps ordered (kh, kw, Cin)
+        n, cin = conv.out_channels, conv.in_channels
+        q = wq.reshape(kh, kw, cin, n).transpose(3, 2, 0, 1)  # (N, Cin, kh, kw)
+        ho, wo = (x.h + 2 * ph - kh) // sh + 1, (x.w + 2 * pw - kw) // sw + 1
+        lo, hi, fused = 0.0, 0.0, 0
+        if type(act) is nn.Hardtanh:
+            lo, hi, fused = float(act.min_val), float(act.max_val), 1
+        elif type(act) is nn.ReLU:
+            lo, hi, fused = 0.0, float(np.finfo(np.float32).max), 1
+        elif type(act) is nn.Identity:
+            fused = 1  # nothing to apply
+        g = self.g
+        ins = [x.name, g.init(f"{cname}.weight_bits", nat.pack_weights(q)),
+               g.init(f"{cname}.border_correction", nat.border_corrections(q, ph)),
+               g.init(f"{cname}.scale", scale), g.init(f"{bname}.shift", np.asarray(shift, dtype=np.float32))]
+        if residual is not None:
+            if (residual.layout, residual.c, residual.h, residual.w) != ("flat", n, ho, wo):
+                self._fail(f"{block}/add{i}", f"residual shapes differ: {residual} vs ({n}, {ho}, {wo})")
+            ins.append(residual.name)
+        from onnx import helper
+
+        out = g.fresh(aname if fused else bname)
+        g.nodes.append(helper.make_node(
+            nat.OP, ins, [out], name=out, domain=nat.DOMAIN, in_h=x.h, in_w=x.w, in_c=cin, out_c=n, kernel=kh,
+            stride=sh, pad=ph, act=int(fused and type(act) is not nn.Identity), act_min=lo, act_max=hi))
+        y = _T(out, "flat", n, ho, wo)
+        ref = _FusedConv(conv, bn, act if fused else nn.Identity())
+        self._probe(f"{cname}+bn{i}" + ("+add" if residual is not None else "") + ("+act" if fused else ""),
+                    ref, [x] + ([residual] if residual is not None else []), y, in_path=cname,
+                    out_path=aname if fused else bname)
+        return y if fused else self.act(aname, act, y)
 
     # -- the whole network
 
@@ -542,15 +616,21 @@ class Lowering:
             [helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, ["batch", c, h, w])],
             [helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, ["batch", self.num_classes])],
             g.inits)
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
+        opsets = [helper.make_opsetid("", OPSET)]
+        if any(n.domain for n in g.nodes):
+            from .native import DOMAIN
+
+            opsets.append(helper.make_opsetid(DOMAIN, 1))
+        model = helper.make_model(graph, opset_imports=opsets,
                                   producer_name="bnn-distill", producer_version=_version())
         model.ir_version = IR_VERSION
         return model
 
 
-def lower(model: nn.Module, input_shape: Sequence[int], name: str = "model"):
-    """Lower a ResNet to ONNX; returns ``(ModelProto, probes)``."""
-    low = Lowering(model, input_shape, name)
+def lower(model: nn.Module, input_shape: Sequence[int], name: str = "model", native: bool = False):
+    """Lower a ResNet to ONNX; returns ``(ModelProto, probes)``. ``native``: binary blocks become
+    ``ai.bnn_distill::BinaryConv2d`` nodes (see :mod:`bnn_distill.native`)."""
+    low = Lowering(model, input_shape, name, native=native)
     return low.build(), low.probes
 
 
@@ -564,14 +644,25 @@ def _version() -> str:
 
 
 def ort_session(model, threads: Optional[int] = None, optimized_path: Optional[Path] = None,
-                level: str = "all", spin: bool = True):
+                level: str = "all", spin: bool = True, native_lib: Optional[str] = None):
     """An onnxruntime CPU session for a ``ModelProto``, serialized bytes or a path.
 
     ``spin=False`` stops idle intra-op threads from spin-waiting: several sessions used in turn
-    (an interleaved benchmark) otherwise steal each other's cores."""
+    (an interleaved benchmark) otherwise steal each other's cores. A model with native
+    (``ai.bnn_distill``) nodes gets the native library registered (``native_lib``, else the built one)."""
+    import onnx
     import onnxruntime as ort
 
+    from . import native
+
     so = ort.SessionOptions()
+    proto = model if hasattr(model, "graph") else None
+    if proto is None and isinstance(model, (str, Path)) and native_lib is None:
+        proto = onnx.load(str(model), load_external_data=False)
+    if native_lib is None and proto is not None and native.uses_native(proto):
+        native_lib = str(native.library_path())
+    if native_lib is not None:
+        so.register_custom_ops_library(str(native_lib))
     so.log_severity_level = 3
     so.graph_optimization_level = {"all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
                                    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,

@@ -56,7 +56,8 @@ const char* IsaName(Isa isa) {
 bool CpuHasAvx512() {
   __builtin_cpu_init();
   return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vpopcntdq") &&
-         __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512bw");
+         __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl");
 }
 
 bool CpuHasAvx2() {
@@ -83,7 +84,7 @@ Isa ChooseIsa() {
 }
 
 constexpr int kTileGroups = 4;  // output-channel groups of 8 per work item (32 channels)
-constexpr int kTilePixels = 4;  // output pixels of one row per register tile
+constexpr int kTilePixels = 6;  // output pixels of one row per register tile
 
 struct Geometry {
   int64_t B, H, W, C, CW, OC, OCp, K, S, P, Ho, Wo, Hp, Wp;
@@ -251,7 +252,7 @@ __attribute__((target("avx2"))) void TileAvx2(const Item& it, int64_t b, int64_t
 }
 
 template <int P, int G>
-__attribute__((target("avx512f,avx512vpopcntdq"))) void TileAvx512(const Item& it, int64_t b, int64_t oy, int64_t ox0,
+__attribute__((target("avx512f,avx512vl,avx512vpopcntdq"))) void TileAvx512(const Item& it, int64_t b, int64_t oy, int64_t ox0,
                                                                  int64_t g0) {
   const Geometry& g = *it.g;
   __m512i acc[P][G];
@@ -275,10 +276,27 @@ __attribute__((target("avx512f,avx512vpopcntdq"))) void TileAvx512(const Item& i
       }
     }
   }
-  alignas(64) uint64_t pc[G * 8];
+  // epilogue, 8 output channels per step: dot = N - 2 pc - corr; y = clip(dot * scale + shift + R)
+  const Epilogue& ep = *it.ep;
+  const __m256i n_bits = _mm256_set1_epi32(static_cast<int>(g.taps() * g.C));
+  const __m256 lo = _mm256_set1_ps(ep.lo), hi = _mm256_set1_ps(ep.hi);
   for (int p = 0; p < P; ++p) {
-    for (int gi = 0; gi < G; ++gi) _mm512_store_si512(reinterpret_cast<__m512i*>(pc + 8 * gi), acc[p][gi]);
-    it.ep->Store(b, oy, ox0 + p, g0, G, pc);
+    const int64_t ox = ox0 + p, pix = (b * g.Ho + oy) * g.Wo + ox;
+    const int32_t* cr = ep.corr + static_cast<int64_t>(ep.BorderClass(oy, ox)) * g.OCp;
+    float* out = ep.y + pix * g.OC;
+    const float* res = ep.residual ? ep.residual + pix * g.OC : nullptr;
+    for (int gi = 0; gi < G; ++gi) {
+      const int64_t oc = (g0 + gi) * 8;
+      const __mmask8 m = static_cast<__mmask8>(oc + 8 <= g.OC ? 0xFF : ((1u << (g.OC - oc)) - 1));
+      const __m256i pc = _mm512_cvtepi64_epi32(acc[p][gi]);
+      const __m256i corr = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(cr + oc));
+      const __m256i dot = _mm256_sub_epi32(_mm256_sub_epi32(n_bits, _mm256_add_epi32(pc, pc)), corr);
+      __m256 v = _mm256_mul_ps(_mm256_cvtepi32_ps(dot), _mm256_maskz_loadu_ps(m, ep.scale + oc));
+      v = _mm256_add_ps(v, _mm256_maskz_loadu_ps(m, ep.shift + oc));
+      if (res) v = _mm256_add_ps(v, _mm256_maskz_loadu_ps(m, res + oc));
+      if (ep.act) v = _mm256_min_ps(_mm256_max_ps(v, lo), hi);
+      _mm256_mask_storeu_ps(out + oc, m, v);
+    }
   }
 }
 
@@ -288,7 +306,8 @@ using TileFn = void (*)(const Item&, int64_t, int64_t, int64_t, int64_t);
   TileFn NAME##Table(int p, int gcount) {                                                      \
     static const TileFn t[kTilePixels][kTileGroups] = {                                        \
         {FN<1, 1>, FN<1, 2>, FN<1, 3>, FN<1, 4>}, {FN<2, 1>, FN<2, 2>, FN<2, 3>, FN<2, 4>},    \
-        {FN<3, 1>, FN<3, 2>, FN<3, 3>, FN<3, 4>}, {FN<4, 1>, FN<4, 2>, FN<4, 3>, FN<4, 4>}};   \
+        {FN<3, 1>, FN<3, 2>, FN<3, 3>, FN<3, 4>}, {FN<4, 1>, FN<4, 2>, FN<4, 3>, FN<4, 4>},    \
+        {FN<5, 1>, FN<5, 2>, FN<5, 3>, FN<5, 4>}, {FN<6, 1>, FN<6, 2>, FN<6, 3>, FN<6, 4>}};   \
     return t[p - 1][gcount - 1];                                                               \
   }
 
