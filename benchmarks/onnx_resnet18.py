@@ -11,6 +11,9 @@ which the parity check (rightly) reports. Latency does not depend on the weights
 
     python benchmarks/onnx_resnet18.py --out export/cifar_resnet18_random --batch 1 32 --threads 1 2
 
+With ``--runtime native`` (the default) the folder also holds the native student
+(``student_binary_native.onnx``, bit-packed XNOR-popcount kernels) and the benchmark adds its row.
+
 Check ``uptime`` first: other processes on the machine inflate every number (the interleaving
 keeps the ratios fair, not the absolute times).
 """
@@ -55,6 +58,8 @@ def main() -> None:
     ap.add_argument("--budget", type=float, default=5.0, help="seconds of rounds per setting")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--force", action="store_true", help="overwrite --out")
+    ap.add_argument("--runtime", choices=("standard", "native"), default="native",
+                    help="native (default): add the bit-packed custom-op student (builds the library if needed)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
 
@@ -67,7 +72,7 @@ def main() -> None:
     export_models(student, spec, out, ExportInfo(input_shape=(3, args.size, args.size), run=f"{args.arch}_random",
                                                  fingerprint=f"{args.arch}-random-seed{args.seed}-w{args.width_mult}",
                                                  stage="random", quant="W1A1"),
-                  teacher=teacher, force=args.force)
+                  teacher=teacher, force=args.force, runtime=args.runtime)
     run_bench(out, batches=args.batch, threads=args.threads, repeats=args.repeats, budget_s=args.budget,
               accuracy=False)
     print((out / BENCH_MD).read_text())

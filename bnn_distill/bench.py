@@ -28,8 +28,9 @@ from .errors import UserError
 
 log = logging.getLogger(__name__)
 
-ROLES = ("teacher", "student_fp32", "student_binary")
-LABELS = {"teacher": "teacher FP32", "student_fp32": "student FP32", "student_binary": "binary student"}
+ROLES = ("teacher", "student_fp32", "student_binary", "student_native")
+LABELS = {"teacher": "teacher FP32", "student_fp32": "student FP32", "student_binary": "binary student",
+          "student_native": "binary student, native"}
 FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_vpopcntdq", "avx_vnni", "amx_int8")
 BENCH_JSON, BENCH_MD, BENCH_PNG = "bench.json", "bench.md", "bench.png"
 
@@ -110,7 +111,8 @@ def time_interleaved(sessions: Dict[str, Any], x: np.ndarray, repeats: Optional[
     return times
 
 
-def onnx_accuracy(export_dir: Path, manifest: Dict[str, Any], data_root: Optional[str]) -> Dict[str, Any]:
+def onnx_accuracy(export_dir: Path, manifest: Dict[str, Any], data_root: Optional[str],
+                  roles: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     """Top-1 of every exported model on the manifest's test split, through onnxruntime."""
     from .data import build_datasets
     from .export import INPUT_NAME, OUTPUT_NAME, iter_batches, ort_session
@@ -124,7 +126,8 @@ def onnx_accuracy(export_dir: Path, manifest: Dict[str, Any], data_root: Optiona
     except UserError as e:  # the latency numbers are still worth writing
         log.warning("no accuracy: %s (pass --data-root)", e)
         return {"skipped": f"test split unavailable: {e}"}
-    sessions = {role: ort_session(export_dir / entry["file"]) for role, entry in manifest["models"].items()}
+    models = {role: entry for role, entry in manifest["models"].items() if roles is None or role in roles}
+    sessions = {role: ort_session(export_dir / entry["file"]) for role, entry in models.items()}
     right = {role: 0 for role in sessions}
     n = 0
     for x, y in iter_batches(test_set):
@@ -133,7 +136,7 @@ def onnx_accuracy(export_dir: Path, manifest: Dict[str, Any], data_root: Optiona
             right[role] += int((logits.argmax(1) == y.numpy()).sum())
         n += len(x)
     out: Dict[str, Any] = {"images": n}
-    for role, entry in manifest["models"].items():
+    for role, entry in models.items():
         out[role] = {"top1": 100.0 * right[role] / max(n, 1), "export_top1": entry.get("test_top1"),
                      "torch_top1": entry.get("torch_test_top1")}
     return out
@@ -150,6 +153,16 @@ def run_bench(export_dir, batches: Sequence[int] = (1, 32), threads: Optional[Se
     roles = [r for r in ROLES if r in manifest["models"]]
     if not roles:
         raise UserError(f"'{export_dir}' lists no models in its manifest")
+    native_info: Dict[str, Any] = {}
+    if "student_native" in roles:
+        from . import native
+
+        try:
+            native_info = native.info(native.library_path())
+        except native.NativeUnavailable as e:  # the other rows are still worth measuring
+            roles.remove("student_native")
+            native_info = {"skipped": str(e)}
+            log.warning("native row skipped: %s", e)
     threads = list(dict.fromkeys(threads or [1, os.cpu_count() or 1]))
     batches = list(dict.fromkeys(batches))
     for name, vals in (("--batch", batches), ("--threads", threads)):
@@ -192,8 +205,10 @@ def run_bench(export_dir, batches: Sequence[int] = (1, 32), threads: Optional[Se
                    "intra_op_spinning": False},
         "latency": results, "fusion": fused,
     }
+    if native_info:
+        report["native"] = native_info
     if accuracy:
-        report["accuracy"] = onnx_accuracy(export_dir, manifest, data_root)
+        report["accuracy"] = onnx_accuracy(export_dir, manifest, data_root, roles)
     atomic_write_bytes(export_dir / BENCH_JSON, (json.dumps(report, indent=2) + "\n").encode())
     atomic_write_bytes(export_dir / BENCH_MD, markdown(report).encode())
     plot(report, export_dir / BENCH_PNG)
@@ -223,6 +238,14 @@ def markdown(r: Dict[str, Any]) -> str:
     b = r["fusion"].get("student_binary")
     if b is not None and not b["MatMulIntegerToFloat"]:
         lines.append("- WARNING: no MatMulIntegerToFloat in the binary student: its convs run in float")
+    nat = r.get("native")
+    if nat:
+        if "skipped" in nat:
+            lines += ["", f"Native row skipped: {nat['skipped']}"]
+        else:
+            lines += ["", f"Native library: {nat['library']} ({nat['isa']} kernels"
+                      + (f", forced by BNN_DISTILL_NATIVE_ISA={nat['isa_override']}" if nat.get("isa_override") else "")
+                      + ")."]
     acc = r.get("accuracy")
     if acc:
         lines += ["", "## Test accuracy through onnxruntime", ""]

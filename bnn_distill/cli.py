@@ -58,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--force", action="store_true", help="overwrite an export folder that holds another run's export")
     x.add_argument("--data-root", help="dataset folder, if not where the run found it")
     x.add_argument("--limit-test", type=int, metavar="N", help="check parity on the first N test images only (default: all)")
+    x.add_argument("--runtime", choices=("standard", "native"), default="standard",
+                   help="native: also write student_binary_native.onnx for the bit-packed custom-op library "
+                        "(built on first use; see 'bnn-distill build-native')")
     _add_common(x)
 
     b = sub.add_parser("bench", help="onnxruntime latency and accuracy of an export folder, models side by side")
@@ -70,6 +73,13 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--no-accuracy", action="store_true", help="skip the test-split accuracy")
     b.add_argument("--data-root", help="dataset folder, if not where the run found it")
     _add_common(b)
+
+    n = sub.add_parser("build-native", help="build the native onnxruntime custom-op library (XNOR-popcount binary conv)")
+    n.add_argument("--headers", help="folder with the onnxruntime C/C++ API headers (default: cached, else "
+                                     "downloaded from Debian trixie's libonnxruntime-dev)")
+    n.add_argument("--out", help="write the library here instead of the cache folder")
+    n.add_argument("--force", action="store_true", help="rebuild even if a build for this source exists")
+    _add_common(n)
     return ap
 
 
@@ -91,7 +101,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         return {"train": cmd_train, "eval": cmd_eval, "summary": cmd_summary, "export": cmd_export,
-                "bench": cmd_bench}[args.command](args)
+                "bench": cmd_bench, "build-native": cmd_build_native}[args.command](args)
     except UserError as e:
         if args.debug:
             raise
@@ -302,7 +312,7 @@ def cmd_export(args) -> int:
     if args.limit_test is not None and args.limit_test < 1:
         raise UserError(f"--limit-test: {args.limit_test} must be >= 1")
     manifest = export_run(args.run, out=args.out, stage=args.stage, force=args.force, data_root=args.data_root,
-                          limit_test=args.limit_test)
+                          limit_test=args.limit_test, runtime=args.runtime)
     out = Path(args.out) if args.out else Path("export") / manifest["run"]
     parity = json.loads((out / "parity.json").read_text())
     for role, r in parity["models"].items():
@@ -311,6 +321,9 @@ def cmd_export(args) -> int:
         print(f"{role}: top-1 agrees on {r['top1_agree']}/{r['n']} images, {r['within_tol']} within |logit diff| "
               f"{r['atol']:.2g} (max {r['max_abs_diff']:.2g}){flips}{acc}")
     print(f"binary convs fused into MatMulIntegerToFloat: {parity['fused_matmul_integer_to_float']}/{parity['binary_convs']}")
+    if manifest.get("native"):
+        print(f"native runtime: {manifest['models']['student_native']['file']} ({manifest['native']['isa']} kernels, "
+              f"library {manifest['native']['library']})")
     print(f"exported stage '{manifest['stage']}' ({manifest['quant']}) of {manifest['run']} to {out}")
     return 0
 
@@ -321,6 +334,16 @@ def cmd_bench(args) -> int:
     run_bench(args.export_dir, batches=args.batch, threads=args.threads, repeats=args.repeats, warmup=args.warmup,
               budget_s=args.budget, accuracy=not args.no_accuracy, data_root=args.data_root)
     print((Path(args.export_dir) / BENCH_MD).read_text().rstrip())
+    return 0
+
+
+def cmd_build_native(args) -> int:
+    from . import native
+
+    lib = native.build(headers=args.headers, out=Path(args.out) if args.out else None, force=args.force)
+    about = native.info(lib)
+    print(f"built {lib} (kernels for this CPU: {about['isa']})")
+    print(f"use it from onnxruntime: so = onnxruntime.SessionOptions(); so.register_custom_ops_library('{lib}')")
     return 0
 
 

@@ -61,11 +61,12 @@ MANIFEST = "manifest.json"
 PARITY = "parity.json"
 STALE_FILES = ("bench.json", "bench.md", "bench.png")
 MODEL_FILES = {"teacher": "teacher_fp32.onnx", "student_fp32": "student_fp32.onnx",
-               "student_binary": "student_binary.onnx"}
+               "student_binary": "student_binary.onnx", "student_native": "student_binary_native.onnx"}
+RUNTIMES = ("standard", "native")
 #: Logit tolerance, relative to ``max(1, max |logit|)`` of the PyTorch model. FP32 graphs differ by
 #: summation order only; the binary graph's products are exact where PyTorch's float conv rounds,
 #: so a pre-sign value within rounding of 0 can flip a sign (rare; top-1 must still agree).
-RTOL = {"teacher": 1e-4, "student_fp32": 1e-4, "student_binary": 1e-3}
+RTOL = {"teacher": 1e-4, "student_fp32": 1e-4, "student_binary": 1e-3, "student_native": 1e-3}
 
 
 class ExportError(UserError):
@@ -975,8 +976,13 @@ class ExportInfo:
 
 
 def export_models(student: nn.Module, student_spec: Dict[str, Any], out_dir, info: ExportInfo,
-                  teacher: Optional[nn.Module] = None, data=None, force: bool = False) -> Dict[str, Any]:
+                  teacher: Optional[nn.Module] = None, data=None, force: bool = False,
+                  runtime: str = "standard") -> Dict[str, Any]:
     """Export the binary student, its FP32 version and the teacher, check parity, write the folder.
+
+    ``runtime="native"`` also writes ``student_binary_native.onnx``: the binary student with its
+    binary blocks as ``ai.bnn_distill::BinaryConv2d`` nodes for the native library (built here first
+    if needed; see :mod:`bnn_distill.native`), parity-checked like the others.
 
     ``data``: the test split (a dataset of normalised NCHW images and labels) for parity and
     accuracy; without it parity runs on a fixed batch of random inputs with exact zeros (a tensor
@@ -987,18 +993,28 @@ def export_models(student: nn.Module, student_spec: Dict[str, Any], out_dir, inf
     import onnx
 
     out = Path(out_dir)
+    if runtime not in RUNTIMES:
+        raise ExportError(f"--runtime '{runtime}' is not one of: {', '.join(RUNTIMES)}")
     guard_out_dir(out, info.fingerprint, force)
+    native_info = None
+    if runtime == "native":
+        from . import native
+
+        native_info = native.info(native.library_path())  # fails here, before any work, when unavailable
     student.eval()
     models: Dict[str, nn.Module] = {"student_binary": student, "student_fp32": student_fp32(student, student_spec)}
     if teacher is not None:
         models["teacher"] = teacher.eval()
+    if runtime == "native":
+        models["student_native"] = student
     if data is None:
         data = parity_inputs(info.input_shape)
     protos, results = {}, {}
     for role, mdl in models.items():
-        proto, probes = lower(mdl, info.input_shape, name=f"{info.run}_{role}")
+        proto, probes = lower(mdl, info.input_shape, name=f"{info.run}_{role}", native=role == "student_native")
         onnx.checker.check_model(proto, full_check=True)
-        check_default_domain(proto)
+        if role != "student_native":
+            check_default_domain(proto)
         res = check_parity(role, mdl, proto, probes, data)
         results[role] = res
         protos[role] = proto
@@ -1026,13 +1042,14 @@ def export_models(student: nn.Module, student_spec: Dict[str, Any], out_dir, inf
         raise ExportError(parity_message(failed[0]) + f"; see {out / PARITY}")
     # Until the new manifest lands last, the folder is not a finished export: an interrupted
     # rewrite must not leave an old manifest vouching for a mix of old and new model files.
-    for name in (MANIFEST, *STALE_FILES):
+    for name in (MANIFEST, *STALE_FILES, *(f for r, f in MODEL_FILES.items() if r not in protos)):
         (out / name).unlink(missing_ok=True)
     files = {}
     for role, proto in protos.items():
         r = results[role]
         meta = {"bnn_distill.role": role, "bnn_distill.run": info.run, "bnn_distill.stage": info.stage,
-                "bnn_distill.quant": "FP" if role != "student_binary" else info.quant,
+                "bnn_distill.quant": info.quant if role in ("student_binary", "student_native") else "FP",
+                "bnn_distill.runtime": "native" if role == "student_native" else "standard",
                 "bnn_distill.recipe": info.recipe_yaml,
                 "bnn_distill.test_top1": "" if r.onnx_top1 is None else f"{r.onnx_top1:.4f}",
                 "bnn_distill.parity": json.dumps({"top1_agree": r.top1_agree, "n": r.n, "max_abs_diff": r.max_abs_diff})}
@@ -1053,6 +1070,7 @@ def export_models(student: nn.Module, student_spec: Dict[str, Any], out_dir, inf
         "normalization": {"formula": "(pixel / 255 - mean[c]) / std[c]", "mean": list(info.mean), "std": list(info.std)},
         "classes": list(info.classes), "dataset": info.dataset,
         "models": files, "files": sorted([MODEL_FILES[r] for r in protos] + [PARITY, MANIFEST]),
+        "runtime": runtime, "native": native_info,
         "parity_passed": True, "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "versions": _versions(),
     }
@@ -1106,7 +1124,8 @@ def guard_out_dir(out: Path, fingerprint: str, force: bool) -> None:
 
 
 def export_run(run_dir, out: Optional[str] = None, stage: Optional[str] = None, force: bool = False,
-               data_root: Optional[str] = None, limit_test: Optional[int] = None) -> Dict[str, Any]:
+               data_root: Optional[str] = None, limit_test: Optional[int] = None,
+               runtime: str = "standard") -> Dict[str, Any]:
     """Export a trained run folder (``runs/NAME``): see the module docstring. Returns the manifest."""
     from .checkpoint import load_checkpoint, load_model_state
     from .data import build_datasets
@@ -1162,4 +1181,4 @@ def export_run(run_dir, out: Optional[str] = None, stage: Optional[str] = None, 
         recipe_yaml=(run / RECIPE_FILE).read_text(), run_dir=str(run),
         dataset={"name": dinfo.name, "root": root, "limit_test": limit, "seed": recipe.seed, "test_images": len(test_set)})
     out_dir = Path(out) if out else Path("export") / recipe.name
-    return export_models(student, spec, out_dir, info, teacher=teacher, data=test_set, force=force)
+    return export_models(student, spec, out_dir, info, teacher=teacher, data=test_set, force=force, runtime=runtime)

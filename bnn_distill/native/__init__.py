@@ -126,7 +126,12 @@ def find_headers(headers: Optional[str] = None, download: bool = True) -> Path:
 
 
 def _compiler() -> str:
-    cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
+    env = os.environ.get("CXX")
+    if env:
+        if shutil.which(env) is None:
+            raise NativeUnavailable(f"CXX='{env}' is not an executable compiler; unset CXX or point it at g++/clang++")
+        return env
+    cxx = shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
     if not cxx:
         raise NativeUnavailable("no C++ compiler found (c++, g++ or clang++; or set CXX); "
                                 "install one (e.g. apt-get install g++) or use the standard export")

@@ -1,0 +1,321 @@
+"""The native custom-op library: bit packing, border corrections, the XNOR-popcount conv against
+the float convolution of +-1 tensors on every kernel family, whole networks against PyTorch,
+the export and bench commands with ``--runtime native``, and the build's error messages."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import onnx
+import pytest
+import torch
+import torch.nn.functional as F
+from onnx import TensorProto, helper, numpy_helper
+
+from bnn_distill import native
+from bnn_distill.cli import main
+from bnn_distill.export import check_parity, lower, optimized_op_counts, ort_session, parity_inputs
+from bnn_distill.models import create_model
+from bnn_distill.recipe import recipe_from_dict
+from bnn_distill.train import run_recipe
+
+from conftest import tiny_recipe_dict
+from test_export import _randomize
+
+
+@pytest.fixture(scope="session")
+def native_lib():
+    """The built library; skipped (or failed, with BNN_DISTILL_REQUIRE_NATIVE=1 as CI sets) when it cannot be built."""
+    try:
+        return str(native.library_path())
+    except native.NativeUnavailable as e:
+        if os.environ.get("BNN_DISTILL_REQUIRE_NATIVE") == "1":
+            pytest.fail(f"native library required but unavailable: {e}")
+        pytest.skip(f"native library unavailable: {e}")
+
+
+def _isas():
+    best = native.info(native.library_path())["isa"]
+    order = ["portable", "avx2", "avx512"]
+    have = {"portable": True, "avx2": best in ("avx2", "avx512_vpopcntdq"), "avx512": best == "avx512_vpopcntdq"}
+    return [i for i in order if have[i]]
+
+
+# ---------------------------------------------------------------- constant inputs, by definition
+
+
+def test_pack_weights_layout_by_definition():
+    rng = np.random.default_rng(0)
+    q = np.where(rng.random((11, 70, 3, 3)) < 0.5, -1, 1)
+    bits = native.pack_weights(q)
+    assert bits.dtype == np.uint64 and bits.shape == (2, 9, 2, 8)
+    for oc in range(16):
+        for tap in range(9):
+            for c in range(128):
+                bit = (int(bits[oc // 8, tap, c // 64, oc % 8]) >> (c % 64)) & 1
+                want = 1 if oc < 11 and c < 70 and q[oc, c, tap // 3, tap % 3] < 0 else 0
+                assert bit == want, (oc, tap, c)
+
+
+def test_border_corrections_hand_computed():
+    # one output channel, one input channel; weights (rows) [+1 -1 +1], [-1 -1 +1], [+1 +1 -1]
+    q = np.array([[[[1, -1, 1], [-1, -1, 1], [1, 1, -1]]]])
+    corr = native.border_corrections(q, pad=1)
+    assert corr.shape == (16, 8) and (corr[:, 1:] == 0).all()
+    c = corr[:, 0]
+    assert c[0] == 0  # interior
+    assert c[4 * 1 + 0] == 1 - 1 + 1  # top row outside
+    assert c[4 * 2 + 0] == 1 + 1 - 1  # bottom row
+    assert c[1] == 1 - 1 + 1  # left column
+    assert c[2] == 1 + 1 - 1  # right column
+    assert c[4 * 1 + 1] == (1 - 1 + 1) + (-1 + 1)  # top-left corner: top row + rest of left column
+    assert c[4 * 3 + 3] == int(q.sum()) - q[0, 0, 1, 1]  # 1x1 map: every tap but the centre outside
+    assert (native.border_corrections(np.ones((3, 5, 1, 1)), pad=0) == 0).all()
+
+
+# ---------------------------------------------------------------- the op against the float conv
+
+
+def _op_model(shape, q, stride, scale, shift, residual=False, act=None):
+    b, c, h, w = shape
+    n, _, k, _ = q.shape
+    pad = k // 2
+    inits = [numpy_helper.from_array(native.pack_weights(q), "w"),
+             numpy_helper.from_array(native.border_corrections(q, pad), "corr"),
+             numpy_helper.from_array(scale.astype(np.float32), "scale"),
+             numpy_helper.from_array(shift.astype(np.float32), "shift")]
+    ins = ["x", "w", "corr", "scale", "shift"] + (["r"] if residual else [])
+    lo, hi = act if act else (0.0, 0.0)
+    node = helper.make_node(native.OP, ins, ["y"], domain=native.DOMAIN, in_h=h, in_w=w, in_c=c, out_c=n, kernel=k,
+                            stride=stride, pad=pad, act=int(act is not None), act_min=lo, act_max=hi)
+    graph_in = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", h * w, c])]
+    if residual:
+        graph_in.append(helper.make_tensor_value_info("r", TensorProto.FLOAT, None))
+    g = helper.make_graph([node], "op", graph_in, [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(native.DOMAIN, 1)])
+    m.ir_version = 8
+    return m
+
+
+SHAPES = [  # (batch, Cin, H, W, Cout, kernel, stride)
+    (1, 64, 8, 8, 64, 3, 1),
+    (2, 3, 5, 7, 13, 3, 2),
+    (1, 65, 1, 1, 9, 3, 1),  # 1x1 map: every border tap outside
+    (3, 130, 6, 5, 33, 3, 2),
+    (1, 1, 4, 4, 1, 1, 1),
+    (2, 70, 7, 7, 20, 1, 2),
+    (1, 200, 3, 9, 40, 3, 1),
+    (2, 128, 9, 10, 72, 3, 1),  # rows longer than a register tile, odd remainder
+]
+
+
+@pytest.mark.parametrize("isa", ["portable", "avx2", "avx512"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_op_equals_float_conv_of_signs(native_lib, monkeypatch, isa, shape):
+    if isa not in _isas():
+        pytest.skip(f"this CPU cannot run the {isa} kernels")
+    monkeypatch.setenv("BNN_DISTILL_NATIVE_ISA", isa)
+    b, c, h, w, n, k, s = shape
+    rng = np.random.default_rng(sum(shape))
+    x = rng.standard_normal((b, c, h, w)).astype(np.float32)
+    x[rng.random(x.shape) < 0.15] = 0.0  # exact zeros: sign(0) = +1
+    x[0, :, 0, 0] = -0.0  # negative zero is +1 too (x >= 0)
+    q = np.where(rng.random((n, c, k, k)) < 0.5, -1.0, 1.0).astype(np.float32)
+    signs = np.where(x >= 0, 1.0, -1.0).astype(np.float32)
+    dot = F.conv2d(torch.from_numpy(signs), torch.from_numpy(q), stride=s, padding=k // 2).numpy()  # exact integers
+    ho, wo = dot.shape[2:]
+    flat = x.transpose(0, 2, 3, 1).reshape(b, h * w, c)
+    sess = ort_session(_op_model(x.shape, q, s, np.ones(n), np.zeros(n)), threads=2, native_lib=native_lib)
+    got = sess.run(None, {"x": flat})[0].reshape(b, ho, wo, n).transpose(0, 3, 1, 2)
+    np.testing.assert_array_equal(got, dot)
+
+    # the epilogue: clip(dot * scale + shift + residual), float32, in that order
+    scale = rng.uniform(-2, 2, n).astype(np.float32)
+    shift = rng.uniform(-3, 3, n).astype(np.float32)
+    r = rng.standard_normal((b, ho * wo, n)).astype(np.float32)
+    sess = ort_session(_op_model(x.shape, q, s, scale, shift, residual=True, act=(-1.0, 1.0)), threads=1,
+                       native_lib=native_lib)
+    got = sess.run(None, {"x": flat, "r": r})[0]
+    d = dot.transpose(0, 2, 3, 1).reshape(b, ho * wo, n)
+    want = np.clip(d * scale + shift + r, np.float32(-1), np.float32(1))
+    np.testing.assert_array_equal(got, want)
+
+
+def test_every_kernel_family_gives_the_same_network_output(native_lib, monkeypatch):
+    model = _randomize(create_model("cifar_resnet18", 10, quant="W1A1", width_mult=0.25, weight_scale="learned", recu=True))
+    proto, _ = lower(model, (3, 20, 20), native=True)
+    x = parity_inputs((3, 20, 20), n=3).numpy()
+    outs = {}
+    for isa in _isas():
+        monkeypatch.setenv("BNN_DISTILL_NATIVE_ISA", isa)
+        outs[isa] = ort_session(proto, threads=2, native_lib=native_lib).run(None, {"input": x})[0]
+    first = next(iter(outs.values()))
+    for isa, out in outs.items():
+        np.testing.assert_array_equal(out, first, err_msg=isa)
+
+
+def test_a_bad_isa_override_is_refused(native_lib, monkeypatch):
+    q = np.ones((8, 8, 3, 3), dtype=np.float32)
+    monkeypatch.setenv("BNN_DISTILL_NATIVE_ISA", "sse9")
+    with pytest.raises(Exception, match="BNN_DISTILL_NATIVE_ISA='sse9' is not one of"):
+        ort_session(_op_model((1, 8, 4, 4), q, 1, np.ones(8), np.zeros(8)), native_lib=native_lib)
+
+
+def test_op_rejects_a_mismatched_input(native_lib):
+    q = np.ones((8, 8, 3, 3), dtype=np.float32)
+    m = _op_model((1, 8, 4, 4), q, 1, np.ones(8), np.zeros(8))
+    m.graph.input[0].type.tensor_type.ClearField("shape")  # so the op itself sees the wrong shape
+    sess = ort_session(m, native_lib=native_lib)
+    with pytest.raises(Exception, match=r"input must be \(batch, 16, 8\)"):
+        sess.run(None, {"x": np.zeros((1, 15, 8), np.float32)})
+
+
+# ---------------------------------------------------------------- whole networks against PyTorch
+
+
+@pytest.mark.parametrize("kw", [
+    dict(),  # Bi-Real blocks, hardtanh fused, avg-pool + zero-pad shortcuts
+    dict(bireal=False, shortcut="conv", act="relu"),  # He et al. blocks, 1x1 FP conv shortcuts, ReLU fused
+    dict(act="prelu", head_norm=False),  # an activation the op does not fuse: it runs after
+])
+def test_native_parity_random_weights(native_lib, kw):
+    # width 0.3: 5, 10 and 19 channels; 28 -> 14 -> 7 (odd) maps
+    model = _randomize(create_model("cifar_resnet20", 10, in_chans=1, quant="W1A1", width_mult=0.3,
+                                    weight_scale="learned", recu=True, **kw))
+    proto, probes = lower(model, (1, 28, 28), native=True)
+    onnx.checker.check_model(proto, full_check=True)
+    assert sum(n.op_type == native.OP and n.domain == native.DOMAIN for n in proto.graph.node) == 18
+    assert not any(n.op_type == "DequantizeLinear" for n in proto.graph.node)
+    res = check_parity("student_native", model, proto, probes, parity_inputs((1, 28, 28), 16))
+    assert res.passed and res.top1_agree == res.n, res.to_dict()
+    assert "com.microsoft:MatMulIntegerToFloat" not in optimized_op_counts(proto)
+
+
+def test_native_parity_four_stages_mean_abs_scale(native_lib):
+    # 28 -> 14 -> 7 -> 4: a ceil-mode avg-pool shortcut over an odd map; 7 channels (not a multiple of 8)
+    model = _randomize(create_model("cifar_resnet18", 10, quant="W1A1", width_mult=0.11, weight_scale="mean_abs"))
+    proto, probes = lower(model, (3, 28, 28), native=True)
+    res = check_parity("student_native", model, proto, probes, parity_inputs((3, 28, 28), 16))
+    assert res.passed, res.to_dict()
+
+
+def test_native_lowering_names_a_conv_it_cannot_run(native_lib):
+    from bnn_distill.export import ExportError
+
+    model = _randomize(create_model("cifar_resnet20", 10, quant="W1A1", width_mult=0.25))
+    model.layer2[1].conv2.padding = (2, 2)
+    with pytest.raises(ExportError, match=r"cannot lower layer 'layer2.1.conv2'.*--runtime standard"):
+        lower(model, (3, 16, 16), native=True)
+
+
+@pytest.mark.slow
+def test_native_parity_cifar_resnet18_full_width(native_lib):
+    model = _randomize(create_model("cifar_resnet18", 10, quant="W1A1", weight_scale="learned", recu=True))
+    proto, probes = lower(model, (3, 32, 32), native=True)
+    res = check_parity("student_native", model, proto, probes, parity_inputs((3, 32, 32), 32))
+    assert res.passed, res.to_dict()
+
+
+# ---------------------------------------------------------------- the commands
+
+
+@pytest.fixture(scope="module")
+def native_export(native_lib, tmp_path_factory):
+    d = tiny_recipe_dict(tmp_path_factory.mktemp("runs"), name="tiny_native")
+    recipe = recipe_from_dict(d)
+    run_recipe(recipe, progress=False)
+    out = tmp_path_factory.mktemp("export") / "native"
+    assert main(["export", str(recipe.run_dir), "--out", str(out), "--runtime", "native"]) == 0
+    return out
+
+
+def test_cli_export_runtime_native(native_export, capsys):
+    out = native_export
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["runtime"] == "native" and m["native"]["isa"] in ("avx512_vpopcntdq", "avx2", "portable")
+    assert "student_binary_native.onnx" in m["files"] and (out / "student_binary_native.onnx").is_file()
+    parity = json.loads((out / "parity.json").read_text())
+    r = parity["models"]["student_native"]
+    assert r["passed"] and r["top1_agree"] == r["n"] == 32
+    assert r["onnx_top1"] == parity["models"]["student_binary"]["onnx_top1"]
+    proto = onnx.load(str(out / "student_binary_native.onnx"))
+    meta = {p.key: p.value for p in proto.metadata_props}
+    assert meta["bnn_distill.runtime"] == "native" and meta["bnn_distill.quant"] == "W1A1"
+    assert {o.domain for o in proto.opset_import} == {"", native.DOMAIN}
+
+
+def test_standard_export_over_a_native_one_removes_the_native_file(native_export, tmp_path):
+    import shutil
+
+    out = tmp_path / "again"
+    shutil.copytree(native_export, out)
+    run_dir = json.loads((out / "manifest.json").read_text())["run_dir"]
+    assert main(["export", run_dir, "--out", str(out), "--limit-test", "8"]) == 0
+    assert not (out / "student_binary_native.onnx").exists()
+    assert "student_native" not in json.loads((out / "manifest.json").read_text())["models"]
+
+
+def test_cli_bench_adds_the_native_row(native_export, capsys):
+    assert main(["bench", str(native_export), "--batch", "1", "2", "--threads", "1", "--repeats", "3"]) == 0
+    text = capsys.readouterr().out
+    assert "binary student, native" in text and "ai.bnn_distill:BinaryConv2d" in text
+    rep = json.loads((native_export / "bench.json").read_text())
+    assert all("student_native" in row["models"] for row in rep["latency"])
+    assert rep["accuracy"]["student_native"]["top1"] == rep["accuracy"]["student_binary"]["top1"]
+    assert rep["native"]["isa"]
+
+
+def test_bench_without_the_library_skips_only_the_native_row(native_export, tmp_path, monkeypatch, capsys):
+    import shutil
+
+    out = tmp_path / "copy"
+    shutil.copytree(native_export, out)
+    monkeypatch.setenv("BNN_DISTILL_NATIVE_LIB", str(tmp_path / "missing.so"))
+    assert main(["bench", str(out), "--batch", "1", "--threads", "1", "--repeats", "2", "--no-accuracy"]) == 0
+    rep = json.loads((out / "bench.json").read_text())
+    assert "student_native" not in rep["latency"][0]["models"] and "teacher" in rep["latency"][0]["models"]
+    assert "BNN_DISTILL_NATIVE_LIB" in rep["native"]["skipped"]
+    assert "Native row skipped" in (out / "bench.md").read_text()
+
+
+# ---------------------------------------------------------------- building: clear errors
+
+
+def test_build_native_with_headers_that_are_not_there(tmp_path, capsys):
+    assert main(["build-native", "--headers", str(tmp_path / "nope")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no onnxruntime_cxx_api.h in" in err[0] and "Traceback" not in err[0]
+
+
+def test_build_native_with_a_missing_compiler(native_lib, monkeypatch, capsys, tmp_path):
+    monkeypatch.setenv("CXX", "/no/such/compiler")
+    assert main(["build-native", "--out", str(tmp_path / "lib.so"), "--force"]) == 2
+    assert "CXX='/no/such/compiler' is not an executable compiler" in capsys.readouterr().err
+
+
+def test_export_native_without_the_library_is_one_clear_error(tmp_path, monkeypatch, capsys):
+    d = tiny_recipe_dict(tmp_path / "runs", name="no_lib")
+    d["stages"] = d["stages"][:1] + [dict(d["stages"][2], init_from="teacher")]
+    recipe = recipe_from_dict(d)
+    run_recipe(recipe, progress=False)
+    monkeypatch.setenv("BNN_DISTILL_NATIVE_LIB", str(tmp_path / "missing.so"))
+    out = tmp_path / "exp"
+    assert main(["export", str(recipe.run_dir), "--out", str(out), "--runtime", "native"]) == 2
+    err = capsys.readouterr().err
+    assert "BNN_DISTILL_NATIVE_LIB" in err and "Traceback" not in err
+    assert not (out / "manifest.json").exists()
+
+
+def test_build_native_cli_reports_the_library(native_lib, capsys):
+    assert main(["build-native"]) == 0
+    out = capsys.readouterr().out
+    assert "built " in out and "register_custom_ops_library" in out
+
+
+@pytest.mark.slow
+def test_fetch_headers_from_debian(tmp_path):
+    hdr = native.fetch_headers(tmp_path / "headers")
+    assert (hdr / "onnxruntime_cxx_api.h").is_file() and native._api_version(hdr) >= 17
+    assert "libonnxruntime-dev" in (hdr / "SOURCE").read_text()
