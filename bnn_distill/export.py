@@ -244,13 +244,14 @@ def bn_affine(bn: nn.Module) -> Tuple[np.ndarray, np.ndarray]:
 class _FusedConv(nn.Module):
     """PyTorch reference of a fused native node: ``act(bn(conv(x)) [+ residual])``."""
 
-    def __init__(self, conv: nn.Module, bn: nn.Module, act: nn.Module):
+    def __init__(self, conv: nn.Module, bn: nn.Module, act: nn.Module, shortcut: Optional[nn.Module] = None):
         super().__init__()
         self.conv, self.bn, self.act = conv, bn, act
+        self.shortcut = shortcut if shortcut is not None else nn.Identity()
 
     def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
         y = self.bn(self.conv(x))
-        return self.act(y if residual is None else y + residual)
+        return self.act(y if residual is None else y + self.shortcut(residual))
 
 
 class Lowering:
@@ -491,9 +492,19 @@ class Lowering:
 
         if type(b) is not BasicBlock:
             self._fail(name, f"block {type(b).__name__} has no lowering (only BasicBlock)")
+        from .models import PadShortcut
+
+        native = self.native and x.layout == "flat" and _is_w1a1(b.conv1) and _is_w1a1(b.conv2)
+        if native and b.bireal and b.downsample is None and type(b.shortcut) is PadShortcut \
+                and b.shortcut.stride == b.conv1.stride[0] == b.conv1.stride[1]:
+            # the parameter-free shortcut (pool + zero channels) runs inside the op, on the conv's input
+            h = self.native_conv(name, "1", b, x, residual=x, pooled=b.shortcut)
+            y = self.native_conv(name, "2", b, h, residual=h)
+            self._probe(name, b, [x], y)
+            return y
         sc = self.downsample(f"{name}.downsample", b.downsample, x) if b.downsample is not None \
             else self.pad_shortcut(f"{name}.shortcut", b.shortcut, x)
-        if self.native and x.layout == "flat" and _is_w1a1(b.conv1) and _is_w1a1(b.conv2):
+        if native:
             if b.bireal:
                 h = self.native_conv(name, "1", b, x, residual=sc)
                 y = self.native_conv(name, "2", b, h, residual=h)
@@ -514,10 +525,13 @@ class Lowering:
         self._probe(name, b, [x], y)
         return y
 
-    def native_conv(self, block: str, i: str, b: nn.Module, x: _T, residual: Optional[_T]) -> _T:
+    def native_conv(self, block: str, i: str, b: nn.Module, x: _T, residual: Optional[_T],
+                    pooled: Optional[nn.Module] = None) -> _T:
         """conv{i} + bn{i} (+ residual) + act{i} of a block as one ``ai.bnn_distill::BinaryConv2d``:
         bit-packed XNOR-popcount conv, the BatchNorm folded into a per-channel scale and shift,
-        the residual add and a clip activation fused (any other activation runs after it)."""
+        the residual add and a clip activation fused (any other activation runs after it).
+        ``pooled``: the block's parameter-free shortcut, applied by the op to ``residual`` (the
+        conv's input): average pool by the conv's stride, then zero channels."""
         from . import native as nat
 
         conv, bn, act = getattr(b, f"conv{i}"), getattr(b, f"bn{i}"), getattr(b, f"act{i}")
@@ -549,17 +563,19 @@ class Lowering:
                g.init(f"{cname}.border_correction", nat.border_corrections(q, ph)),
                g.init(f"{cname}.scale", scale), g.init(f"{bname}.shift", np.asarray(shift, dtype=np.float32))]
         if residual is not None:
-            if (residual.layout, residual.c, residual.h, residual.w) != ("flat", n, ho, wo):
-                self._fail(f"{block}/add{i}", f"residual shapes differ: {residual} vs ({n}, {ho}, {wo})")
+            want = (x.c, x.h, x.w) if pooled is not None else (n, ho, wo)
+            if (residual.layout, residual.c, residual.h, residual.w) != ("flat",) + want or (pooled and cin > n):
+                self._fail(f"{block}/add{i}", f"residual shapes differ: {residual} vs {want}")
             ins.append(residual.name)
         from onnx import helper
 
         out = g.fresh(aname if fused else bname)
         g.nodes.append(helper.make_node(
             nat.OP, ins, [out], name=out, domain=nat.DOMAIN, in_h=x.h, in_w=x.w, in_c=cin, out_c=n, kernel=kh,
-            stride=sh, pad=ph, act=int(fused and type(act) is not nn.Identity), act_min=lo, act_max=hi))
+            stride=sh, pad=ph, act=int(fused and type(act) is not nn.Identity), act_min=lo, act_max=hi,
+            residual=int(pooled is not None)))
         y = _T(out, "flat", n, ho, wo)
-        ref = _FusedConv(conv, bn, act if fused else nn.Identity())
+        ref = _FusedConv(conv, bn, act if fused else nn.Identity(), pooled)
         self._probe(f"{cname}+bn{i}" + ("+add" if residual is not None else "") + ("+act" if fused else ""),
                     ref, [x] + ([residual] if residual is not None else []), y, in_path=cname,
                     out_path=aname if fused else bname)

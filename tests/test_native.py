@@ -78,7 +78,7 @@ def test_border_corrections_hand_computed():
 # ---------------------------------------------------------------- the op against the float conv
 
 
-def _op_model(shape, q, stride, scale, shift, residual=False, act=None):
+def _op_model(shape, q, stride, scale, shift, residual=False, act=None, pooled=False):
     b, c, h, w = shape
     n, _, k, _ = q.shape
     pad = k // 2
@@ -89,7 +89,8 @@ def _op_model(shape, q, stride, scale, shift, residual=False, act=None):
     ins = ["x", "w", "corr", "scale", "shift"] + (["r"] if residual else [])
     lo, hi = act if act else (0.0, 0.0)
     node = helper.make_node(native.OP, ins, ["y"], domain=native.DOMAIN, in_h=h, in_w=w, in_c=c, out_c=n, kernel=k,
-                            stride=stride, pad=pad, act=int(act is not None), act_min=lo, act_max=hi)
+                            stride=stride, pad=pad, act=int(act is not None), act_min=lo, act_max=hi,
+                            residual=int(pooled))
     graph_in = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", h * w, c])]
     if residual:
         graph_in.append(helper.make_tensor_value_info("r", TensorProto.FLOAT, None))
@@ -108,6 +109,8 @@ SHAPES = [  # (batch, Cin, H, W, Cout, kernel, stride)
     (2, 70, 7, 7, 20, 1, 2),
     (1, 200, 3, 9, 40, 3, 1),
     (2, 128, 9, 10, 72, 3, 1),  # rows longer than a register tile, odd remainder
+    (2, 40, 7, 9, 72, 3, 2),  # a stage transition over an odd map: pooled shortcut with a partial window
+    (1, 64, 8, 8, 128, 3, 2),
 ]
 
 
@@ -141,6 +144,18 @@ def test_op_equals_float_conv_of_signs(native_lib, monkeypatch, isa, shape):
     d = dot.transpose(0, 2, 3, 1).reshape(b, ho * wo, n)
     want = np.clip(d * scale + shift + r, np.float32(-1), np.float32(1))
     np.testing.assert_array_equal(got, want)
+
+    # the parameter-free shortcut inside the op: the input itself, s x s average-pooled (ceil mode,
+    # in-image divisor) and zero-padded to the output's channels, as PyTorch's PadShortcut computes it
+    if c <= n:
+        from bnn_distill.models import PadShortcut
+
+        sc = PadShortcut(c, n, s)(torch.from_numpy(x)).numpy()  # (b, n, ho, wo)
+        sess = ort_session(_op_model(x.shape, q, s, scale, shift, residual=True, act=(-1.0, 1.0), pooled=True),
+                           threads=2, native_lib=native_lib)
+        got = sess.run(None, {"x": flat, "r": flat})[0]
+        want = np.clip(d * scale + shift + sc.transpose(0, 2, 3, 1).reshape(b, ho * wo, n), np.float32(-1), np.float32(1))
+        np.testing.assert_array_equal(got, want)
 
 
 def test_every_kernel_family_gives_the_same_network_output(native_lib, monkeypatch):

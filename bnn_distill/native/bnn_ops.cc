@@ -8,10 +8,14 @@
 //            2 corr   int32  (16, OCp)          zero-padding correction per border class (see below)
 //            3 scale  float  (OC,)              per-output-channel multiplier (weight scale x BN)
 //            4 shift  float  (OC,)              per-output-channel shift (BN)
-//            5 R      float  (B, Ho*Wo, OC)     optional residual, added before the activation
-//   output   0 Y      float  (B, Ho*Wo, OC)     clip(scale * dot + shift + R, act_min, act_max)
+//            5 R      float                     optional residual, added before the activation:
+//                                               residual=0: (B, Ho*Wo, OC), added as it is;
+//                                               residual=1: (B, H*W, C) like X, the parameter-free
+//                                               shortcut: s x s average pool (stride s = the conv's,
+//                                               ceil mode, in-image divisor) then zero channels up to OC
+//   output   0 Y      float  (B, Ho*Wo, OC)     clip(dot * scale + shift + R, act_min, act_max)
 //   attributes in_h, in_w, in_c, out_c, kernel (1 or 3), stride, pad (0 or kernel/2), act (0 none,
-//            1 clip to [act_min, act_max])
+//            1 clip to [act_min, act_max]), residual (0 or 1, as above; default 0)
 //
 // dot is the exact integer +-1 dot product of the conv: with the input's sign bits a and the
 // weights' bits w over N = k*k*C bits, dot = N - 2 * popcount(a XOR w) - corr[class][oc]. The
@@ -145,7 +149,7 @@ struct Epilogue {
   const int32_t* corr;   // (16, OCp)
   const float* scale;    // (OC,)
   const float* shift;    // (OC,)
-  const float* residual; // (B, Ho*Wo, OC) or null
+  const float* residual; // (B, Ho*Wo, OC) or null (a pooled residual is computed into this shape first)
   float* y;              // (B, Ho*Wo, OC)
   int act;
   float lo, hi;
@@ -276,26 +280,29 @@ __attribute__((target("avx512f,avx512vl,avx512vpopcntdq"))) void TileAvx512(cons
       }
     }
   }
-  // epilogue, 8 output channels per step: dot = N - 2 pc - corr; y = clip(dot * scale + shift + R)
+  // epilogue, 16 output channels (two groups) per step: dot = N - 2 pc - corr;
+  // y = clip(dot * scale + shift + R), in float32 in that order (no fused multiply-add)
   const Epilogue& ep = *it.ep;
-  const __m256i n_bits = _mm256_set1_epi32(static_cast<int>(g.taps() * g.C));
-  const __m256 lo = _mm256_set1_ps(ep.lo), hi = _mm256_set1_ps(ep.hi);
+  const __m512i n_bits = _mm512_set1_epi32(static_cast<int>(g.taps() * g.C));
+  const __m512 lo = _mm512_set1_ps(ep.lo), hi = _mm512_set1_ps(ep.hi);
   for (int p = 0; p < P; ++p) {
     const int64_t ox = ox0 + p, pix = (b * g.Ho + oy) * g.Wo + ox;
     const int32_t* cr = ep.corr + static_cast<int64_t>(ep.BorderClass(oy, ox)) * g.OCp;
     float* out = ep.y + pix * g.OC;
     const float* res = ep.residual ? ep.residual + pix * g.OC : nullptr;
-    for (int gi = 0; gi < G; ++gi) {
+    for (int gi = 0; gi < G; gi += 2) {
       const int64_t oc = (g0 + gi) * 8;
-      const __mmask8 m = static_cast<__mmask8>(oc + 8 <= g.OC ? 0xFF : ((1u << (g.OC - oc)) - 1));
-      const __m256i pc = _mm512_cvtepi64_epi32(acc[p][gi]);
-      const __m256i corr = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(cr + oc));
-      const __m256i dot = _mm256_sub_epi32(_mm256_sub_epi32(n_bits, _mm256_add_epi32(pc, pc)), corr);
-      __m256 v = _mm256_mul_ps(_mm256_cvtepi32_ps(dot), _mm256_maskz_loadu_ps(m, ep.scale + oc));
-      v = _mm256_add_ps(v, _mm256_maskz_loadu_ps(m, ep.shift + oc));
-      if (res) v = _mm256_add_ps(v, _mm256_maskz_loadu_ps(m, res + oc));
-      if (ep.act) v = _mm256_min_ps(_mm256_max_ps(v, lo), hi);
-      _mm256_mask_storeu_ps(out + oc, m, v);
+      const int64_t lanes = std::min<int64_t>(gi + 1 < G ? 16 : 8, g.OC - oc);
+      const __mmask16 m = static_cast<__mmask16>(lanes >= 16 ? 0xFFFF : ((1u << lanes) - 1));
+      __m512i pc = _mm512_castsi256_si512(_mm512_cvtepi64_epi32(acc[p][gi]));
+      if (gi + 1 < G) pc = _mm512_inserti64x4(pc, _mm512_cvtepi64_epi32(acc[p][gi + 1]), 1);
+      const __m512i corr = _mm512_maskz_loadu_epi32(m, cr + oc);
+      const __m512i dot = _mm512_sub_epi32(_mm512_sub_epi32(n_bits, _mm512_add_epi32(pc, pc)), corr);
+      __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(dot), _mm512_maskz_loadu_ps(m, ep.scale + oc));
+      v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(m, ep.shift + oc));
+      if (res) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(m, res + oc));
+      if (ep.act) v = _mm512_min_ps(_mm512_max_ps(v, lo), hi);
+      _mm512_mask_storeu_ps(out + oc, m, v);
     }
   }
 }
@@ -347,6 +354,34 @@ void PackRow(void* data, size_t index) {  // one padded input row (b, y) of the 
   }
 }
 
+// The parameter-free shortcut for one output row (b, oy): each output pixel's channels are the mean
+// of the input's in-image s x s window (summed in row order from 0, then divided, as PyTorch's
+// avg_pool2d does), and 0 for channels C..OC-1.
+struct PoolJob {
+  const Geometry* g;
+  const float* x;  // (B, H*W, C)
+  float* out;      // (B, Ho*Wo, OC)
+};
+
+void PoolRow(void* data, size_t index) {
+  const PoolJob& j = *static_cast<const PoolJob*>(data);
+  const Geometry& g = *j.g;
+  const int64_t b = static_cast<int64_t>(index) / g.Ho, oy = static_cast<int64_t>(index) % g.Ho;
+  const int64_t y0 = oy * g.S, y1 = std::min(y0 + g.S, g.H);
+  for (int64_t ox = 0; ox < g.Wo; ++ox) {
+    const int64_t x0 = ox * g.S, x1 = std::min(x0 + g.S, g.W);
+    float* o = j.out + ((b * g.Ho + oy) * g.Wo + ox) * g.OC;
+    std::fill(o, o + g.OC, 0.0f);
+    for (int64_t yy = y0; yy < y1; ++yy)
+      for (int64_t xx = x0; xx < x1; ++xx) {
+        const float* src = j.x + ((b * g.H + yy) * g.W + xx) * g.C;
+        for (int64_t c = 0; c < g.C; ++c) o[c] = o[c] + src[c];
+      }
+    const float count = static_cast<float>((y1 - y0) * (x1 - x0));
+    for (int64_t c = 0; c < g.C; ++c) o[c] = o[c] / count;
+  }
+}
+
 struct ConvJob {
   Item item;
   Isa isa;
@@ -378,6 +413,14 @@ struct BinaryConvKernel {
     s_ = ki.GetAttribute<int64_t>("stride");
     p_ = ki.GetAttribute<int64_t>("pad");
     act_ = static_cast<int>(ki.GetAttribute<int64_t>("act"));
+    res_mode_ = 0;
+    try {
+      res_mode_ = static_cast<int>(ki.GetAttribute<int64_t>("residual"));
+    } catch (const Ort::Exception&) {  // absent: an output-shaped residual
+    }
+    if (res_mode_ != 0 && res_mode_ != 1) throw std::runtime_error("BinaryConv2d: residual must be 0 or 1");
+    if (res_mode_ == 1 && in_c_ > out_c_)
+      throw std::runtime_error("BinaryConv2d: a pooled residual needs in_c <= out_c (channels are zero-padded)");
     lo_ = ki.GetAttribute<float>("act_min");
     hi_ = ki.GetAttribute<float>("act_max");
     if (!((k_ == 3 && p_ == 1) || (k_ == 1 && p_ == 0)))
@@ -416,13 +459,23 @@ struct BinaryConvKernel {
       Ort::ConstValue R = ctx.GetInput(5);
       if (static_cast<const OrtValue*>(R) != nullptr) {
         const std::vector<int64_t> rs = R.GetTensorTypeAndShapeInfo().GetShape();
-        if (rs != std::vector<int64_t>{g.B, g.Ho * g.Wo, g.OC})
-          throw std::runtime_error("BinaryConv2d: the residual must have the output's shape");
+        const std::vector<int64_t> want = res_mode_ == 0 ? std::vector<int64_t>{g.B, g.Ho * g.Wo, g.OC}
+                                                         : std::vector<int64_t>{g.B, g.H * g.W, g.C};
+        if (rs != want)
+          throw std::runtime_error(res_mode_ == 0 ? "BinaryConv2d: the residual must have the output's shape"
+                                                  : "BinaryConv2d: a pooled residual must have the input's shape");
         residual = R.GetTensorData<float>();
       }
     }
     Ort::UnownedValue Y = ctx.GetOutput(0, std::vector<int64_t>{g.B, g.Ho * g.Wo, g.OC});
     if (g.B == 0) return;
+    thread_local std::vector<float> pooled;
+    if (residual != nullptr && res_mode_ == 1) {
+      pooled.resize(static_cast<size_t>(g.B * g.Ho * g.Wo * g.OC));
+      PoolJob pool{&g, residual, pooled.data()};
+      ctx.ParallelFor(PoolRow, static_cast<size_t>(g.B * g.Ho), 0, &pool);
+      residual = pooled.data();
+    }
 
     thread_local std::vector<uint64_t> packed;
     const size_t words = static_cast<size_t>(g.B * g.Hp * g.Wp * g.CW);
@@ -439,7 +492,7 @@ struct BinaryConvKernel {
 
  private:
   int64_t in_h_, in_w_, in_c_, out_c_, k_, s_, p_;
-  int act_;
+  int act_, res_mode_;
   float lo_, hi_;
   Isa isa_;
 };
