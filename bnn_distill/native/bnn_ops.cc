@@ -263,20 +263,19 @@ __attribute__((target("avx512f,avx512vl,avx512vpopcntdq"))) void TileAvx512(cons
   for (int p = 0; p < P; ++p)
     for (int gi = 0; gi < G; ++gi) acc[p][gi] = _mm512_setzero_si512();
   const int64_t tapw = g.CW * 8, gstride = g.taps() * tapw;
+  const int64_t run = g.K * g.CW;         // one kernel row: K taps x CW words, contiguous in A and Wb
+  const int64_t pstep = g.S * g.CW;       // words between neighbouring output pixels' windows
   const uint64_t* wbase = it.Wb + g0 * gstride;
   for (int64_t ky = 0; ky < g.K; ++ky) {
-    const uint64_t* arow = it.A + ((b * g.Hp + oy * g.S + ky) * g.Wp + ox0 * g.S) * g.CW;
-    for (int64_t kx = 0; kx < g.K; ++kx) {
-      const uint64_t* ap = arow + kx * g.CW;
-      const uint64_t* wp = wbase + (ky * g.K + kx) * tapw;
-      for (int64_t cw = 0; cw < g.CW; ++cw) {
-        __m512i w[G];
-        for (int gi = 0; gi < G; ++gi) w[gi] = _mm512_loadu_si512(wp + gi * gstride + cw * 8);
-        for (int p = 0; p < P; ++p) {
-          const __m512i a = _mm512_set1_epi64(static_cast<long long>(ap[p * g.S * g.CW + cw]));
-          for (int gi = 0; gi < G; ++gi)
-            acc[p][gi] = _mm512_add_epi64(acc[p][gi], _mm512_popcnt_epi64(_mm512_xor_si512(a, w[gi])));
-        }
+    const uint64_t* ap = it.A + ((b * g.Hp + oy * g.S + ky) * g.Wp + ox0 * g.S) * g.CW;
+    const uint64_t* wp = wbase + ky * run * 8;
+    for (int64_t j = 0; j < run; ++j, ++ap, wp += 8) {
+      __m512i w[G];
+      for (int gi = 0; gi < G; ++gi) w[gi] = _mm512_loadu_si512(wp + gi * gstride);
+      for (int p = 0; p < P; ++p) {
+        const __m512i a = _mm512_set1_epi64(static_cast<long long>(ap[p * pstep]));
+        for (int gi = 0; gi < G; ++gi)
+          acc[p][gi] = _mm512_add_epi64(acc[p][gi], _mm512_popcnt_epi64(_mm512_xor_si512(a, w[gi])));
       }
     }
   }
