@@ -70,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--repeats", type=int, metavar="N", help="measurement rounds per setting (default: from --budget, 10..200)")
     b.add_argument("--warmup", type=int, default=3, metavar="N", help="warm-up rounds per setting (default: 3)")
     b.add_argument("--budget", type=float, default=3.0, metavar="S", help="seconds of rounds per setting when --repeats is not given")
+    b.add_argument("--burst", type=int, default=3, metavar="N",
+                   help="calls of each model back to back per round; the first of each is reported as 'cold' (default: 3)")
     b.add_argument("--no-accuracy", action="store_true", help="skip the test-split accuracy")
     b.add_argument("--data-root", help="dataset folder, if not where the run found it")
     _add_common(b)
@@ -332,7 +334,7 @@ def cmd_bench(args) -> int:
     from .bench import BENCH_MD, run_bench
 
     run_bench(args.export_dir, batches=args.batch, threads=args.threads, repeats=args.repeats, warmup=args.warmup,
-              budget_s=args.budget, accuracy=not args.no_accuracy, data_root=args.data_root)
+              budget_s=args.budget, accuracy=not args.no_accuracy, data_root=args.data_root, burst=args.burst)
     print((Path(args.export_dir) / BENCH_MD).read_text().rstrip())
     return 0
 

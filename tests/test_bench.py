@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from bnn_distill.bench import machine, run_bench, time_interleaved
+from bnn_distill.bench import split_burst, machine, run_bench, time_interleaved
 from bnn_distill.cli import main
 from bnn_distill.export import ExportInfo, export_models
 from bnn_distill.models import create_model
@@ -44,7 +44,8 @@ def test_bench_writes_json_markdown_and_plot(export_dir):
     for row in r["latency"]:
         assert set(row["models"]) == {"teacher", "student_fp32", "student_binary"}
         for s in row["models"].values():
-            assert s["n"] == 2 and 0 < s["p50_ms"] <= s["p90_ms"] and s["speedup_vs_teacher"] > 0
+            assert s["n"] == 2 * 2 and 0 < s["p50_ms"] <= s["p90_ms"] and s["speedup_vs_teacher"] > 0  # 2 rounds x 2 warm calls
+            assert s["cold_p50_ms"] > 0 and s["cold_speedup_vs_teacher"] > 0
         assert row["models"]["teacher"]["speedup_vs_teacher"] == 1.0
     assert r["fusion"]["student_binary"]["MatMulIntegerToFloat"] == 18
     assert r["fusion"]["teacher"]["MatMulIntegerToFloat"] == 0
@@ -69,6 +70,24 @@ def test_interleaved_rounds_rotate_the_order():
                              budget_s=0)
     assert {k: len(v) for k, v in times.items()} == {"a": 3, "b": 3, "c": 3}
     assert calls[3:] == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]
+
+
+def test_bursts_repeat_each_model_and_split_cold_from_warm():
+    calls = []
+
+    class Fake:
+        def __init__(self, name):
+            self.name = name
+
+        def run(self, outputs, feed):
+            calls.append(self.name)
+
+    times = time_interleaved({"a": Fake("a"), "b": Fake("b")}, np.zeros(1), repeats=2, warmup=1, budget_s=0, burst=3)
+    assert calls[2:] == ["a"] * 3 + ["b"] * 3 + ["b"] * 3 + ["a"] * 3
+    assert {k: len(v) for k, v in times.items()} == {"a": 6, "b": 6}
+    warm, cold = split_burst([10.0, 1.0, 2.0, 11.0, 3.0, 4.0], 3)
+    assert warm == [1.0, 2.0, 3.0, 4.0] and cold == [10.0, 11.0]
+    assert split_burst([1.0, 2.0], 1) == ([1.0, 2.0], [1.0, 2.0])
 
 
 def test_cli_bench(export_dir, capsys):

@@ -472,15 +472,17 @@ struct BinaryConvKernel {
     if (residual != nullptr && res_mode_ == 1) {
       pooled.resize(static_cast<size_t>(g.B * g.Ho * g.Wo * g.OC));
       PoolJob pool{&g, residual, pooled.data()};
-      ctx.ParallelFor(PoolRow, static_cast<size_t>(g.B * g.Ho), 0, &pool);
+      for (int64_t r = 0; r < g.B * g.Ho; ++r) PoolRow(&pool, static_cast<size_t>(r));
       residual = pooled.data();
     }
 
     thread_local std::vector<uint64_t> packed;
     const size_t words = static_cast<size_t>(g.B * g.Hp * g.Wp * g.CW);
     packed.assign(words, 0);  // the border stays 0: +1 values, corrected by corr
+    // Packing and pooling are a few percent of the conv's work: they run on the calling thread, so
+    // each op wakes the intra-op pool once (a wake-up costs more than they would save).
     PackJob pj{&g, X.GetTensorData<float>(), packed.data(), isa_};
-    ctx.ParallelFor(PackRow, static_cast<size_t>(g.B * g.H), 0, &pj);
+    for (int64_t r = 0; r < g.B * g.H; ++r) PackRow(&pj, static_cast<size_t>(r));
 
     Epilogue ep{&g, Cv.GetTensorData<int32_t>(), Sv.GetTensorData<float>(), Tv.GetTensorData<float>(), residual,
                 Y.GetTensorMutableData<float>(), act_, lo_, hi_};
