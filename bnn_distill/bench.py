@@ -172,7 +172,16 @@ def run_bench(export_dir, batches: Sequence[int] = (1, 32), threads: Optional[Se
         from . import native
 
         try:
-            native_info = native.info(native.library_path())
+            lib = native.library_path()
+            native_info = native.info(lib)
+            peak = native.peak_ns_per_step(lib)
+            if peak is not None:
+                import onnx
+
+                steps = native.vector_steps(onnx.load(str(export_dir / manifest["models"]["student_native"]["file"])))
+                peak = min([peak] + [native.peak_ns_per_step(lib) for _ in range(2)])
+                native_info.update(vector_steps_per_image=steps, peak_ns_per_step=peak,
+                                   floor_ms_per_image=steps * peak * 1e-6)
         except native.NativeUnavailable as e:  # the other rows are still worth measuring
             roles.remove("student_native")
             native_info = {"skipped": str(e)}
@@ -212,6 +221,10 @@ def run_bench(export_dir, batches: Sequence[int] = (1, 32), threads: Optional[Se
                 for role in roles:
                     row["models"][role]["speedup_vs_teacher"] = base / row["models"][role]["p50_ms"]
                     row["models"][role]["cold_speedup_vs_teacher"] = cold_base / row["models"][role]["cold_p50_ms"]
+            if "student_native" in roles and native_info.get("floor_ms_per_image"):
+                nat = row["models"]["student_native"]
+                nat["floor_ms"] = native_info["floor_ms_per_image"] * int(b) / int(t)
+                nat["fraction_of_floor"] = nat["floor_ms"] / nat["p50_ms"]
             results.append(row)
             log.info("batch %d, %d threads: %s", b, t, ", ".join(
                 f"{role} {row['models'][role]['p50_ms']:.2f} ms" for role in roles))
@@ -271,6 +284,15 @@ def markdown(r: Dict[str, Any]) -> str:
             lines += ["", f"Native library: {nat['library']} ({nat['isa']} kernels"
                       + (f", forced by BNN_DISTILL_NATIVE_ISA={nat['isa_override']}" if nat.get("isa_override") else "")
                       + ")."]
+            if nat.get("floor_ms_per_image"):
+                lines += ["", f"Instruction-throughput floor of the native convs: {nat['vector_steps_per_image']:,} "
+                          f"AVX-512 steps per image x {nat['peak_ns_per_step']:.3f} ns (the kernel's register tile "
+                          f"measured on L1-resident data) = {nat['floor_ms_per_image']:.3f} ms per image on one thread.", ""]
+                for row in r["latency"]:
+                    s = row["models"].get("student_native", {})
+                    if "fraction_of_floor" in s:
+                        lines.append(f"- batch {row['batch']}, {row['threads']} thread(s): p50 {s['p50_ms']:.3f} ms against a "
+                                     f"floor of {s['floor_ms']:.3f} ms: {100 * s['fraction_of_floor']:.0f}% of the floor")
     acc = r.get("accuracy")
     if acc:
         lines += ["", "## Test accuracy through onnxruntime", ""]

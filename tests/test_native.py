@@ -280,6 +280,21 @@ def test_cli_bench_adds_the_native_row(native_export, capsys):
     assert all("student_native" in row["models"] for row in rep["latency"])
     assert rep["accuracy"]["student_native"]["top1"] == rep["accuracy"]["student_binary"]["top1"]
     assert rep["native"]["isa"]
+    if rep["native"]["isa"] == "avx512_vpopcntdq":
+        steps = native.vector_steps(onnx.load(str(native_export / "student_binary_native.onnx")))
+        assert rep["native"]["vector_steps_per_image"] == steps > 0 and rep["native"]["peak_ns_per_step"] > 0
+        assert 0 < rep["latency"][0]["models"]["student_native"]["fraction_of_floor"]
+        assert "of the floor" in text
+
+
+def test_vector_steps_count_by_hand():
+    # cifar_resnet18 at 32x32: layer1 4 convs of 32x32 x 64/8 x 9 x 1 word; each later stage one
+    # stride-2 conv of half that and three convs of 32x32*64*9/8 steps... all 73,728 or 36,864
+    model = create_model("cifar_resnet18", 10, quant="W1A1", weight_scale="learned", recu=True).eval()
+    proto, _ = lower(model, (3, 32, 32), native=True)
+    full, half = 32 * 32 * 8 * 9 * 1, 16 * 16 * 16 * 9 * 1
+    assert full == 73_728 and half == 36_864
+    assert native.vector_steps(proto) == 4 * full + 3 * (half + 3 * full) == 1_069_056
 
 
 def test_bench_without_the_library_skips_only_the_native_row(native_export, tmp_path, monkeypatch, capsys):

@@ -240,3 +240,30 @@ def border_corrections(q, pad: int) -> "np.ndarray":
         outside = rows[:, None] | cols[None, :]
         corr[cls, :n] = (per_tap * outside).sum(axis=(1, 2))
     return corr
+
+
+# ---------------------------------------------------------------- the instruction-throughput floor
+
+
+def vector_steps(model) -> int:
+    """AVX-512 inner-loop steps (one VPOPCNTQ over 8 output channels x 64 input bits) that one image
+    costs in a native ``ModelProto``: per BinaryConv2d, Ho*Wo * ceil(OC/8) * k*k * ceil(C/64)."""
+    total = 0
+    for n in model.graph.node:
+        if n.domain != DOMAIN or n.op_type != OP:
+            continue
+        a = {at.name: at.i for at in n.attribute if at.type == at.INT}
+        k, s, p = a["kernel"], a["stride"], a["pad"]
+        ho, wo = (a["in_h"] + 2 * p - k) // s + 1, (a["in_w"] + 2 * p - k) // s + 1
+        total += ho * wo * ((a["out_c"] + 7) // 8) * k * k * ((a["in_c"] + 63) // 64)
+    return total
+
+
+def peak_ns_per_step(lib: Path, steps: int = 20_000_000) -> Optional[float]:
+    """Measured ns per inner-loop step of the AVX-512 kernel's register tile on L1-resident data (its
+    instruction-throughput floor on this CPU), or None without AVX-512 VPOPCNTDQ."""
+    so = ctypes.CDLL(str(lib))
+    so.BnnDistillPeakNsPerStep.restype = ctypes.c_double
+    so.BnnDistillPeakNsPerStep.argtypes = [ctypes.c_int64]
+    v = so.BnnDistillPeakNsPerStep(int(steps))
+    return None if v < 0 else float(v)

@@ -37,6 +37,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -523,7 +524,43 @@ BinaryConvOp* g_op = nullptr;
 
 }  // namespace
 
+// The instruction-throughput floor of the AVX-512 inner loop: the conv's 6 x 4 register tile run
+// over L1-resident words (no epilogue, packing or memory traffic). Returns ns per vector step (one
+// broadcast-XOR-VPOPCNTQ-add of 8 output channels x 64 bits), or -1 without AVX-512 VPOPCNTDQ.
+__attribute__((target("avx512f,avx512vpopcntdq"))) double PeakAvx512(int64_t steps) {
+  alignas(64) uint64_t a[64], w[4 * 64 * 8];
+  for (int i = 0; i < 64; ++i) a[i] = 0x9E3779B97F4A7C15ull * (i + 1);
+  for (int i = 0; i < 4 * 64 * 8; ++i) w[i] = 0xD1B54A32D192ED03ull * (i + 7);
+  __m512i acc[6][4];
+  for (auto& row : acc)
+    for (auto& v : row) v = _mm512_setzero_si512();
+  const int64_t rounds = std::max<int64_t>(1, steps / (6 * 4 * 64));
+  const auto t0 = std::chrono::steady_clock::now();
+  for (int64_t r = 0; r < rounds; ++r) {
+    for (int j = 0; j < 64 - 6; ++j) {
+      __m512i wv[4];
+      for (int gi = 0; gi < 4; ++gi) wv[gi] = _mm512_load_si512(w + (gi * 64 + j) * 8);
+      for (int p = 0; p < 6; ++p) {
+        const __m512i av = _mm512_set1_epi64(static_cast<long long>(a[j + p]));
+        for (int gi = 0; gi < 4; ++gi) acc[p][gi] = _mm512_add_epi64(acc[p][gi], _mm512_popcnt_epi64(_mm512_xor_si512(av, wv[gi])));
+      }
+    }
+    asm volatile("" ::: "memory");
+  }
+  const double ns = std::chrono::duration<double, std::nano>(std::chrono::steady_clock::now() - t0).count();
+  __m512i sum = _mm512_setzero_si512();
+  for (auto& row : acc)
+    for (auto& v : row) sum = _mm512_add_epi64(sum, v);
+  volatile long long sink = _mm512_reduce_add_epi64(sum);
+  (void)sink;
+  return ns / static_cast<double>(rounds * (64 - 6) * 6 * 4);
+}
+
 extern "C" {
+
+__attribute__((visibility("default"))) double BnnDistillPeakNsPerStep(int64_t steps) {
+  return CpuHasAvx512() ? PeakAvx512(steps) : -1.0;
+}
 
 // The kernel family this CPU runs (what BNN_DISTILL_NATIVE_ISA=auto picks).
 __attribute__((visibility("default"))) const char* BnnDistillNativeIsa() { return IsaName(BestIsa()); }
