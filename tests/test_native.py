@@ -349,3 +349,22 @@ def test_fetch_headers_from_debian(tmp_path):
     hdr = native.fetch_headers(tmp_path / "headers")
     assert (hdr / "onnxruntime_cxx_api.h").is_file() and native._api_version(hdr) >= 17
     assert "libonnxruntime-dev" in (hdr / "SOURCE").read_text()
+
+
+def test_export_readme_native_snippet_runs(native_export, native_lib):
+    import re
+    from pathlib import Path
+
+    readme = Path(__file__).resolve().parents[1] / "export" / "README.md"
+    blocks = re.findall(r"```python\n(.*?)```", readme.read_text(), re.S)
+    first, snippet = blocks[0], blocks[1]
+    assert "register_custom_ops_library" in snippet and "student_binary_native.onnx" in snippet
+    scope: dict = {}
+    exec(compile(first.replace('export_dir = "export/quick_fmnist"', f'export_dir = "{native_export}"'),
+                 str(readme), "exec"), scope)  # noqa: S102 - our own documentation
+    snippet = re.sub(r'register_custom_ops_library\("[^"]*"\)', f'register_custom_ops_library("{native_lib}")', snippet)
+    exec(compile(snippet, str(readme), "exec"), scope)  # noqa: S102
+    x = scope["x"]
+    got = scope["sess"].run(["logits"], {"input": x})[0]
+    want = ort_session(native_export / "student_binary.onnx").run(["logits"], {"input": x})[0]
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
