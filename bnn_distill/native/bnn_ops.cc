@@ -402,6 +402,19 @@ void ConvItem(void* data, size_t index) {
   }
 }
 
+// Packing and pooling are a few percent of the conv's work. On small tensors they run on the
+// calling thread, so each op wakes the intra-op pool once (a wake-up costs more than they would
+// save); on large ones (a big batch: memory-bound passes over megabytes) they are split too.
+constexpr int64_t kParallelFloats = int64_t{1} << 18;
+
+void RunRows(const Ort::KernelContext& ctx, void (*fn)(void*, size_t), int64_t rows, int64_t floats, void* job) {
+  if (floats >= kParallelFloats) {
+    ctx.ParallelFor(fn, static_cast<size_t>(rows), 0, job);
+  } else {
+    for (int64_t r = 0; r < rows; ++r) fn(job, static_cast<size_t>(r));
+  }
+}
+
 struct BinaryConvKernel {
   BinaryConvKernel(const OrtApi& /*api*/, const OrtKernelInfo* info) {
     Ort::ConstKernelInfo ki(info);
@@ -473,17 +486,15 @@ struct BinaryConvKernel {
     if (residual != nullptr && res_mode_ == 1) {
       pooled.resize(static_cast<size_t>(g.B * g.Ho * g.Wo * g.OC));
       PoolJob pool{&g, residual, pooled.data()};
-      for (int64_t r = 0; r < g.B * g.Ho; ++r) PoolRow(&pool, static_cast<size_t>(r));
+      RunRows(ctx, PoolRow, g.B * g.Ho, g.B * g.H * g.W * g.C, &pool);
       residual = pooled.data();
     }
 
     thread_local std::vector<uint64_t> packed;
     const size_t words = static_cast<size_t>(g.B * g.Hp * g.Wp * g.CW);
     packed.assign(words, 0);  // the border stays 0: +1 values, corrected by corr
-    // Packing and pooling are a few percent of the conv's work: they run on the calling thread, so
-    // each op wakes the intra-op pool once (a wake-up costs more than they would save).
     PackJob pj{&g, X.GetTensorData<float>(), packed.data(), isa_};
-    for (int64_t r = 0; r < g.B * g.H; ++r) PackRow(&pj, static_cast<size_t>(r));
+    RunRows(ctx, PackRow, g.B * g.H, g.B * g.H * g.W * g.C, &pj);
 
     Epilogue ep{&g, Cv.GetTensorData<int32_t>(), Sv.GetTensorData<float>(), Tv.GetTensorData<float>(), residual,
                 Y.GetTensorMutableData<float>(), act_, lo_, hi_};
