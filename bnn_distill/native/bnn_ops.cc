@@ -281,27 +281,37 @@ __attribute__((target("avx512f,avx512vl,avx512vpopcntdq"))) void TileAvx512(cons
     }
   }
   // epilogue, 16 output channels (two groups) per step: dot = N - 2 pc - corr;
-  // y = clip(dot * scale + shift + R), in float32 in that order (no fused multiply-add)
+  // y = clip(dot * scale + shift + R), in float32 in that order (no fused multiply-add).
+  // Everything it reads from the Epilogue is copied to locals first: the output stores could
+  // alias the struct as far as the compiler knows, and would force a reload per step.
   const Epilogue& ep = *it.ep;
+  const int32_t* const corr_base = ep.corr;
+  const float* const scale = ep.scale;
+  const float* const shift = ep.shift;
+  const float* const residual = ep.residual;
+  float* const y = ep.y;
+  const bool act = ep.act != 0;
+  const int64_t OC = g.OC, OCp = g.OCp;
   const __m512i n_bits = _mm512_set1_epi32(static_cast<int>(g.taps() * g.C));
   const __m512 lo = _mm512_set1_ps(ep.lo), hi = _mm512_set1_ps(ep.hi);
+  const int64_t row_pix = (b * g.Ho + oy) * g.Wo;
   for (int p = 0; p < P; ++p) {
-    const int64_t ox = ox0 + p, pix = (b * g.Ho + oy) * g.Wo + ox;
-    const int32_t* cr = ep.corr + static_cast<int64_t>(ep.BorderClass(oy, ox)) * g.OCp;
-    float* out = ep.y + pix * g.OC;
-    const float* res = ep.residual ? ep.residual + pix * g.OC : nullptr;
+    const int64_t ox = ox0 + p, pix = row_pix + ox;
+    const int32_t* cr = corr_base + static_cast<int64_t>(ep.BorderClass(oy, ox)) * OCp;
+    float* out = y + pix * OC;
+    const float* res = residual ? residual + pix * OC : nullptr;
     for (int gi = 0; gi < G; gi += 2) {
       const int64_t oc = (g0 + gi) * 8;
-      const int64_t lanes = std::min<int64_t>(gi + 1 < G ? 16 : 8, g.OC - oc);
+      const int64_t lanes = std::min<int64_t>(gi + 1 < G ? 16 : 8, OC - oc);
       const __mmask16 m = static_cast<__mmask16>(lanes >= 16 ? 0xFFFF : ((1u << lanes) - 1));
       __m512i pc = _mm512_castsi256_si512(_mm512_cvtepi64_epi32(acc[p][gi]));
       if (gi + 1 < G) pc = _mm512_inserti64x4(pc, _mm512_cvtepi64_epi32(acc[p][gi + 1]), 1);
       const __m512i corr = _mm512_maskz_loadu_epi32(m, cr + oc);
       const __m512i dot = _mm512_sub_epi32(_mm512_sub_epi32(n_bits, _mm512_add_epi32(pc, pc)), corr);
-      __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(dot), _mm512_maskz_loadu_ps(m, ep.scale + oc));
-      v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(m, ep.shift + oc));
+      __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(dot), _mm512_maskz_loadu_ps(m, scale + oc));
+      v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(m, shift + oc));
       if (res) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(m, res + oc));
-      if (ep.act) v = _mm512_min_ps(_mm512_max_ps(v, lo), hi);
+      if (act) v = _mm512_min_ps(_mm512_max_ps(v, lo), hi);
       _mm512_mask_storeu_ps(out + oc, m, v);
     }
   }
