@@ -26,7 +26,7 @@ import logging
 import statistics
 import sys
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 from bnn_distill.errors import UserError
 from bnn_distill.recipe import recipe_from_dict
@@ -79,6 +79,58 @@ def student_recipe(args, row: str, seed: int, teacher_ckpt: str) -> Dict[str, An
     return d
 
 
+def step_cost(args, rounds: int = 7, warmup: int = 2) -> Dict[str, Any]:
+    """Images/s of one W1A1 student optimiser step per method (teacher forward included where the
+    loss needs it), all methods interleaved round after round: the side-by-side cost comparison.
+    Cached in ``<runs>/step_cost.json`` for the same architecture, batch and input shape."""
+    import time
+
+    import torch
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from train_cost import Config  # noqa: E402 - the step definition of benchmarks/train_cost.py
+
+    from bnn_distill.data import build_datasets
+    from bnn_distill.losses import Term
+    from bnn_distill.models import create_model
+
+    train, _, _ = build_datasets(args.dataset, args.root, False, False, 1, 1)
+    shape = tuple(train[0][0].shape)
+    key = {"arch": args.arch, "width_mult": args.width_mult, "batch": args.batch_size, "shape": list(shape)}
+    cache = Path(args.runs) / "step_cost.json"
+    if cache.exists() and not args.remeasure_cost:
+        old = json.loads(cache.read_text())
+        if old.get("key") == key:
+            return old
+    x = torch.randn((args.batch_size,) + shape)
+    y = torch.randint(0, 10, (args.batch_size,))
+    torch.manual_seed(1)
+    teacher = create_model(args.arch, 10, in_chans=shape[0], width_mult=args.width_mult).eval()
+    cfg_args = argparse.Namespace(arch=args.arch, width_mult=args.width_mult)
+    configs = {}
+    for row, losses in METHODS.items():
+        terms = [Term(d["name"], float(d.get("weight", 1.0)), {k: v for k, v in d.items() if k not in ("name", "weight")})
+                 for d in losses]
+        configs[row] = Config(row, "W1A1", terms, True, cfg_args, teacher, x, y)
+    times: Dict[str, List[float]] = {row: [] for row in configs}
+    for c in configs.values():
+        for _ in range(warmup):
+            c.step()
+    for r in range(rounds):
+        order = list(configs)[r % len(configs):] + list(configs)[:r % len(configs)]
+        for row in order:
+            t0 = time.perf_counter()
+            configs[row].step()
+            times[row].append(time.perf_counter() - t0)
+    med = {row: statistics.median(v) for row, v in times.items()}
+    out = {"key": key, "rounds": rounds, "threads": torch.get_num_threads(),
+           "images_per_s": {row: args.batch_size / med[row] for row in med},
+           "vs_ce": {row: med[row] / med["ce"] for row in med}}
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    cache.write_text(json.dumps(out, indent=2) + "\n")
+    return out
+
+
 def run_cached(raw: Dict[str, Any]) -> Dict[str, Any]:
     """Run a recipe unless its run folder already holds a finished run; resume an unfinished one."""
     recipe = recipe_from_dict(raw)
@@ -99,7 +151,7 @@ def _mean_std(xs: List[float]) -> str:
 
 
 def report(args, teacher: Dict[str, Any], results: Dict[str, List[Dict[str, Any]]],
-           quiet: bool = False) -> Dict[str, Any]:
+           quiet: bool = False, cost: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     t_acc = teacher["teacher"]["test_top1"]
     rows = {}
     for row, runs in results.items():
@@ -110,19 +162,27 @@ def report(args, teacher: Dict[str, Any], results: Dict[str, List[Dict[str, Any]
                      "wall_s": [r["wall_s"] for r in runs],
                      "images_per_s": [statistics.mean(s["images_per_s"] for s in r["stages"]) for r in runs]}
     out = {"args": vars(args), "teacher_top1": t_acc, "teacher_wall_s": teacher["wall_s"], "rows": rows,
-           "machine": teacher["machine"]}
+           "machine": teacher["machine"], "step_cost": cost}
     lines = [f"Binary {args.arch} x{args.width_mult} students on {args.dataset}; teacher top-1 {t_acc:.2f}%; "
              f"{args.stage_epochs}+{args.stage_epochs} student epochs (single stage: {2 * args.stage_epochs}); "
              f"seeds {args.seeds}; {out['machine'].get('cpu')}", "",
-             "| method | seeds done | test top-1 (mean ± std) | gap to teacher | wall s / run | train images/s |",
-             "|---|---:|---:|---:|---:|---:|"]
+             "| method | seeds done | test top-1 (mean ± std) | gap to teacher | wall s / run | train images/s (runs) "
+             "| step images/s side by side | step time vs CE |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for row, r in rows.items():
         gap = "-" if r["gap_to_teacher"] is None else f"{r['gap_to_teacher']:.2f}"
         wall = f"{statistics.mean(r['wall_s']):.0f}" if r["wall_s"] else "-"
         ips = f"{statistics.mean(r['images_per_s']):.0f}" if r["images_per_s"] else "-"
-        lines.append(f"| {row} | {len(r['top1'])} | {_mean_std(r['top1'])} | {gap} | {wall} | {ips} |")
-    lines += ["", "Images/s here come from separate runs (a rough guide); "
-              "`benchmarks/train_cost.py` measures step cost side by side."]
+        crow = "itrd" if row == SINGLE else row
+        side = ratio = "-"
+        if cost and crow in cost["images_per_s"]:
+            side, ratio = f"{cost['images_per_s'][crow]:.0f}", f"{cost['vs_ce'][crow]:.3f}"
+        lines.append(f"| {row} | {len(r['top1'])} | {_mean_std(r['top1'])} | {gap} | {wall} | {ips} | {side} | {ratio} |")
+    lines += ["", "Train images/s (runs): mean over each run's stages, from separate runs (machine load differs "
+              "between them). Step images/s side by side: one W1A1 student optimiser step per method, teacher "
+              "forward included where the loss needs it, all methods interleaved"
+              + (f" ({cost['rounds']} rounds, batch {cost['key']['batch']}, {cost['threads']} threads, medians)" if cost else "")
+              + "; itrd_single has itrd's step."]
     path = Path(args.out)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.with_suffix(".json").write_text(json.dumps(out, indent=2) + "\n")
@@ -182,6 +242,8 @@ def main(argv=None) -> int:
     ap.add_argument("--rows", nargs="+", default=ROWS, choices=ROWS)
     ap.add_argument("--runs", default="runs/grid", help="folder of the grid's run folders (the cache)")
     ap.add_argument("--out", default="benchmarks/results/itrd_grid")
+    ap.add_argument("--remeasure-cost", action="store_true", help="measure the side-by-side step cost again")
+    ap.add_argument("--no-cost", action="store_true", help="skip the side-by-side step-cost measurement")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
@@ -190,15 +252,16 @@ def main(argv=None) -> int:
         ckpt = str(Path(args.runs) / "teacher" / "checkpoints" / "teacher" / "last.pt")
         # Seed-major order: a grid stopped part-way still has every row for the first seed(s),
         # and the report is rewritten after every finished run so partial progress is visible.
+        cost = None if args.no_cost else step_cost(args)
         results: Dict[str, List[Dict[str, Any]]] = {row: [] for row in args.rows}
         for s in args.seeds:
             for row in args.rows:
                 results[row].append(run_cached(student_recipe(args, row, s, ckpt)))
-                report(args, teacher, results, quiet=True)
+                report(args, teacher, results, quiet=True, cost=cost)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
-    report(args, teacher, results)
+    report(args, teacher, results, cost=cost)
     return 0
 
 

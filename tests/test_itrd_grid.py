@@ -56,6 +56,22 @@ def test_grid_runs_caches_and_reports(tmp_path, capsys):
     out = json.loads((tmp_path / "grid.json").read_text())
     assert set(out["rows"]) == {"ce", "itrd"} and len(out["rows"]["itrd"]["top1"]) == 1
     assert (tmp_path / "grid.md").read_text().count("| ce |") == 1 and (tmp_path / "grid.png").stat().st_size > 0
+    assert out["step_cost"]["vs_ce"]["ce"] == 1.0 and "step images/s side by side" in (tmp_path / "grid.md").read_text()
     before = (tmp_path / "runs" / "itrd_s0" / "summary.json").read_bytes()
     assert grid.main(_args(grid, tmp_path, "--rows", "ce", "itrd")) == 0  # all cached: nothing retrains
     assert (tmp_path / "runs" / "itrd_s0" / "summary.json").read_bytes() == before
+
+
+def test_step_cost_is_measured_side_by_side_and_cached(tmp_path):
+    import argparse
+
+    grid = _grid()
+    args = argparse.Namespace(dataset="synthetic", root=None, arch="cifar_resnet20", width_mult=0.25, batch_size=8,
+                              runs=str(tmp_path), remeasure_cost=False)
+    cost = grid.step_cost(args, rounds=2, warmup=1)
+    assert set(cost["images_per_s"]) == set(grid.METHODS) and cost["vs_ce"]["ce"] == 1.0
+    assert all(v > 0 for v in cost["images_per_s"].values())
+    assert cost["key"] == {"arch": "cifar_resnet20", "width_mult": 0.25, "batch": 8, "shape": [3, 32, 32]}
+    assert grid.step_cost(args, rounds=2, warmup=1) == cost  # cached: not measured again
+    args.batch_size = 4
+    assert grid.step_cost(args, rounds=1, warmup=1)["key"]["batch"] == 4  # another setting: measured
