@@ -78,7 +78,8 @@ class ExportError(UserError):
 
 @dataclass(frozen=True)
 class _T:
-    """A tensor in the graph: ``nchw`` is (B, C, H, W), ``flat`` is (B, H*W, C), ``vec`` is (B, C)."""
+    """A tensor in the graph: ``nchw`` is (B, C, H, W), ``flat`` is (B, H*W, C), ``vec`` is (B, C),
+    ``bits`` is packed signs (B, H*W, ceil(C/64)) uint64 between native nodes."""
 
     name: str
     layout: str
@@ -244,14 +245,17 @@ def bn_affine(bn: nn.Module) -> Tuple[np.ndarray, np.ndarray]:
 class _FusedConv(nn.Module):
     """PyTorch reference of a fused native node: ``act(bn(conv(x)) [+ residual])``."""
 
-    def __init__(self, conv: nn.Module, bn: nn.Module, act: nn.Module, shortcut: Optional[nn.Module] = None):
+    def __init__(self, conv: nn.Module, bn: nn.Module, act: nn.Module, shortcut: Optional[nn.Module] = None,
+                 sign_out: bool = False):
         super().__init__()
         self.conv, self.bn, self.act = conv, bn, act
         self.shortcut = shortcut if shortcut is not None else nn.Identity()
+        self.sign_out = sign_out  # a ...ToBits node: the sign (+-1) of the result, as the next conv takes it
 
     def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
         y = self.bn(self.conv(x))
-        return self.act(y if residual is None else y + self.shortcut(residual))
+        y = self.act(y if residual is None else y + self.shortcut(residual))
+        return torch.where(y >= 0, 1.0, -1.0).to(y.dtype) if self.sign_out else y
 
 
 class Lowering:
@@ -508,8 +512,8 @@ class Lowering:
             if b.bireal:
                 h = self.native_conv(name, "1", b, x, residual=sc)
                 y = self.native_conv(name, "2", b, h, residual=h)
-            else:
-                h = self.native_conv(name, "1", b, x, residual=None)
+            else:  # conv1's output only feeds conv2's sign: BatchNorm + sign as integer thresholds
+                h = self.native_conv(name, "1", b, x, residual=None, to_bits=True)
                 y = self.native_conv(name, "2", b, h, residual=sc)
             self._probe(name, b, [x], y)
             return y
@@ -526,7 +530,7 @@ class Lowering:
         return y
 
     def native_conv(self, block: str, i: str, b: nn.Module, x: _T, residual: Optional[_T],
-                    pooled: Optional[nn.Module] = None) -> _T:
+                    pooled: Optional[nn.Module] = None, to_bits: bool = False) -> _T:
         """conv{i} + bn{i} (+ residual) + act{i} of a block as one ``ai.bnn_distill::BinaryConv2d``:
         bit-packed XNOR-popcount conv, the BatchNorm folded into a per-channel scale and shift,
         the residual add and a clip activation fused (any other activation runs after it).
@@ -559,6 +563,21 @@ class Lowering:
         elif type(act) is nn.Identity:
             fused = 1  # nothing to apply
         g = self.g
+        from onnx import helper
+
+        op = nat.OP_FROM_BITS if x.layout == "bits" else nat.OP
+        thresholds = nat.sign_thresholds(scale, shift, act, kh * kw * cin) if to_bits and residual is None else None
+        if thresholds is not None:  # packed signs out: the next binary conv reads them directly
+            ins = [x.name, g.init(f"{cname}.weight_bits", nat.pack_weights(q)),
+                   g.init(f"{cname}.border_correction", nat.border_corrections(q, ph)),
+                   g.init(f"{bname}.sign_threshold", thresholds)]
+            out = g.fresh(f"{aname}/sign_bits")
+            g.nodes.append(helper.make_node(nat.OP_TO_BITS, ins, [out], name=out, domain=nat.DOMAIN, in_h=x.h, in_w=x.w,
+                                            in_c=cin, out_c=n, kernel=kh, stride=sh, pad=ph))
+            y = _T(out, "bits", n, ho, wo)
+            self._probe(f"{cname}+bn{i}+act+sign", _FusedConv(conv, bn, act, sign_out=True), [x], y, in_path=cname,
+                        out_path=aname)
+            return y
         ins = [x.name, g.init(f"{cname}.weight_bits", nat.pack_weights(q)),
                g.init(f"{cname}.border_correction", nat.border_corrections(q, ph)),
                g.init(f"{cname}.scale", scale), g.init(f"{bname}.shift", np.asarray(shift, dtype=np.float32))]
@@ -567,11 +586,9 @@ class Lowering:
             if (residual.layout, residual.c, residual.h, residual.w) != ("flat",) + want or (pooled and cin > n):
                 self._fail(f"{block}/add{i}", f"residual shapes differ: {residual} vs {want}")
             ins.append(residual.name)
-        from onnx import helper
-
         out = g.fresh(aname if fused else bname)
         g.nodes.append(helper.make_node(
-            nat.OP, ins, [out], name=out, domain=nat.DOMAIN, in_h=x.h, in_w=x.w, in_c=cin, out_c=n, kernel=kh,
+            op, ins, [out], name=out, domain=nat.DOMAIN, in_h=x.h, in_w=x.w, in_c=cin, out_c=n, kernel=kh,
             stride=sh, pad=ph, act=int(fused and type(act) is not nn.Identity), act_min=lo, act_max=hi,
             residual=int(pooled is not None)))
         y = _T(out, "flat", n, ho, wo)
@@ -843,7 +860,11 @@ def parity_message(r: ParityResult) -> str:
 
 
 def _as_nchw(arr: np.ndarray, t: _T) -> torch.Tensor:
-    if t.layout == "flat":
+    if t.layout == "bits":  # packed signs -> +-1
+        from .native import unpack_signs
+
+        arr = unpack_signs(arr, t.c).reshape(arr.shape[0], t.h, t.w, t.c).transpose(0, 3, 1, 2)
+    elif t.layout == "flat":
         arr = arr.reshape(arr.shape[0], t.h, t.w, t.c).transpose(0, 3, 1, 2)
     return torch.from_numpy(np.ascontiguousarray(arr))
 
@@ -865,7 +886,8 @@ def probe_outputs(onnx_model, tensors: Sequence[_T], images: torch.Tensor, level
     for t in tensors:
         if t.name not in names and t.name not in (INPUT_NAME, OUTPUT_NAME):
             names.append(t.name)
-            m.graph.output.append(helper.make_tensor_value_info(t.name, TensorProto.FLOAT, None))
+            m.graph.output.append(helper.make_tensor_value_info(
+                t.name, TensorProto.UINT64 if t.layout == "bits" else TensorProto.FLOAT, None))
     sess = ort_session(m, level=level)
     outs = dict(zip([OUTPUT_NAME] + names, sess.run([OUTPUT_NAME] + names, {INPUT_NAME: images.numpy()})))
     outs[INPUT_NAME] = images.numpy()

@@ -100,6 +100,31 @@ def _op_model(shape, q, stride, scale, shift, residual=False, act=None, pooled=F
     return m
 
 
+def _bits_models(shape, q, stride, thresholds):
+    """A ``BinaryConv2dToBits`` model (float in, thresholds) and a ``BinaryConv2dFromBits`` model (bits in)."""
+    b, c, h, w = shape
+    n, _, k, _ = q.shape
+    pad = k // 2
+    common = dict(domain=native.DOMAIN, in_h=h, in_w=w, in_c=c, out_c=n, kernel=k, stride=stride, pad=pad)
+    w_init = [numpy_helper.from_array(native.pack_weights(q), "w"),
+              numpy_helper.from_array(native.border_corrections(q, pad), "corr")]
+    models = []
+    for op, extra, x_type, y_type in (
+            (native.OP_TO_BITS, [numpy_helper.from_array(thresholds, "t")], TensorProto.FLOAT, TensorProto.UINT64),
+            (native.OP_FROM_BITS, [numpy_helper.from_array(np.ones(n, np.float32), "scale"),
+                                   numpy_helper.from_array(np.zeros(n, np.float32), "shift")], TensorProto.UINT64,
+             TensorProto.FLOAT)):
+        ins = ["x", "w", "corr"] + [t.name for t in extra]
+        attrs = common if op == native.OP_TO_BITS else dict(common, act=0, act_min=0.0, act_max=0.0)
+        node = helper.make_node(op, ins, ["y"], **attrs)
+        g = helper.make_graph([node], "op", [helper.make_tensor_value_info("x", x_type, None)],
+                              [helper.make_tensor_value_info("y", y_type, None)], w_init + extra)
+        m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(native.DOMAIN, 1)])
+        m.ir_version = 8
+        models.append(m)
+    return models
+
+
 SHAPES = [  # (batch, Cin, H, W, Cout, kernel, stride)
     (1, 64, 8, 8, 64, 3, 1),
     (2, 3, 5, 7, 13, 3, 2),
@@ -144,6 +169,19 @@ def test_op_equals_float_conv_of_signs(native_lib, monkeypatch, isa, shape):
     d = dot.transpose(0, 2, 3, 1).reshape(b, ho * wo, n)
     want = np.clip(d * scale + shift + r, np.float32(-1), np.float32(1))
     np.testing.assert_array_equal(got, want)
+
+    # packed signs out through integer thresholds (bit 1 = -1 where dot < T), and packed signs in
+    thresholds = rng.integers(-6, 7, n).astype(np.int32)
+    to_bits, from_bits = _bits_models(x.shape, q, s, thresholds)
+    words = ort_session(to_bits, threads=2, native_lib=native_lib).run(None, {"x": flat})[0]
+    assert words.dtype == np.uint64 and words.shape == (b, ho * wo, (n + 63) // 64)
+    d = dot.transpose(0, 2, 3, 1).reshape(b, ho * wo, n)
+    np.testing.assert_array_equal(native.unpack_signs(words, n), np.where(d < thresholds, -1.0, 1.0))
+    assert (native.unpack_signs(words, 64 * words.shape[-1])[..., n:] == 1).all()  # padding bits stay 0 (+1)
+    x_words = native.pack_weights(signs.transpose(0, 2, 3, 1).reshape(b * h * w, c, 1, 1))  # (.., 1, CW, 8)
+    x_words = x_words.transpose(0, 3, 1, 2).reshape(-1, (c + 63) // 64)[: b * h * w].reshape(b, h * w, -1)
+    got = ort_session(from_bits, threads=2, native_lib=native_lib).run(None, {"x": np.ascontiguousarray(x_words)})[0]
+    np.testing.assert_array_equal(got, d)
 
     # the parameter-free shortcut inside the op: the input itself, s x s average-pooled (ceil mode,
     # in-image divisor) and zero-padded to the output's channels, as PyTorch's PadShortcut computes it
@@ -190,22 +228,65 @@ def test_op_rejects_a_mismatched_input(native_lib):
 # ---------------------------------------------------------------- whole networks against PyTorch
 
 
-@pytest.mark.parametrize("kw", [
-    dict(),  # Bi-Real blocks, hardtanh fused, avg-pool + zero-pad shortcuts
-    dict(bireal=False, shortcut="conv", act="relu"),  # He et al. blocks, 1x1 FP conv shortcuts, ReLU fused
-    dict(act="prelu", head_norm=False),  # an activation the op does not fuse: it runs after
+@pytest.mark.parametrize("kw,ops", [
+    (dict(), {native.OP: 18}),  # Bi-Real blocks, hardtanh fused, avg-pool + zero-pad shortcuts
+    # He et al. blocks: conv1's BatchNorm, activation and the next sign fold into integer thresholds
+    (dict(bireal=False, shortcut="conv", act="relu"), {native.OP_TO_BITS: 9, native.OP_FROM_BITS: 9}),
+    (dict(bireal=False, shortcut="conv", act="hardtanh"), {native.OP_TO_BITS: 9, native.OP_FROM_BITS: 9}),
+    (dict(act="prelu", head_norm=False), {native.OP: 18}),  # an activation the op does not fuse: it runs after
 ])
-def test_native_parity_random_weights(native_lib, kw):
+def test_native_parity_random_weights(native_lib, kw, ops):
     # width 0.3: 5, 10 and 19 channels; 28 -> 14 -> 7 (odd) maps
     model = _randomize(create_model("cifar_resnet20", 10, in_chans=1, quant="W1A1", width_mult=0.3,
                                     weight_scale="learned", recu=True, **kw))
     proto, probes = lower(model, (1, 28, 28), native=True)
     onnx.checker.check_model(proto, full_check=True)
-    assert sum(n.op_type == native.OP and n.domain == native.DOMAIN for n in proto.graph.node) == 18
+    got = {}
+    for n in proto.graph.node:
+        if n.domain == native.DOMAIN:
+            got[n.op_type] = got.get(n.op_type, 0) + 1
+    assert got == ops
     assert not any(n.op_type == "DequantizeLinear" for n in proto.graph.node)
     res = check_parity("student_native", model, proto, probes, parity_inputs((1, 28, 28), 16))
     assert res.passed and res.top1_agree == res.n, res.to_dict()
     assert "com.microsoft:MatMulIntegerToFloat" not in optimized_op_counts(proto)
+
+
+def test_prelu_with_a_negative_slope_folds_to_constant_signs(native_lib):
+    model = _randomize(create_model("cifar_resnet20", 10, in_chans=1, quant="W1A1", width_mult=0.3, bireal=False,
+                                    shortcut="conv", act="prelu"))
+    with torch.no_grad():
+        model.layer1[0].act1.weight.fill_(-0.5)  # prelu(y) >= 0 for every y: the next signs are all +1
+    proto, probes = lower(model, (1, 28, 28), native=True)
+    kinds = [n.op_type for n in proto.graph.node if n.domain == native.DOMAIN]
+    assert kinds.count(native.OP_TO_BITS) == 9
+    res = check_parity("student_native", model, proto, probes, parity_inputs((1, 28, 28), 8))
+    assert res.passed, res.to_dict()
+
+
+def test_sign_thresholds_by_definition():
+    rng = np.random.default_rng(0)
+    n_bits, oc = 45, 12
+    scale = np.abs(rng.standard_normal(oc)).astype(np.float32)
+    scale[0] = 0.0  # a dead channel: the sign of its shift
+    shift = (rng.standard_normal(oc) * 5).astype(np.float32)
+    shift[1] = np.float32(3.0) * scale[1]  # y = 0 exactly at dot = -3: sign(0) = +1, so T = -3
+    act = torch.nn.Hardtanh()
+    t = native.sign_thresholds(scale, shift, act, n_bits)
+    assert t.dtype == np.int32 and t.shape == (oc,) and t[1] == -3
+    for c in range(oc):
+        for dot in range(-n_bits, n_bits + 1):
+            y = np.float32(np.float32(dot) * scale[c]) + shift[c]
+            assert (dot < t[c]) == bool(np.clip(y, -1, 1) < 0), (c, dot)
+    assert (native.sign_thresholds(scale, shift, torch.nn.PReLU(oc, init=-0.5), n_bits) == -n_bits).all()  # never < 0
+    assert native.sign_thresholds(scale, shift, lambda y: 0.5 - y.abs(), n_bits) is None  # not monotone: no threshold
+
+
+def test_unpack_signs_inverts_packing():
+    rng = np.random.default_rng(1)
+    q = np.where(rng.random((1, 70, 1, 1)) < 0.5, -1.0, 1.0)
+    words = native.pack_weights(q)[0, 0, :, 0]  # one output channel's 70 signs in 2 words
+    np.testing.assert_array_equal(native.unpack_signs(words, 70), q.reshape(70))
 
 
 def test_native_parity_four_stages_mean_abs_scale(native_lib):

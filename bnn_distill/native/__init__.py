@@ -29,7 +29,10 @@ from typing import Dict, Optional
 from ..errors import UserError
 
 DOMAIN = "ai.bnn_distill"
-OP = "BinaryConv2d"
+OP = "BinaryConv2d"  # float in, float out
+OP_TO_BITS = "BinaryConv2dToBits"  # float in, packed sign bits out (BatchNorm + next sign as thresholds)
+OP_FROM_BITS = "BinaryConv2dFromBits"  # packed sign bits in, float out
+OPS = (OP, OP_TO_BITS, OP_FROM_BITS)
 ABI = 1
 SOURCE = Path(__file__).with_name("bnn_ops.cc")
 LIB_NAME = "libbnn_distill_ort.so"
@@ -242,6 +245,39 @@ def border_corrections(q, pad: int) -> "np.ndarray":
     return corr
 
 
+def sign_thresholds(scale, shift, act, n_bits: int):
+    """Integer thresholds that fold ``y = act(dot * scale + shift)`` followed by the next layer's sign
+    into the conv: per output channel the ``T`` with ``act(fl(fl(dot * scale) + shift)) < 0`` exactly
+    when ``dot < T``, over every reachable ``dot`` in ``[-n_bits, n_bits]``, evaluated in float32 as
+    the float path computes it (so the two agree bit for bit). ``act``: a PyTorch activation module
+    (applied to a (dots, channels) tensor). Returns int32 (OC,), or None when some channel's
+    negative set is not such a prefix (e.g. a PReLU with a negative slope)."""
+    import numpy as np
+    import torch
+
+    scale = np.asarray(scale, dtype=np.float32)
+    shift = np.asarray(shift, dtype=np.float32)
+    dots = np.arange(-n_bits, n_bits + 1, dtype=np.float32)[:, None]  # exact: |dot| < 2**24
+    y = dots * scale[None, :] + shift[None, :]  # float32 multiply, then add: as the kernel's epilogue
+    with torch.no_grad():
+        neg = (act(torch.from_numpy(np.ascontiguousarray(y))) < 0).numpy()  # sign(0) = +1
+    count = neg.sum(axis=0)
+    prefix = np.arange(len(dots))[:, None] < count[None, :]
+    if not (neg == prefix).all():
+        return None
+    return (count - n_bits).astype(np.int32)
+
+
+def unpack_signs(words, channels: int):
+    """Packed sign bits (..., ceil(C/64)) uint64 -> +-1 float32 (..., C) (bit 1 = -1)."""
+    import numpy as np
+
+    words = np.ascontiguousarray(words, dtype=np.uint64)
+    bits = np.unpackbits(words.view(np.uint8).reshape(words.shape + (8,)), axis=-1, bitorder="little")
+    bits = bits.reshape(words.shape[:-1] + (-1,))[..., :channels]
+    return (1.0 - 2.0 * bits).astype(np.float32)
+
+
 # ---------------------------------------------------------------- the instruction-throughput floor
 
 
@@ -250,7 +286,7 @@ def vector_steps(model) -> int:
     costs in a native ``ModelProto``: per BinaryConv2d, Ho*Wo * ceil(OC/8) * k*k * ceil(C/64)."""
     total = 0
     for n in model.graph.node:
-        if n.domain != DOMAIN or n.op_type != OP:
+        if n.domain != DOMAIN or n.op_type not in OPS:
             continue
         a = {at.name: at.i for at in n.attribute if at.type == at.INT}
         k, s, p = a["kernel"], a["stride"], a["pad"]

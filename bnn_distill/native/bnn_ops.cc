@@ -145,12 +145,19 @@ void PackPixelAvx2(const float* x, int64_t C, int64_t CW, uint64_t* out) {
 
 // ------------------------------------------------------------------ the epilogue
 
+// Work items of neighbouring output-channel blocks share a packed output word: OR atomically.
+inline void OrBits(uint64_t* word, uint64_t bits) {
+  if (bits) __atomic_fetch_or(word, bits, __ATOMIC_RELAXED);
+}
+
 struct Epilogue {
   const Geometry* g;
   const int32_t* corr;   // (16, OCp)
   const float* scale;    // (OC,)
   const float* shift;    // (OC,)
   const float* residual; // (B, Ho*Wo, OC) or null (a pooled residual is computed into this shape first)
+  const int32_t* thresh; // (OC,): bits output (sign bit = dot < thresh[oc]) instead of y, or null
+  uint64_t* ybits;       // (B, Ho*Wo, ceil(OC/64)), zeroed before the conv, when thresh is set
   float* y;              // (B, Ho*Wo, OC)
   int act;
   float lo, hi;
@@ -166,6 +173,17 @@ struct Epilogue {
     const int64_t n_bits = g->taps() * g->C;
     const int32_t* cr = corr + static_cast<int64_t>(BorderClass(oy, ox)) * g->OCp;
     const int64_t pix = (b * g->Ho + oy) * g->Wo + ox;
+    if (thresh) {
+      const int64_t cwo = (g->OC + 63) / 64;
+      const int64_t oc0 = g0 * 8, oc1 = std::min<int64_t>(g->OC, oc0 + 8 * ngroups);
+      uint64_t bits = 0;
+      for (int64_t oc = oc0; oc < oc1; ++oc) {
+        const int64_t dot = n_bits - 2 * static_cast<int64_t>(pc[oc - oc0]) - cr[oc];
+        bits |= static_cast<uint64_t>(dot < thresh[oc]) << (oc - oc0);
+      }
+      OrBits(ybits + pix * cwo + oc0 / 64, bits << (oc0 % 64));  // oc0 % 64 + 32 <= 64: one word
+      return;
+    }
     float* out = y + pix * g->OC;
     const float* res = residual ? residual + pix * g->OC : nullptr;
     const int64_t oc0 = g0 * 8, oc1 = std::min<int64_t>(g->OC, oc0 + 8 * ngroups);
@@ -291,14 +309,15 @@ __attribute__((target("avx512f,avx512vl,avx512vpopcntdq"))) void TileAvx512(cons
   const float* const residual = ep.residual;
   float* const y = ep.y;
   const bool act = ep.act != 0;
-  const int64_t OC = g.OC, OCp = g.OCp;
+  const int32_t* const thresh = ep.thresh;
+  const int64_t OC = g.OC, OCp = g.OCp, CWo = (g.OC + 63) / 64;
   const __m512i n_bits = _mm512_set1_epi32(static_cast<int>(g.taps() * g.C));
   const __m512 lo = _mm512_set1_ps(ep.lo), hi = _mm512_set1_ps(ep.hi);
   const int64_t row_pix = (b * g.Ho + oy) * g.Wo;
   for (int p = 0; p < P; ++p) {
     const int64_t ox = ox0 + p, pix = row_pix + ox;
     const int32_t* cr = corr_base + static_cast<int64_t>(ep.BorderClass(oy, ox)) * OCp;
-    float* out = y + pix * OC;
+    float* out = y ? y + pix * OC : nullptr;
     const float* res = residual ? residual + pix * OC : nullptr;
     for (int gi = 0; gi < G; gi += 2) {
       const int64_t oc = (g0 + gi) * 8;
@@ -308,6 +327,11 @@ __attribute__((target("avx512f,avx512vl,avx512vpopcntdq"))) void TileAvx512(cons
       if (gi + 1 < G) pc = _mm512_inserti64x4(pc, _mm512_cvtepi64_epi32(acc[p][gi + 1]), 1);
       const __m512i corr = _mm512_maskz_loadu_epi32(m, cr + oc);
       const __m512i dot = _mm512_sub_epi32(_mm512_sub_epi32(n_bits, _mm512_add_epi32(pc, pc)), corr);
+      if (thresh) {  // the next layer only needs the sign: integer threshold, packed bits out
+        const __mmask16 neg = _mm512_mask_cmplt_epi32_mask(m, dot, _mm512_maskz_loadu_epi32(m, thresh + oc));
+        OrBits(ep.ybits + pix * CWo + oc / 64, static_cast<uint64_t>(neg) << (oc % 64));
+        continue;
+      }
       __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(dot), _mm512_maskz_loadu_ps(m, scale + oc));
       v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(m, shift + oc));
       if (res) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(m, res + oc));
@@ -344,7 +368,8 @@ TileFn Tile(Isa isa, int p, int gcount) {
 
 struct PackJob {
   const Geometry* g;
-  const float* x;
+  const float* x;        // float input, or
+  const uint64_t* bits;  // already packed input (B, H*W, CW)
   uint64_t* A;
   Isa isa;
 };
@@ -354,6 +379,10 @@ void PackRow(void* data, size_t index) {  // one padded input row (b, y) of the 
   const Geometry& g = *j.g;
   const int64_t b = static_cast<int64_t>(index) / g.H, y = static_cast<int64_t>(index) % g.H;
   uint64_t* dst = j.A + ((b * g.Hp + y + g.P) * g.Wp + g.P) * g.CW;
+  if (j.bits) {
+    std::memcpy(dst, j.bits + (b * g.H + y) * g.W * g.CW, static_cast<size_t>(g.W * g.CW) * sizeof(uint64_t));
+    return;
+  }
   const float* src = j.x + (b * g.H + y) * g.W * g.C;
   for (int64_t x = 0; x < g.W; ++x, dst += g.CW, src += g.C) {
     switch (j.isa) {
@@ -426,7 +455,9 @@ void RunRows(const Ort::KernelContext& ctx, void (*fn)(void*, size_t), int64_t r
 }
 
 struct BinaryConvKernel {
-  BinaryConvKernel(const OrtApi& /*api*/, const OrtKernelInfo* info) {
+  // in_bits: input 0 is packed sign bits (B, H*W, ceil(C/64)) uint64 from a ...ToBits node.
+  // out_bits: the output is packed sign bits; input 3 is the integer thresholds (OC,) int32.
+  BinaryConvKernel(const OrtKernelInfo* info, bool in_bits, bool out_bits) : in_bits_(in_bits), out_bits_(out_bits) {
     Ort::ConstKernelInfo ki(info);
     in_h_ = ki.GetAttribute<int64_t>("in_h");
     in_w_ = ki.GetAttribute<int64_t>("in_w");
@@ -435,17 +466,21 @@ struct BinaryConvKernel {
     k_ = ki.GetAttribute<int64_t>("kernel");
     s_ = ki.GetAttribute<int64_t>("stride");
     p_ = ki.GetAttribute<int64_t>("pad");
-    act_ = static_cast<int>(ki.GetAttribute<int64_t>("act"));
+    act_ = 0;
+    lo_ = hi_ = 0.0f;
     res_mode_ = 0;
-    try {
-      res_mode_ = static_cast<int>(ki.GetAttribute<int64_t>("residual"));
-    } catch (const Ort::Exception&) {  // absent: an output-shaped residual
+    if (!out_bits_) {
+      act_ = static_cast<int>(ki.GetAttribute<int64_t>("act"));
+      lo_ = ki.GetAttribute<float>("act_min");
+      hi_ = ki.GetAttribute<float>("act_max");
+      try {
+        res_mode_ = static_cast<int>(ki.GetAttribute<int64_t>("residual"));
+      } catch (const Ort::Exception&) {  // absent: an output-shaped residual
+      }
     }
     if (res_mode_ != 0 && res_mode_ != 1) throw std::runtime_error("BinaryConv2d: residual must be 0 or 1");
-    if (res_mode_ == 1 && in_c_ > out_c_)
-      throw std::runtime_error("BinaryConv2d: a pooled residual needs in_c <= out_c (channels are zero-padded)");
-    lo_ = ki.GetAttribute<float>("act_min");
-    hi_ = ki.GetAttribute<float>("act_max");
+    if (res_mode_ == 1 && (in_c_ > out_c_ || in_bits_))
+      throw std::runtime_error("BinaryConv2d: a pooled residual needs a float input and in_c <= out_c");
     if (!((k_ == 3 && p_ == 1) || (k_ == 1 && p_ == 0)))
       throw std::runtime_error("BinaryConv2d: only kernel 3 with pad 1 and kernel 1 with pad 0 are supported");
     if (s_ < 1 || in_h_ < 1 || in_w_ < 1 || in_c_ < 1 || out_c_ < 1)
@@ -455,16 +490,16 @@ struct BinaryConvKernel {
 
   void Compute(OrtKernelContext* context) {
     Ort::KernelContext ctx(context);
-    Ort::ConstValue X = ctx.GetInput(0), Wv = ctx.GetInput(1), Cv = ctx.GetInput(2), Sv = ctx.GetInput(3),
-                    Tv = ctx.GetInput(4);
+    Ort::ConstValue X = ctx.GetInput(0), Wv = ctx.GetInput(1), Cv = ctx.GetInput(2), Sv = ctx.GetInput(3);
     const std::vector<int64_t> xs = X.GetTensorTypeAndShapeInfo().GetShape();
     Geometry g{};
     g.H = in_h_, g.W = in_w_, g.C = in_c_, g.OC = out_c_, g.K = k_, g.S = s_, g.P = p_;
-    if (xs.size() != 3 || xs[1] != g.H * g.W || xs[2] != g.C)
-      throw std::runtime_error("BinaryConv2d: input must be (batch, " + std::to_string(g.H * g.W) + ", " +
-                               std::to_string(g.C) + ")");
-    g.B = xs[0];
     g.CW = (g.C + 63) / 64;
+    const int64_t last = in_bits_ ? g.CW : g.C;
+    if (xs.size() != 3 || xs[1] != g.H * g.W || xs[2] != last)
+      throw std::runtime_error(std::string("BinaryConv2d: input must be (batch, ") + std::to_string(g.H * g.W) + ", " +
+                               std::to_string(last) + (in_bits_ ? ") packed words" : ")"));
+    g.B = xs[0];
     g.OCp = (g.OC + 7) / 8 * 8;
     g.Ho = (g.H + 2 * g.P - g.K) / g.S + 1;
     g.Wo = (g.W + 2 * g.P - g.K) / g.S + 1;
@@ -474,24 +509,36 @@ struct BinaryConvKernel {
     if (ws != std::vector<int64_t>{g.OCp / 8, g.taps(), g.CW, 8})
       throw std::runtime_error("BinaryConv2d: packed weights have the wrong shape for out_c/kernel/in_c");
     if (Cv.GetTensorTypeAndShapeInfo().GetElementCount() != static_cast<size_t>(16 * g.OCp) ||
-        Sv.GetTensorTypeAndShapeInfo().GetElementCount() != static_cast<size_t>(g.OC) ||
-        Tv.GetTensorTypeAndShapeInfo().GetElementCount() != static_cast<size_t>(g.OC))
-      throw std::runtime_error("BinaryConv2d: corr must have 16*OCp, scale and shift OC elements");
+        Sv.GetTensorTypeAndShapeInfo().GetElementCount() != static_cast<size_t>(g.OC))
+      throw std::runtime_error("BinaryConv2d: corr must have 16*OCp elements, scale (or thresholds) OC");
+    const float* shift = nullptr;
     const float* residual = nullptr;
-    if (ctx.GetInputCount() > 5) {
-      Ort::ConstValue R = ctx.GetInput(5);
-      if (static_cast<const OrtValue*>(R) != nullptr) {
-        const std::vector<int64_t> rs = R.GetTensorTypeAndShapeInfo().GetShape();
-        const std::vector<int64_t> want = res_mode_ == 0 ? std::vector<int64_t>{g.B, g.Ho * g.Wo, g.OC}
-                                                         : std::vector<int64_t>{g.B, g.H * g.W, g.C};
-        if (rs != want)
-          throw std::runtime_error(res_mode_ == 0 ? "BinaryConv2d: the residual must have the output's shape"
-                                                  : "BinaryConv2d: a pooled residual must have the input's shape");
-        residual = R.GetTensorData<float>();
+    if (!out_bits_) {
+      Ort::ConstValue Tv = ctx.GetInput(4);
+      if (Tv.GetTensorTypeAndShapeInfo().GetElementCount() != static_cast<size_t>(g.OC))
+        throw std::runtime_error("BinaryConv2d: shift must have OC elements");
+      shift = Tv.GetTensorData<float>();
+      if (ctx.GetInputCount() > 5) {
+        Ort::ConstValue R = ctx.GetInput(5);
+        if (static_cast<const OrtValue*>(R) != nullptr) {
+          const std::vector<int64_t> rs = R.GetTensorTypeAndShapeInfo().GetShape();
+          const std::vector<int64_t> want = res_mode_ == 0 ? std::vector<int64_t>{g.B, g.Ho * g.Wo, g.OC}
+                                                           : std::vector<int64_t>{g.B, g.H * g.W, g.C};
+          if (rs != want)
+            throw std::runtime_error(res_mode_ == 0 ? "BinaryConv2d: the residual must have the output's shape"
+                                                    : "BinaryConv2d: a pooled residual must have the input's shape");
+          residual = R.GetTensorData<float>();
+        }
       }
     }
-    Ort::UnownedValue Y = ctx.GetOutput(0, std::vector<int64_t>{g.B, g.Ho * g.Wo, g.OC});
+    const int64_t cwo = (g.OC + 63) / 64;
+    Ort::UnownedValue Y = ctx.GetOutput(0, std::vector<int64_t>{g.B, g.Ho * g.Wo, out_bits_ ? cwo : g.OC});
     if (g.B == 0) return;
+    uint64_t* ybits = nullptr;
+    if (out_bits_) {
+      ybits = Y.GetTensorMutableData<uint64_t>();
+      std::memset(ybits, 0, static_cast<size_t>(g.B * g.Ho * g.Wo * cwo) * sizeof(uint64_t));
+    }
     thread_local std::vector<float> pooled;
     if (residual != nullptr && res_mode_ == 1) {
       pooled.resize(static_cast<size_t>(g.B * g.Ho * g.Wo * g.OC));
@@ -503,45 +550,56 @@ struct BinaryConvKernel {
     thread_local std::vector<uint64_t> packed;
     const size_t words = static_cast<size_t>(g.B * g.Hp * g.Wp * g.CW);
     packed.assign(words, 0);  // the border stays 0: +1 values, corrected by corr
-    PackJob pj{&g, X.GetTensorData<float>(), packed.data(), isa_};
-    RunRows(ctx, PackRow, g.B * g.H, g.B * g.H * g.W * g.C, &pj);
+    PackJob pj{&g, in_bits_ ? nullptr : X.GetTensorData<float>(), in_bits_ ? X.GetTensorData<uint64_t>() : nullptr,
+               packed.data(), isa_};
+    RunRows(ctx, PackRow, g.B * g.H, g.B * g.H * g.W * (in_bits_ ? g.CW : g.C), &pj);
 
-    Epilogue ep{&g, Cv.GetTensorData<int32_t>(), Sv.GetTensorData<float>(), Tv.GetTensorData<float>(), residual,
-                Y.GetTensorMutableData<float>(), act_, lo_, hi_};
+    Epilogue ep{&g, Cv.GetTensorData<int32_t>(), out_bits_ ? nullptr : Sv.GetTensorData<float>(), shift, residual,
+                out_bits_ ? Sv.GetTensorData<int32_t>() : nullptr, ybits,
+                out_bits_ ? nullptr : Y.GetTensorMutableData<float>(), act_, lo_, hi_};
     ConvJob cj{{&g, packed.data(), Wv.GetTensorData<uint64_t>(), &ep}, isa_,
                (g.groups() + kTileGroups - 1) / kTileGroups};
     ctx.ParallelFor(ConvItem, static_cast<size_t>(g.B * g.Ho * cj.blocks), 0, &cj);
   }
 
  private:
+  bool in_bits_, out_bits_;
   int64_t in_h_, in_w_, in_c_, out_c_, k_, s_, p_;
   int act_, res_mode_;
   float lo_, hi_;
   Isa isa_;
 };
 
-struct BinaryConvOp : Ort::CustomOpBase<BinaryConvOp, BinaryConvKernel> {
-  void* CreateKernel(const OrtApi& api, const OrtKernelInfo* info) const { return new BinaryConvKernel(api, info); }
-  const char* GetName() const { return "BinaryConv2d"; }
+// BinaryConv2d: float in, float out. BinaryConv2dToBits: float in, sign bits out (the BatchNorm and
+// the next layer's sign folded into integer thresholds: inputs X, Wbits, corr, thresholds).
+// BinaryConv2dFromBits: sign bits in (from a ...ToBits node), float out.
+template <bool InBits, bool OutBits>
+struct BinaryConvOp : Ort::CustomOpBase<BinaryConvOp<InBits, OutBits>, BinaryConvKernel> {
+  void* CreateKernel(const OrtApi& /*api*/, const OrtKernelInfo* info) const {
+    return new BinaryConvKernel(info, InBits, OutBits);
+  }
+  const char* GetName() const {
+    return OutBits ? "BinaryConv2dToBits" : (InBits ? "BinaryConv2dFromBits" : "BinaryConv2d");
+  }
   const char* GetExecutionProviderType() const { return "CPUExecutionProvider"; }
-  size_t GetInputTypeCount() const { return 6; }
+  size_t GetInputTypeCount() const { return OutBits ? 4 : 6; }
   ONNXTensorElementDataType GetInputType(size_t i) const {
-    switch (i) {
-      case 1: return ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT64;
-      case 2: return ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32;
-      default: return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
-    }
+    if (i == 0) return InBits ? ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT64 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+    if (i == 1) return ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT64;
+    if (i == 2 || (i == 3 && OutBits)) return ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32;
+    return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
   }
   OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t i) const {
     return i == 5 ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
   }
   size_t GetOutputTypeCount() const { return 1; }
-  ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
+  ONNXTensorElementDataType GetOutputType(size_t) const {
+    return OutBits ? ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT64 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+  }
 };
 
 std::once_flag g_once;
 Ort::CustomOpDomain* g_domain = nullptr;
-BinaryConvOp* g_op = nullptr;
 
 }  // namespace
 
@@ -595,9 +653,10 @@ __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL RegisterCustomOps
   Ort::InitApi(api);
   try {
     std::call_once(g_once, [] {
-      g_domain = new Ort::CustomOpDomain("ai.bnn_distill");  // lives as long as the process
-      g_op = new BinaryConvOp();
-      g_domain->Add(g_op);
+      g_domain = new Ort::CustomOpDomain("ai.bnn_distill");  // lives as long as the process, with its ops
+      g_domain->Add(new BinaryConvOp<false, false>());
+      g_domain->Add(new BinaryConvOp<false, true>());
+      g_domain->Add(new BinaryConvOp<true, false>());
     });
     Ort::UnownedSessionOptions(options).Add(*g_domain);
   } catch (const std::exception& e) {
