@@ -17,6 +17,12 @@
 //   attributes in_h, in_w, in_c, out_c, kernel (1 or 3), stride, pad (0 or kernel/2), act (0 none,
 //            1 clip to [act_min, act_max]), residual (0 or 1, as above; default 0)
 //
+// Ops ai.bnn_distill::BinaryConv2dToBits and BinaryConv2dFromBits are the same convolution where
+// a conv's output only feeds the next conv's sign: ToBits takes (X, Wbits, corr, T int32 (OC,)) and
+// outputs packed sign bits (B, Ho*Wo, ceil(OC/64)) uint64, bit = dot < T[oc] (the BatchNorm, the
+// activation and the sign folded into one integer threshold, computed at export); FromBits takes
+// such bits as X and is otherwise BinaryConv2d.
+//
 // dot is the exact integer +-1 dot product of the conv: with the input's sign bits a and the
 // weights' bits w over N = k*k*C bits, dot = N - 2 * popcount(a XOR w) - corr[class][oc]. The
 // packed input has a border of all-zero words (+1 values); corr[class] removes what those
