@@ -436,8 +436,12 @@ struct ConvJob {
 void ConvItem(void* data, size_t index) {
   const ConvJob& j = *static_cast<const ConvJob*>(data);
   const Geometry& g = *j.item.g;
-  const int64_t blk = static_cast<int64_t>(index) % j.blocks;
-  const int64_t row = static_cast<int64_t>(index) / j.blocks;
+  // Block-major order: the thread pool hands out contiguous index ranges, so each thread works on
+  // its own output channels and reads only their weights (the deep layers' weights are the
+  // largest operand).
+  const int64_t rows = g.B * g.Ho;
+  const int64_t blk = static_cast<int64_t>(index) / rows;
+  const int64_t row = static_cast<int64_t>(index) % rows;
   const int64_t b = row / g.Ho, oy = row % g.Ho;
   const int64_t g0 = blk * kTileGroups;
   const int gcount = static_cast<int>(std::min<int64_t>(kTileGroups, g.groups() - g0));
