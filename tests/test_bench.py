@@ -56,17 +56,23 @@ def test_bench_writes_json_markdown_and_plot(export_dir):
     assert "| 2 | 1 | binary student |" in md and "MatMulIntegerToFloat x18" in md
 
 
+class _Recorder:
+    """Stands in for an onnxruntime session: records the order of calls."""
+
+    def __init__(self, name, calls):
+        self.name, self.calls = name, calls
+
+    def run(self, outputs, feed):
+        self.calls.append(self.name)
+
+
+def _fakes(names, calls):
+    return {n: _Recorder(n, calls) for n in names}
+
+
 def test_interleaved_rounds_rotate_the_order():
     calls = []
-
-    class Fake:
-        def __init__(self, name):
-            self.name = name
-
-        def run(self, outputs, feed):
-            calls.append(self.name)
-
-    times = time_interleaved({"a": Fake("a"), "b": Fake("b"), "c": Fake("c")}, np.zeros(1), repeats=3, warmup=1,
+    times = time_interleaved(_fakes("abc", calls), np.zeros(1), repeats=3, warmup=1,
                              budget_s=0)
     assert {k: len(v) for k, v in times.items()} == {"a": 3, "b": 3, "c": 3}
     assert calls[3:] == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]
@@ -74,15 +80,7 @@ def test_interleaved_rounds_rotate_the_order():
 
 def test_bursts_repeat_each_model_and_split_cold_from_warm():
     calls = []
-
-    class Fake:
-        def __init__(self, name):
-            self.name = name
-
-        def run(self, outputs, feed):
-            calls.append(self.name)
-
-    times = time_interleaved({"a": Fake("a"), "b": Fake("b")}, np.zeros(1), repeats=2, warmup=1, budget_s=0, burst=3)
+    times = time_interleaved(_fakes("ab", calls), np.zeros(1), repeats=2, warmup=1, budget_s=0, burst=3)
     assert calls[2:] == ["a"] * 3 + ["b"] * 3 + ["b"] * 3 + ["a"] * 3
     assert {k: len(v) for k, v in times.items()} == {"a": 6, "b": 6}
     warm, cold = split_burst([10.0, 1.0, 2.0, 11.0, 3.0, 4.0], 3)
