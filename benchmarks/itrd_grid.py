@@ -44,6 +44,43 @@ METHODS: Dict[str, List[Dict[str, Any]]] = {
 SINGLE = "itrd_single"
 ROWS = list(METHODS) + [SINGLE]
 
+#: Single-change variants of the ``itrd`` row, for finding out what ITRD's result depends on
+#: (``--variants``; each runs as row ``itrd-NAME`` with the same seeds and budget).
+VARIANTS: Dict[str, str] = {
+    "feat_flatten": "distil the pooled feature before the BatchNorm1d (feature_layer: flatten) instead of after",
+    "alpha_1.5": "Renyi order alpha 1.5 instead of 1.01",
+    "alpha_2": "Renyi order alpha 2.0",
+    "eps_0": "no epsilon in the standardisation (the official code's form)",
+    "corr_w1": "L_corr weight 1.0 instead of 2.0",
+    "mi_w0.5": "L_gram weight 0.5 instead of 1.0",
+    "mi_w2": "L_gram weight 2.0",
+    "batch_256": "batch size 256 instead of --batch-size (the batch statistics ITRD uses)",
+}
+
+
+def _variant(d: Dict[str, Any], name: str) -> Dict[str, Any]:
+    """Apply one named change to an ``itrd`` student recipe dict."""
+    corr = lambda st: next(t for t in st["losses"] if t["name"] == "itrd_corr")  # noqa: E731
+    mi = lambda st: next(t for t in st["losses"] if t["name"] == "itrd_mi")  # noqa: E731
+    for st in d["stages"]:
+        if name == "alpha_1.5":
+            corr(st)["alpha"] = 1.5
+        elif name == "alpha_2":
+            corr(st)["alpha"] = 2.0
+        elif name == "eps_0":
+            corr(st)["eps"] = 0.0
+        elif name == "corr_w1":
+            corr(st)["weight"] = 1.0
+        elif name == "mi_w0.5":
+            mi(st)["weight"] = 0.5
+        elif name == "mi_w2":
+            mi(st)["weight"] = 2.0
+        elif name == "batch_256":
+            st["batch_size"] = 256
+    if name == "feat_flatten":
+        d["student"]["feature_layer"] = d["teacher"]["feature_layer"] = "flatten"
+    return d
+
 
 def _stage(name: str, quant: str, init_from: str, epochs: int, args, losses) -> Dict[str, Any]:
     return {"name": name, "kind": "student", "quant": quant, "init_from": init_from, "epochs": epochs,
@@ -69,6 +106,11 @@ def teacher_recipe(args) -> Dict[str, Any]:
 
 
 def student_recipe(args, row: str, seed: int, teacher_ckpt: str) -> Dict[str, Any]:
+    if row.startswith("itrd-"):  # a variant of the itrd row
+        method, name = row.split("-", 1)
+        d = student_recipe(args, method, seed, teacher_ckpt)
+        d["name"] = f"{method}-{name}_s{seed}"
+        return _variant(d, name)
     d = base(args, f"{row}_s{seed}", seed)
     d["teacher"]["checkpoint"] = teacher_ckpt
     if row == SINGLE:
@@ -173,7 +215,7 @@ def report(args, teacher: Dict[str, Any], results: Dict[str, List[Dict[str, Any]
         gap = "-" if r["gap_to_teacher"] is None else f"{r['gap_to_teacher']:.2f}"
         wall = f"{statistics.mean(r['wall_s']):.0f}" if r["wall_s"] else "-"
         ips = f"{statistics.mean(r['images_per_s']):.0f}" if r["images_per_s"] else "-"
-        crow = "itrd" if row == SINGLE else row
+        crow = "itrd" if row == SINGLE or row.startswith("itrd-") else row
         side = ratio = "-"
         if cost and crow in cost["images_per_s"]:
             side, ratio = f"{cost['images_per_s'][crow]:.0f}", f"{cost['vs_ce'][crow]:.3f}"
@@ -182,7 +224,7 @@ def report(args, teacher: Dict[str, Any], results: Dict[str, List[Dict[str, Any]
               "between them). Step images/s side by side: one W1A1 student optimiser step per method, teacher "
               "forward included where the loss needs it, all methods interleaved"
               + (f" ({cost['rounds']} rounds, batch {cost['key']['batch']}, {cost['threads']} threads, medians)" if cost else "")
-              + "; itrd_single has itrd's step."]
+              + "; itrd_single and the itrd- variants have itrd's step."]
     path = Path(args.out)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.with_suffix(".json").write_text(json.dumps(out, indent=2) + "\n")
@@ -200,7 +242,7 @@ def _plot(args, out: Dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (ax_bar, ax_curve) = plt.subplots(1, 2, figsize=(12, 4))
-    names = [r for r in ROWS if out["rows"].get(r, {}).get("top1")]
+    names = [r for r in out["rows"] if out["rows"][r].get("top1")]  # rows, then variants
     for i, row in enumerate(names):
         vals = out["rows"][row]["top1"]
         ax_bar.bar(i, statistics.mean(vals), color=f"C{i}", alpha=0.7)
@@ -240,6 +282,9 @@ def main(argv=None) -> int:
     ap.add_argument("--limit-train", type=int, default=None)
     ap.add_argument("--limit-test", type=int, default=None)
     ap.add_argument("--rows", nargs="+", default=ROWS, choices=ROWS)
+    ap.add_argument("--variants", nargs="+", default=[], choices=sorted(VARIANTS), metavar="NAME",
+                    help="also run single-change variants of the itrd row: " +
+                         "; ".join(f"{k}: {v}" for k, v in VARIANTS.items()))
     ap.add_argument("--runs", default="runs/grid", help="folder of the grid's run folders (the cache)")
     ap.add_argument("--out", default="benchmarks/results/itrd_grid")
     ap.add_argument("--remeasure-cost", action="store_true", help="measure the side-by-side step cost again")
@@ -253,9 +298,10 @@ def main(argv=None) -> int:
         # Seed-major order: a grid stopped part-way still has every row for the first seed(s),
         # and the report is rewritten after every finished run so partial progress is visible.
         cost = None if args.no_cost else step_cost(args)
-        results: Dict[str, List[Dict[str, Any]]] = {row: [] for row in args.rows}
+        rows = list(args.rows) + [f"itrd-{v}" for v in args.variants]
+        results: Dict[str, List[Dict[str, Any]]] = {row: [] for row in rows}
         for s in args.seeds:
-            for row in args.rows:
+            for row in rows:
                 results[row].append(run_cached(student_recipe(args, row, s, ckpt)))
                 report(args, teacher, results, quiet=True, cost=cost)
     except UserError as e:

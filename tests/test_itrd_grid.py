@@ -75,3 +75,24 @@ def test_step_cost_is_measured_side_by_side_and_cached(tmp_path):
     assert grid.step_cost(args, rounds=2, warmup=1) == cost  # cached: not measured again
     args.batch_size = 4
     assert grid.step_cost(args, rounds=1, warmup=1)["key"]["batch"] == 4  # another setting: measured
+
+
+def test_every_variant_is_a_valid_recipe_with_one_change(tmp_path):
+    import argparse
+
+    grid = _grid()
+    ckpt = tmp_path / "t.pt"
+    ckpt.write_bytes(b"")
+    args = argparse.Namespace(dataset="fmnist_subset", root=None, arch="cifar_resnet20", width_mult=1.0,
+                              limit_train=None, limit_test=None, runs=str(tmp_path), batch_size=128, lr=2e-3,
+                              teacher_epochs=3, stage_epochs=4)
+    base = grid.student_recipe(args, "itrd", 0, str(ckpt))
+    for name in grid.VARIANTS:
+        d = grid.student_recipe(args, f"itrd-{name}", 0, str(ckpt))
+        r = recipe_from_dict(d)
+        assert r.name == f"itrd-{name}_s0" and sum(st.epochs for st in r.stages) == 8
+        assert d != dict(base, name=d["name"]), name  # something changed
+    flat = recipe_from_dict(grid.student_recipe(args, "itrd-feat_flatten", 0, str(ckpt)))
+    assert flat.student.feature_layer == flat.teacher.feature_layer == "flatten"
+    eps0 = recipe_from_dict(grid.student_recipe(args, "itrd-eps_0", 0, str(ckpt)))
+    assert [t.params.get("eps") for t in eps0.stages[1].losses if t.name == "itrd_corr"] == [0.0]
