@@ -102,12 +102,17 @@ def fetch_headers(dest: Path) -> Path:
         src = _header_dir(x)
         if r.returncode != 0 or src is None:
             raise NativeUnavailable(f"{debs[-1].name} holds no onnxruntime headers; give --headers DIR")
-        staging = dest.with_name(dest.name + ".partial")
+        staging = dest.with_name(f".{dest.name}.{os.getpid()}.partial")  # per process: concurrent fetches do not clash
         shutil.rmtree(staging, ignore_errors=True)
         shutil.copytree(src, staging)
         (staging / "SOURCE").write_text(f"{debs[-1].name} from {DEBIAN_MIRROR} {DEBIAN_SUITE}\n")
-        shutil.rmtree(dest, ignore_errors=True)
-        staging.rename(dest)
+        if _header_dir(dest) is None:  # else another process got there first; keep its copy
+            shutil.rmtree(dest, ignore_errors=True)
+            try:
+                staging.rename(dest)
+            except OSError:  # lost the race just now
+                pass
+        shutil.rmtree(staging, ignore_errors=True)
     return dest
 
 
