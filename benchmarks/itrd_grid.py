@@ -173,13 +173,16 @@ def step_cost(args, rounds: int = 7, warmup: int = 2) -> Dict[str, Any]:
     return out
 
 
-def run_cached(raw: Dict[str, Any]) -> Dict[str, Any]:
-    """Run a recipe unless its run folder already holds a finished run; resume an unfinished one."""
+def run_cached(raw: Dict[str, Any], train: bool = True) -> Optional[Dict[str, Any]]:
+    """Run a recipe unless its run folder already holds a finished run; resume an unfinished one.
+    ``train=False``: only read a finished run (None if there is none)."""
     recipe = recipe_from_dict(raw)
     done = recipe.run_dir / SUMMARY_FILE
     if done.exists():
         log.info("%s: finished earlier, skipped", recipe.name)
         return json.loads(done.read_text())
+    if not train:
+        return None
     resume = (recipe.run_dir / "recipe.yaml").exists()
     log.info("%s: %s", recipe.name, "resuming" if resume else "training")
     return run_recipe(recipe, resume=resume, progress=sys.stderr.isatty())
@@ -198,7 +201,8 @@ def report(args, teacher: Dict[str, Any], results: Dict[str, List[Dict[str, Any]
     rows = {}
     for row, runs in results.items():
         finals = [r["stages"][-1]["final"]["test_top1"] for r in runs]
-        rows[row] = {"top1": finals, "mean": statistics.mean(finals) if finals else None,
+        rows[row] = {"top1": finals, "seeds": [r.get("_seed") for r in runs],
+                     "mean": statistics.mean(finals) if finals else None,
                      "std": statistics.stdev(finals) if len(finals) > 1 else 0.0,
                      "gap_to_teacher": (t_acc - statistics.mean(finals)) if finals else None,
                      "wall_s": [r["wall_s"] for r in runs],
@@ -247,7 +251,7 @@ def _plot(args, out: Dict[str, Any], path: Path) -> None:
         vals = out["rows"][row]["top1"]
         ax_bar.bar(i, statistics.mean(vals), color=f"C{i}", alpha=0.7)
         ax_bar.plot([i] * len(vals), vals, "k.", ms=8)
-        for seed in args.seeds[:len(vals)]:  # finished runs only (seed-major order)
+        for seed in out["rows"][row]["seeds"]:  # finished runs only
             metrics = read_metrics(Path(args.runs) / f"{row}_s{seed}")
             ys = [m["test_top1"] for m in metrics if "test_top1" in m]
             ax_curve.plot(range(1, len(ys) + 1), ys, color=f"C{i}", alpha=0.8,
@@ -289,11 +293,15 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="benchmarks/results/itrd_grid")
     ap.add_argument("--remeasure-cost", action="store_true", help="measure the side-by-side step cost again")
     ap.add_argument("--no-cost", action="store_true", help="skip the side-by-side step-cost measurement")
+    ap.add_argument("--report-only", action="store_true",
+                    help="train nothing: report the runs that have finished (e.g. while the grid runs elsewhere)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     try:
-        teacher = run_cached(teacher_recipe(args))
+        teacher = run_cached(teacher_recipe(args), train=not args.report_only)
+        if teacher is None:
+            raise UserError(f"--report-only: the teacher in {args.runs} has not finished")
         ckpt = str(Path(args.runs) / "teacher" / "checkpoints" / "teacher" / "last.pt")
         # Seed-major order: a grid stopped part-way still has every row for the first seed(s),
         # and the report is rewritten after every finished run so partial progress is visible.
@@ -302,7 +310,10 @@ def main(argv=None) -> int:
         results: Dict[str, List[Dict[str, Any]]] = {row: [] for row in rows}
         for s in args.seeds:
             for row in rows:
-                results[row].append(run_cached(student_recipe(args, row, s, ckpt)))
+                r = run_cached(student_recipe(args, row, s, ckpt), train=not args.report_only)
+                if r is None:  # --report-only: not finished yet
+                    continue
+                results[row].append(dict(r, _seed=s))
                 report(args, teacher, results, quiet=True, cost=cost)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

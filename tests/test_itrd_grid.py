@@ -57,7 +57,13 @@ def test_grid_runs_caches_and_reports(tmp_path, capsys):
     assert set(out["rows"]) == {"ce", "itrd"} and len(out["rows"]["itrd"]["top1"]) == 1
     assert (tmp_path / "grid.md").read_text().count("| ce |") == 1 and (tmp_path / "grid.png").stat().st_size > 0
     assert out["step_cost"]["vs_ce"]["ce"] == 1.0 and "step images/s side by side" in (tmp_path / "grid.md").read_text()
+    assert out["rows"]["itrd"]["seeds"] == [0]
     before = (tmp_path / "runs" / "itrd_s0" / "summary.json").read_bytes()
+    # --report-only trains nothing: a row that never ran is reported with no seeds
+    assert grid.main(_args(grid, tmp_path, "--rows", "ce", "kd", "--report-only", "--no-cost")) == 0
+    rep = json.loads((tmp_path / "grid.json").read_text())
+    assert rep["rows"]["kd"]["top1"] == [] and rep["rows"]["ce"]["seeds"] == [0]
+    assert not (tmp_path / "runs" / "kd_s0").exists()
     assert grid.main(_args(grid, tmp_path, "--rows", "ce", "itrd")) == 0  # all cached: nothing retrains
     assert (tmp_path / "runs" / "itrd_s0" / "summary.json").read_bytes() == before
 
