@@ -58,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--force", action="store_true", help="overwrite an export folder that holds another run's export")
     x.add_argument("--data-root", help="dataset folder, if not where the run found it")
     x.add_argument("--limit-test", type=int, metavar="N", help="check parity on the first N test images only (default: all)")
+    x.add_argument("--strict-top1", action="store_true",
+                   help="fail if any image's top-1 differs, even when explained by a sign of a value within float32 "
+                        "rounding of 0 (default: such images pass and are listed in parity.json)")
     x.add_argument("--runtime", choices=("standard", "native"), default="standard",
                    help="native: also write student_binary_native.onnx for the bit-packed custom-op library "
                         "(built on first use; see 'bnn-distill build-native')")
@@ -314,11 +317,13 @@ def cmd_export(args) -> int:
     if args.limit_test is not None and args.limit_test < 1:
         raise UserError(f"--limit-test: {args.limit_test} must be >= 1")
     manifest = export_run(args.run, out=args.out, stage=args.stage, force=args.force, data_root=args.data_root,
-                          limit_test=args.limit_test, runtime=args.runtime)
+                          limit_test=args.limit_test, runtime=args.runtime, strict_top1=args.strict_top1)
     out = Path(args.out) if args.out else Path("export") / manifest["run"]
     parity = json.loads((out / "parity.json").read_text())
     for role, r in parity["models"].items():
         flips = f", {len(r['sign_flips'])} differ by a sign within rounding of 0" if r["sign_flips"] else ""
+        if r.get("top1_changed_by_flips"):
+            flips += f" ({len(r['top1_changed_by_flips'])} of them change top-1)"
         acc = "" if r["onnx_top1"] is None else f", test top-1 {r['onnx_top1']:.2f}%"
         print(f"{role}: top-1 agrees on {r['top1_agree']}/{r['n']} images, {r['within_tol']} within |logit diff| "
               f"{r['atol']:.2g} (max {r['max_abs_diff']:.2g}){flips}{acc}")

@@ -755,6 +755,9 @@ class ParityResult:
     onnx_top1: Optional[float]
     passed: bool
     first_divergence: Optional[Dict[str, Any]] = None
+    #: images whose top-1 differs, each explained by a near-zero sign flip (allowed unless strict)
+    top1_changed_by_flips: List[int] = field(default_factory=list)
+    strict_top1: bool = False
 
     def to_dict(self) -> Dict[str, Any]:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -785,7 +788,8 @@ def _take(data, idx: Sequence[int]) -> torch.Tensor:
 
 
 def check_parity(role: str, model: nn.Module, onnx_model, probes: List[Probe], data,
-                 labels: Optional[torch.Tensor] = None, rtol: Optional[float] = None) -> ParityResult:
+                 labels: Optional[torch.Tensor] = None, rtol: Optional[float] = None,
+                 strict_top1: bool = False) -> ParityResult:
     """PyTorch vs onnxruntime on ``data``: an image tensor (N, C, H, W) or a dataset of (image, label).
 
     Passes when top-1 agrees on every image and every image's logits agree within ``atol``, except
@@ -793,6 +797,10 @@ def check_parity(role: str, model: nn.Module, onnx_model, probes: List[Probe], d
     inputs (:func:`diagnose`), and the first sign that differs was taken of a value within float32
     rounding of 0 (PyTorch's float conv rounds its sums; the integer graph's are exact, so such a
     value can land on the other side of 0). Otherwise names the first diverging layer.
+
+    Such a flip can also change a near-tied prediction (about 1 image in 10,000 on a trained
+    Fashion-MNIST ResNet-20). Those images are listed in ``top1_changed_by_flips``; they fail the
+    check only with ``strict_top1``.
     """
     rtol = RTOL[role] if rtol is None else rtol
     sess = ort_session(onnx_model)
@@ -839,8 +847,11 @@ def check_parity(role: str, model: nn.Module, onnx_model, probes: List[Probe], d
             res.sign_flips.append({"image": int(j), "max_abs_logit_diff": float(diff[j]), **flip})
         if not explained:
             break
-    res.passed = bool(agree.all()) and bool(finite.all()) and explained
-    if not res.passed and res.first_divergence is None and len(bad):
+    res.strict_top1 = strict_top1
+    if explained:
+        res.top1_changed_by_flips = [int(j) for j in np.nonzero(~agree)[0]]
+    res.passed = bool(finite.all()) and explained and (bool(agree.all()) or not strict_top1)
+    if not res.passed and res.first_divergence is None and len(bad) and not res.top1_changed_by_flips:
         res.first_divergence = diagnose(model, onnx_model, probes, _take(data, bad[:8]), rtol)["drift"]
     return res
 
@@ -853,9 +864,9 @@ def parity_message(r: ParityResult) -> str:
     if where.get("layer"):
         how = "on its own inputs" if where.get("check") == "local" else "accumulated"
         return head + f"; first diverging layer '{where['layer']}' ({how}, max rel diff {where['max_rel_diff']:.3g})"
-    if r.top1_agree < r.n:
-        return head + ("; every layer agrees on its inputs: a sign of a value within rounding of 0 changed a "
-                       "near-tied prediction")
+    if r.top1_agree < r.n and r.top1_changed_by_flips:
+        return head + (f"; every layer agrees on its inputs: a sign of a value within float32 rounding of 0 changed "
+                       f"{len(r.top1_changed_by_flips)} near-tied prediction(s); without --strict-top1 this passes")
     return head
 
 
@@ -1015,7 +1026,7 @@ class ExportInfo:
 
 def export_models(student: nn.Module, student_spec: Dict[str, Any], out_dir, info: ExportInfo,
                   teacher: Optional[nn.Module] = None, data=None, force: bool = False,
-                  runtime: str = "standard") -> Dict[str, Any]:
+                  runtime: str = "standard", strict_top1: bool = False) -> Dict[str, Any]:
     """Export the binary student, its FP32 version and the teacher, check parity, write the folder.
 
     ``runtime="native"`` also writes ``student_binary_native.onnx``: the binary student with its
@@ -1031,7 +1042,7 @@ def export_models(student: nn.Module, student_spec: Dict[str, Any], out_dir, inf
     import onnx
 
     out = Path(out_dir)
-    if runtime not in RUNTIMES:
+    if runtime not in RUNTIMES:  # checked first: nothing is written for a bad choice
         raise ExportError(f"--runtime '{runtime}' is not one of: {', '.join(RUNTIMES)}")
     guard_out_dir(out, info.fingerprint, force)
     native_info = None
@@ -1053,11 +1064,15 @@ def export_models(student: nn.Module, student_spec: Dict[str, Any], out_dir, inf
         onnx.checker.check_model(proto, full_check=True)
         if role != "student_native":
             check_default_domain(proto)
-        res = check_parity(role, mdl, proto, probes, data)
+        res = check_parity(role, mdl, proto, probes, data, strict_top1=strict_top1)
         results[role] = res
         protos[role] = proto
         log.info("parity %s: top-1 %d/%d, max |logit diff| %.3g (tol %.3g)%s", role, res.top1_agree, res.n,
                  res.max_abs_diff, res.atol, "" if res.passed else " FAILED")
+        if res.passed and res.top1_changed_by_flips:
+            log.warning("%s: %d image(s) change top-1 through a sign taken of a value within float32 rounding of 0 "
+                        "(PyTorch's float conv vs the exact integer sum; listed in parity.json); --strict-top1 "
+                        "makes this fail the export", role, len(res.top1_changed_by_flips))
     counts = optimized_op_counts(protos["student_binary"])
     n_binary = sum(1 for _, m_ in student.named_modules() if isinstance(m_, nn.Conv2d) and _is_w1a1(m_))
     fused = fused_integer_matmuls(counts)
@@ -1163,7 +1178,7 @@ def guard_out_dir(out: Path, fingerprint: str, force: bool) -> None:
 
 def export_run(run_dir, out: Optional[str] = None, stage: Optional[str] = None, force: bool = False,
                data_root: Optional[str] = None, limit_test: Optional[int] = None,
-               runtime: str = "standard") -> Dict[str, Any]:
+               runtime: str = "standard", strict_top1: bool = False) -> Dict[str, Any]:
     """Export a trained run folder (``runs/NAME``): see the module docstring. Returns the manifest."""
     from .checkpoint import load_checkpoint, load_model_state
     from .data import build_datasets
@@ -1219,4 +1234,5 @@ def export_run(run_dir, out: Optional[str] = None, stage: Optional[str] = None, 
         recipe_yaml=(run / RECIPE_FILE).read_text(), run_dir=str(run),
         dataset={"name": dinfo.name, "root": root, "limit_test": limit, "seed": recipe.seed, "test_images": len(test_set)})
     out_dir = Path(out) if out else Path("export") / recipe.name
-    return export_models(student, spec, out_dir, info, teacher=teacher, data=test_set, force=force, runtime=runtime)
+    return export_models(student, spec, out_dir, info, teacher=teacher, data=test_set, force=force, runtime=runtime,
+                         strict_top1=strict_top1)

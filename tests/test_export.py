@@ -372,3 +372,31 @@ def test_interrupted_export_leaves_no_partial_file(tiny_run, tiny_export, tmp_pa
     for name in names & {"student_binary.onnx", "student_fp32.onnx", "teacher_fp32.onnx"}:
         onnx.checker.check_model(onnx.load(str(out / name)), full_check=True)  # complete, never torn
     assert before.keys() >= names - {"scratch"}
+
+
+def test_a_top1_change_explained_by_a_near_zero_flip_passes_unless_strict(monkeypatch):
+    """On a trained model and 10,000 images, a sign taken of a value within float32 rounding of 0
+    can change a near-tied prediction; such images pass (listed) unless strict_top1."""
+    import bnn_distill.export as ex
+    from bnn_distill.export import parity_message
+
+    shape = (3, 16, 16)
+    model = _randomize(create_model("cifar_resnet20", 10, quant="W1A1", width_mult=0.25), seed=0)
+    other = _randomize(create_model("cifar_resnet20", 10, quant="W1A1", width_mult=0.25), seed=7)
+    proto, probes = lower(other, shape)  # a graph whose predictions differ from the model's
+    x = parity_inputs(shape, 16)
+    with torch.no_grad():
+        differ = (model(x).argmax(1) != other(x).argmax(1)).nonzero().flatten().tolist()
+    assert differ
+    flip = {"layer": "layer1.0.conv1", "signs_differing": 1, "value": 3e-8, "rel": 3e-8}
+    monkeypatch.setattr(ex, "diagnose", lambda m, o, p, imgs, rtol: {"local": None, "flips": [flip] * len(imgs),
+                                                                      "drift": None})
+    res = check_parity("student_binary", model, proto, probes, x)
+    assert res.passed and res.top1_changed_by_flips == differ and res.top1_agree == 16 - len(differ)
+    strict = check_parity("student_binary", model, proto, probes, x, strict_top1=True)
+    assert not strict.passed and "near-tied prediction" in parity_message(strict)
+    # an unexplained difference still fails either way
+    monkeypatch.setattr(ex, "diagnose", lambda m, o, p, imgs, rtol: {"local": {"layer": "layer1.0", "check": "local",
+                                                                                "max_rel_diff": 0.5},
+                                                                      "flips": [None] * len(imgs), "drift": None})
+    assert not check_parity("student_binary", model, proto, probes, x).passed
