@@ -328,6 +328,10 @@ def cmd_export(args) -> int:
         print(f"{role}: top-1 agrees on {r['top1_agree']}/{r['n']} images, {r['within_tol']} within |logit diff| "
               f"{r['atol']:.2g} (max {r['max_abs_diff']:.2g}){flips}{acc}")
     print(f"binary convs fused into MatMulIntegerToFloat: {parity['fused_matmul_integer_to_float']}/{parity['binary_convs']}")
+    if parity.get("native_vs_standard"):
+        c = parity["native_vs_standard"]
+        print(f"native vs standard integer graph: top-1 identical on {c['top1_agree']}/{c['n']} images, "
+              f"max |logit diff| {c['max_abs_diff']:.2g}")
     if manifest.get("native"):
         print(f"native runtime: {manifest['models']['student_native']['file']} ({manifest['native']['isa']} kernels, "
               f"library {manifest['native']['library']})")

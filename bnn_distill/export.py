@@ -856,6 +856,21 @@ def check_parity(role: str, model: nn.Module, onnx_model, probes: List[Probe], d
     return res
 
 
+def compare_graphs(a, b, data) -> Dict[str, Any]:
+    """Two ONNX graphs of the same model (the native and the standard integer student) on ``data``:
+    both compute the binary convolutions exactly, so their predictions should be identical."""
+    sa, sb = ort_session(a), ort_session(b)
+    n = agree = 0
+    worst = 0.0
+    for x, _ in iter_batches(data):
+        la = sa.run([OUTPUT_NAME], {INPUT_NAME: x.numpy()})[0]
+        lb = sb.run([OUTPUT_NAME], {INPUT_NAME: x.numpy()})[0]
+        agree += int((la.argmax(1) == lb.argmax(1)).sum())
+        worst = max(worst, float(np.abs(la - lb).max()))
+        n += len(x)
+    return {"n": n, "top1_agree": agree, "max_abs_diff": worst}
+
+
 def parity_message(r: ParityResult) -> str:
     """One line saying why ``r`` failed and where the graph first diverges."""
     head = (f"parity failed for {r.model}: top-1 agrees on {r.top1_agree}/{r.n} images, "
@@ -1086,6 +1101,11 @@ def export_models(student: nn.Module, student_spec: Dict[str, Any], out_dir, inf
         "models": {role: r.to_dict() for role, r in results.items()},
         "binary_convs": n_binary, "fused_matmul_integer_to_float": fused, "optimized_ops": counts,
     }
+    if "student_native" in protos:
+        parity["native_vs_standard"] = compare_graphs(protos["student_native"], protos["student_binary"], data)
+        log.info("native vs standard integer graph: top-1 identical on %d/%d images, max |logit diff| %.3g",
+                 parity["native_vs_standard"]["top1_agree"], parity["native_vs_standard"]["n"],
+                 parity["native_vs_standard"]["max_abs_diff"])
     failed = [r for r in results.values() if not r.passed]
     if failed:  # the folder no longer holds a finished export: only the report of why
         for name in (MANIFEST, *MODEL_FILES.values(), *STALE_FILES):

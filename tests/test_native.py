@@ -336,6 +336,8 @@ def test_cli_export_runtime_native(native_export, capsys):
     r = parity["models"]["student_native"]
     assert r["passed"] and r["top1_agree"] == r["n"] == 32
     assert r["onnx_top1"] == parity["models"]["student_binary"]["onnx_top1"]
+    c = parity["native_vs_standard"]
+    assert c["n"] == 32 and c["top1_agree"] == 32 and c["max_abs_diff"] < 1e-4
     proto = onnx.load(str(out / "student_binary_native.onnx"))
     meta = {p.key: p.value for p in proto.metadata_props}
     assert meta["bnn_distill.runtime"] == "native" and meta["bnn_distill.quant"] == "W1A1"
