@@ -58,27 +58,24 @@ VARIANTS: Dict[str, str] = {
 }
 
 
+#: What each variant changes in every student stage: (loss term or "stage", key, value).
+_STAGE_CHANGES: Dict[str, tuple] = {
+    "alpha_1.5": ("itrd_corr", "alpha", 1.5), "alpha_2": ("itrd_corr", "alpha", 2.0),
+    "eps_0": ("itrd_corr", "eps", 0.0), "corr_w1": ("itrd_corr", "weight", 1.0),
+    "mi_w0.5": ("itrd_mi", "weight", 0.5), "mi_w2": ("itrd_mi", "weight", 2.0),
+    "batch_256": ("stage", "batch_size", 256),
+}
+
+
 def _variant(d: Dict[str, Any], name: str) -> Dict[str, Any]:
     """Apply one named change to an ``itrd`` student recipe dict."""
-    corr = lambda st: next(t for t in st["losses"] if t["name"] == "itrd_corr")  # noqa: E731
-    mi = lambda st: next(t for t in st["losses"] if t["name"] == "itrd_mi")  # noqa: E731
-    for st in d["stages"]:
-        if name == "alpha_1.5":
-            corr(st)["alpha"] = 1.5
-        elif name == "alpha_2":
-            corr(st)["alpha"] = 2.0
-        elif name == "eps_0":
-            corr(st)["eps"] = 0.0
-        elif name == "corr_w1":
-            corr(st)["weight"] = 1.0
-        elif name == "mi_w0.5":
-            mi(st)["weight"] = 0.5
-        elif name == "mi_w2":
-            mi(st)["weight"] = 2.0
-        elif name == "batch_256":
-            st["batch_size"] = 256
     if name == "feat_flatten":
         d["student"]["feature_layer"] = d["teacher"]["feature_layer"] = "flatten"
+        return d
+    target, key, value = _STAGE_CHANGES[name]
+    for st in d["stages"]:
+        where = st if target == "stage" else next(t for t in st["losses"] if t["name"] == target)
+        where[key] = value
     return d
 
 

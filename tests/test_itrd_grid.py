@@ -20,6 +20,14 @@ def _grid():
     return mod
 
 
+def _recipe_args(tmp_path):
+    import argparse
+
+    return argparse.Namespace(dataset="fmnist_subset", root=None, arch="cifar_resnet20", width_mult=1.0,
+                              limit_train=None, limit_test=None, runs=str(tmp_path), batch_size=128, lr=2e-3,
+                              teacher_epochs=3, stage_epochs=4)
+
+
 def _args(grid, tmp_path, *extra):
     return ["--dataset", "synthetic", "--limit-train", "64", "--limit-test", "32", "--width-mult", "0.25",
             "--teacher-epochs", "1", "--stage-epochs", "1", "--batch-size", "16", "--seeds", "0",
@@ -30,11 +38,7 @@ def test_every_row_is_a_valid_recipe_with_the_same_budget(tmp_path):
     grid = _grid()
     ckpt = tmp_path / "t.pt"
     ckpt.write_bytes(b"")
-    import argparse
-
-    args = argparse.Namespace(dataset="fmnist_subset", root=None, arch="cifar_resnet20", width_mult=1.0,
-                              limit_train=None, limit_test=None, runs=str(tmp_path), batch_size=128, lr=2e-3,
-                              teacher_epochs=3, stage_epochs=4)
+    args = _recipe_args(tmp_path)
     recipe_from_dict(grid.teacher_recipe(args))
     budgets = {}
     for row in grid.ROWS:
@@ -84,14 +88,10 @@ def test_step_cost_is_measured_side_by_side_and_cached(tmp_path):
 
 
 def test_every_variant_is_a_valid_recipe_with_one_change(tmp_path):
-    import argparse
-
     grid = _grid()
     ckpt = tmp_path / "t.pt"
     ckpt.write_bytes(b"")
-    args = argparse.Namespace(dataset="fmnist_subset", root=None, arch="cifar_resnet20", width_mult=1.0,
-                              limit_train=None, limit_test=None, runs=str(tmp_path), batch_size=128, lr=2e-3,
-                              teacher_epochs=3, stage_epochs=4)
+    args = _recipe_args(tmp_path)
     base = grid.student_recipe(args, "itrd", 0, str(ckpt))
     for name in grid.VARIANTS:
         d = grid.student_recipe(args, f"itrd-{name}", 0, str(ckpt))
