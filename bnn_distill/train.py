@@ -635,7 +635,9 @@ def run_recipe(recipe: Recipe, resume: bool = False, force: bool = False, progre
             "run": recipe.name, "fingerprint": recipe.fingerprint(), "dataset": info.name,
             "teacher": {"arch": recipe.teacher.arch, "source": recipe.teacher.checkpoint or "trained", **(teacher_eval or {})},
             "stages": [r.to_dict() for r in results],
-            "wall_s": round(time.perf_counter() - t_start, 1),
+            # training time of every stage, summed across interruptions and resumes
+            "wall_s": round(sum(r.wall_s for r in results), 1),
+            "process_wall_s": round(time.perf_counter() - t_start, 1),  # this process only (data loading included)
             "machine": machine_info(rt),
         }
         if rt.dist.is_main:
