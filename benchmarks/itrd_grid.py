@@ -192,6 +192,11 @@ def _mean_std(xs: List[float]) -> str:
     return f"{statistics.mean(xs):.2f} ± {sd:.2f}"
 
 
+def _train_s(summary: Dict[str, Any]) -> float:
+    """Training time of a run: its stages' times, which add up across interruptions and resumes."""
+    return round(sum(st["wall_s"] for st in summary["stages"]), 1)
+
+
 def report(args, teacher: Dict[str, Any], results: Dict[str, List[Dict[str, Any]]],
            quiet: bool = False, cost: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     t_acc = teacher["teacher"]["test_top1"]
@@ -202,14 +207,14 @@ def report(args, teacher: Dict[str, Any], results: Dict[str, List[Dict[str, Any]
                      "mean": statistics.mean(finals) if finals else None,
                      "std": statistics.stdev(finals) if len(finals) > 1 else 0.0,
                      "gap_to_teacher": (t_acc - statistics.mean(finals)) if finals else None,
-                     "wall_s": [r["wall_s"] for r in runs],
+                     "wall_s": [_train_s(r) for r in runs],
                      "images_per_s": [statistics.mean(s["images_per_s"] for s in r["stages"]) for r in runs]}
-    out = {"args": vars(args), "teacher_top1": t_acc, "teacher_wall_s": teacher["wall_s"], "rows": rows,
+    out = {"args": vars(args), "teacher_top1": t_acc, "teacher_wall_s": _train_s(teacher), "rows": rows,
            "machine": teacher["machine"], "step_cost": cost}
     lines = [f"Binary {args.arch} x{args.width_mult} students on {args.dataset}; teacher top-1 {t_acc:.2f}%; "
              f"{args.stage_epochs}+{args.stage_epochs} student epochs (single stage: {2 * args.stage_epochs}); "
              f"seeds {args.seeds}; {out['machine'].get('cpu')}", "",
-             "| method | seeds done | test top-1 (mean ± std) | gap to teacher | wall s / run | train images/s (runs) "
+             "| method | seeds done | test top-1 (mean ± std) | gap to teacher | train s / run | train images/s (runs) "
              "| step images/s side by side | step time vs CE |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for row, r in rows.items():
