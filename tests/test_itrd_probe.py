@@ -74,6 +74,23 @@ def test_probe_of_the_teacher_against_itself():
     assert m["corr"] == pytest.approx(15 / 16, abs=1e-3)  # (n-1)/n with n = 16 per batch
 
 
+def test_mcnemar_p_by_hand():
+    p = _probe()
+    assert p.mcnemar_p(0, 5) == pytest.approx(2 / 32)  # 2 * P(X <= 0), X ~ Bin(5, 1/2)
+    assert p.mcnemar_p(1, 4) == pytest.approx(2 * 6 / 32)  # 2 * (1 + 5) / 32
+    assert p.mcnemar_p(3, 3) == 1.0 and p.mcnemar_p(0, 0) == 1.0
+    assert p.mcnemar_p(500, 620) == pytest.approx(p.mcnemar_p(620, 500)) and 0 < p.mcnemar_p(500, 620) < 1e-3
+
+
+def test_paired_counts_images_each_way_per_seed():
+    p = _probe()
+    t, f = True, False
+    ref = torch.tensor([t, t, f, f, t])
+    row = torch.tensor([t, f, t, t, t])
+    out = p.paired({"itrd": [(0, ref)], "kd": [(0, row), (1, row)]})
+    assert out == {"kd": [{"seed": 0, "only_row": 2, "only_ref": 1, "diff_points": 20.0, "p": 1.0}]}  # seed 1: no itrd
+
+
 @pytest.mark.slow
 def test_probe_runs_on_a_finished_grid(tmp_path):
     grid_spec = importlib.util.spec_from_file_location("itrd_grid", SCRIPT.parent / "itrd_grid.py")
@@ -82,13 +99,16 @@ def test_probe_runs_on_a_finished_grid(tmp_path):
     runs = tmp_path / "runs"
     assert grid.main(["--dataset", "synthetic", "--limit-train", "64", "--limit-test", "32", "--width-mult", "0.25",
                       "--teacher-epochs", "1", "--stage-epochs", "1", "--batch-size", "16", "--seeds", "0",
-                      "--runs", str(runs), "--out", str(tmp_path / "grid"), "--rows", "ce", "--no-cost"]) == 0
+                      "--runs", str(runs), "--out", str(tmp_path / "grid"), "--rows", "ce", "itrd", "--no-cost"]) == 0
     p = _probe()
     assert p.main(["--runs", str(runs), "--dataset", "synthetic", "--limit-test", "32", "--batch-size", "16",
                    "--out", str(tmp_path / "probe")]) == 0
     out = json.loads((tmp_path / "probe.json").read_text())
-    assert set(out["rows"]) == {"teacher weights binarised, untrained (W1A1)", "ce / stage1 (W32A1)", "ce / stage2 (W1A1)"}
+    assert set(out["rows"]) == {"teacher weights binarised, untrained (W1A1)", "ce / stage1 (W32A1)", "ce / stage2 (W1A1)",
+                                "itrd / stage1 (W32A1)", "itrd / stage2 (W1A1)"}
     assert out["rows"]["ce / stage2 (W1A1)"]["n"] == 1 and out["test_images"] == 32
+    (pair,) = out["paired_vs_itrd"]["ce"]
+    assert pair["seed"] == 0 and 0 <= pair["only_row"] <= 32 and 0.0 <= pair["p"] <= 1.0
     assert "| ce / stage2 (W1A1) | 1 |" in (tmp_path / "probe.md").read_text()
 
 
