@@ -188,8 +188,18 @@ def run_cached(raw: Dict[str, Any], train: bool = True) -> Optional[Dict[str, An
 def _mean_std(xs: List[float]) -> str:
     if not xs:
         return "-"
-    sd = statistics.stdev(xs) if len(xs) > 1 else 0.0
-    return f"{statistics.mean(xs):.2f} ± {sd:.2f}"
+    if len(xs) == 1:  # no spread to show from one seed
+        return f"{xs[0]:.2f} (1 seed)"
+    return f"{statistics.mean(xs):.2f} ± {statistics.stdev(xs):.2f}"
+
+
+def _vs_itrd(row: Dict[str, Any], ref: Optional[Dict[str, Any]]) -> Optional[float]:
+    """Mean of (row - itrd) over the seeds both have finished: a paired difference, not a difference of means."""
+    if ref is None:
+        return None
+    theirs = dict(zip(ref["seeds"], ref["top1"]))
+    diffs = [a - theirs[s] for s, a in zip(row["seeds"], row["top1"]) if s in theirs]
+    return statistics.mean(diffs) if diffs else None
 
 
 def _train_s(summary: Dict[str, Any]) -> float:
@@ -205,32 +215,37 @@ def report(args, teacher: Dict[str, Any], results: Dict[str, List[Dict[str, Any]
         finals = [r["stages"][-1]["final"]["test_top1"] for r in runs]
         rows[row] = {"top1": finals, "seeds": [r.get("_seed") for r in runs],
                      "mean": statistics.mean(finals) if finals else None,
-                     "std": statistics.stdev(finals) if len(finals) > 1 else 0.0,
+                     "std": statistics.stdev(finals) if len(finals) > 1 else None,
                      "gap_to_teacher": (t_acc - statistics.mean(finals)) if finals else None,
                      "wall_s": [_train_s(r) for r in runs],
                      "images_per_s": [statistics.mean(s["images_per_s"] for s in r["stages"]) for r in runs]}
+    for row, r in rows.items():
+        r["vs_itrd_same_seeds"] = None if row == "itrd" else _vs_itrd(r, rows.get("itrd"))
     out = {"args": vars(args), "teacher_top1": t_acc, "teacher_wall_s": _train_s(teacher), "rows": rows,
            "machine": teacher["machine"], "step_cost": cost}
     lines = [f"Binary {args.arch} x{args.width_mult} students on {args.dataset}; teacher top-1 {t_acc:.2f}%; "
              f"{args.stage_epochs}+{args.stage_epochs} student epochs (single stage: {2 * args.stage_epochs}); "
              f"seeds {args.seeds}; {out['machine'].get('cpu')}", "",
              "| method | seeds done | test top-1 (mean ± std) | gap to teacher | train s / run | train images/s (runs) "
-             "| step images/s side by side | step time vs CE |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "| step images/s side by side | step time vs CE | vs itrd, same seeds |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for row, r in rows.items():
         gap = "-" if r["gap_to_teacher"] is None else f"{r['gap_to_teacher']:.2f}"
         wall = f"{statistics.mean(r['wall_s']):.0f}" if r["wall_s"] else "-"
         ips = f"{statistics.mean(r['images_per_s']):.0f}" if r["images_per_s"] else "-"
-        crow = "itrd" if row == SINGLE or row.startswith("itrd-") else row
+        # itrd_single and the itrd- variants take itrd's step, except batch_256 (a different batch than measured)
+        crow = "itrd" if row == SINGLE or (row.startswith("itrd-") and row != "itrd-batch_256") else row
         side = ratio = "-"
+        vs = "-" if r["vs_itrd_same_seeds"] is None else f"{r['vs_itrd_same_seeds']:+.2f}"
         if cost and crow in cost["images_per_s"]:
             side, ratio = f"{cost['images_per_s'][crow]:.0f}", f"{cost['vs_ce'][crow]:.3f}"
-        lines.append(f"| {row} | {len(r['top1'])} | {_mean_std(r['top1'])} | {gap} | {wall} | {ips} | {side} | {ratio} |")
+        lines.append(f"| {row} | {len(r['top1'])} | {_mean_std(r['top1'])} | {gap} | {wall} | {ips} | {side} | {ratio} | {vs} |")
     lines += ["", "Train images/s (runs): mean over each run's stages, from separate runs (machine load differs "
               "between them). Step images/s side by side: one W1A1 student optimiser step per method, teacher "
               "forward included where the loss needs it, all methods interleaved"
               + (f" ({cost['rounds']} rounds, batch {cost['key']['batch']}, {cost['threads']} threads, medians)" if cost else "")
-              + "; itrd_single and the itrd- variants have itrd's step."]
+              + "; itrd_single and the itrd- variants have itrd's step (batch_256: not measured). vs itrd, same seeds: mean "
+              "over the seeds both rows have finished of (row top-1 - itrd top-1), in points."]
     path = Path(args.out)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.with_suffix(".json").write_text(json.dumps(out, indent=2) + "\n")

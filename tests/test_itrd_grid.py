@@ -102,3 +102,16 @@ def test_every_variant_is_a_valid_recipe_with_one_change(tmp_path):
     assert flat.student.feature_layer == flat.teacher.feature_layer == "flatten"
     eps0 = recipe_from_dict(grid.student_recipe(args, "itrd-eps_0", 0, str(ckpt)))
     assert [t.params.get("eps") for t in eps0.stages[1].losses if t.name == "itrd_corr"] == [0.0]
+
+
+def test_report_cells_by_hand():
+    grid = _grid()
+    assert grid._mean_std([]) == "-"
+    assert grid._mean_std([91.2]) == "91.20 (1 seed)"  # one seed shows no made-up spread
+    assert grid._mean_std([91.0, 92.0]) == "91.50 ± 0.71"  # sample std: sqrt(0.5)
+    itrd = {"seeds": [0, 1], "top1": [91.0, 92.0]}
+    # paired over shared seeds only: seed 2 has no itrd partner and is left out
+    assert grid._vs_itrd({"seeds": [1, 2], "top1": [92.5, 80.0]}, itrd) == pytest.approx(0.5)
+    assert grid._vs_itrd({"seeds": [0, 1], "top1": [90.0, 93.0]}, itrd) == pytest.approx(0.0)
+    assert grid._vs_itrd({"seeds": [3], "top1": [90.0]}, itrd) is None
+    assert grid._vs_itrd({"seeds": [0], "top1": [90.0]}, None) is None
