@@ -193,13 +193,24 @@ def _mean_std(xs: List[float]) -> str:
     return f"{statistics.mean(xs):.2f} ± {statistics.stdev(xs):.2f}"
 
 
-def _vs_itrd(row: Dict[str, Any], ref: Optional[Dict[str, Any]]) -> Optional[float]:
-    """Mean of (row - itrd) over the seeds both have finished: a paired difference, not a difference of means."""
+def _vs_itrd(row: Dict[str, Any], ref: Optional[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
+    """(row - itrd) over the seeds both have finished: a paired difference, not a difference of means.
+
+    Returns the mean difference, on how many shared seeds the row was above itrd, and how many seeds
+    were shared; None when no seed is shared."""
     if ref is None:
         return None
     theirs = dict(zip(ref["seeds"], ref["top1"]))
     diffs = [a - theirs[s] for s, a in zip(row["seeds"], row["top1"]) if s in theirs]
-    return statistics.mean(diffs) if diffs else None
+    if not diffs:
+        return None
+    return {"mean": statistics.mean(diffs), "above": sum(d > 0 for d in diffs), "n": len(diffs)}
+
+
+def _vs_cell(vs: Optional[Dict[str, Any]]) -> str:
+    if vs is None:
+        return "-"
+    return f"{vs['mean']:+.2f} (above on {vs['above']}/{vs['n']})"
 
 
 def _train_s(summary: Dict[str, Any]) -> float:
@@ -236,7 +247,7 @@ def report(args, teacher: Dict[str, Any], results: Dict[str, List[Dict[str, Any]
         # itrd_single and the itrd- variants take itrd's step, except batch_256 (a different batch than measured)
         crow = "itrd" if row == SINGLE or (row.startswith("itrd-") and row != "itrd-batch_256") else row
         side = ratio = "-"
-        vs = "-" if r["vs_itrd_same_seeds"] is None else f"{r['vs_itrd_same_seeds']:+.2f}"
+        vs = _vs_cell(r["vs_itrd_same_seeds"])
         if cost and crow in cost["images_per_s"]:
             side, ratio = f"{cost['images_per_s'][crow]:.0f}", f"{cost['vs_ce'][crow]:.3f}"
         lines.append(f"| {row} | {len(r['top1'])} | {_mean_std(r['top1'])} | {gap} | {wall} | {ips} | {side} | {ratio} | {vs} |")
@@ -245,7 +256,8 @@ def report(args, teacher: Dict[str, Any], results: Dict[str, List[Dict[str, Any]
               "forward included where the loss needs it, all methods interleaved"
               + (f" ({cost['rounds']} rounds, batch {cost['key']['batch']}, {cost['threads']} threads, medians)" if cost else "")
               + "; itrd_single and the itrd- variants have itrd's step (batch_256: not measured). vs itrd, same seeds: mean "
-              "over the seeds both rows have finished of (row top-1 - itrd top-1), in points."]
+              "over the seeds both rows have finished of (row top-1 - itrd top-1), in points, and on how many of "
+              "those seeds the row was above itrd."]
     path = Path(args.out)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.with_suffix(".json").write_text(json.dumps(out, indent=2) + "\n")

@@ -111,7 +111,12 @@ def test_report_cells_by_hand():
     assert grid._mean_std([91.0, 92.0]) == "91.50 ± 0.71"  # sample std: sqrt(0.5)
     itrd = {"seeds": [0, 1], "top1": [91.0, 92.0]}
     # paired over shared seeds only: seed 2 has no itrd partner and is left out
-    assert grid._vs_itrd({"seeds": [1, 2], "top1": [92.5, 80.0]}, itrd) == pytest.approx(0.5)
-    assert grid._vs_itrd({"seeds": [0, 1], "top1": [90.0, 93.0]}, itrd) == pytest.approx(0.0)
+    vs = grid._vs_itrd({"seeds": [1, 2], "top1": [92.5, 80.0]}, itrd)
+    assert vs["mean"] == pytest.approx(0.5) and (vs["above"], vs["n"]) == (1, 1)
+    vs = grid._vs_itrd({"seeds": [0, 1], "top1": [90.0, 93.0]}, itrd)  # -1 then +1: mean 0, above once
+    assert vs["mean"] == pytest.approx(0.0) and (vs["above"], vs["n"]) == (1, 2)
+    assert grid._vs_cell(vs) == "+0.00 (above on 1/2)"
+    assert grid._vs_cell(grid._vs_itrd({"seeds": [0, 1], "top1": [91.0, 91.5]}, itrd)) == "-0.25 (above on 0/2)"
+    assert grid._vs_cell(None) == "-"
     assert grid._vs_itrd({"seeds": [3], "top1": [90.0]}, itrd) is None
     assert grid._vs_itrd({"seeds": [0], "top1": [90.0]}, None) is None
