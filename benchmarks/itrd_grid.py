@@ -274,19 +274,20 @@ def _plot(args, out: Dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_bar, ax_curve) = plt.subplots(1, 2, figsize=(12, 4))
+    fig, (ax_bar, ax_curve) = plt.subplots(1, 2, figsize=(13, 4.8))
     names = [r for r in out["rows"] if out["rows"][r].get("top1")]  # rows, then variants
+    palette = plt.get_cmap("tab20").colors  # 20 distinct colours: the default cycle repeats after 10 rows
     for i, row in enumerate(names):
         vals = out["rows"][row]["top1"]
-        ax_bar.bar(i, statistics.mean(vals), color=f"C{i}", alpha=0.7)
+        colour = palette[(2 * i) % 20 + (2 * i) // 20 % 2]  # the strong shades first, then the light ones
+        ax_bar.bar(i, statistics.mean(vals), color=colour, alpha=0.8)
         ax_bar.plot([i] * len(vals), vals, "k.", ms=8)
-        for seed in out["rows"][row]["seeds"]:  # finished runs only
+        for k, seed in enumerate(out["rows"][row]["seeds"]):  # finished runs only
             metrics = read_metrics(Path(args.runs) / f"{row}_s{seed}")
             ys = [m["test_top1"] for m in metrics if "test_top1" in m]
-            ax_curve.plot(range(1, len(ys) + 1), ys, color=f"C{i}", alpha=0.8,
-                          label=row if seed == args.seeds[0] else None)
+            ax_curve.plot(range(1, len(ys) + 1), ys, color=colour, alpha=0.8, label=row if k == 0 else None)
     ax_bar.axhline(out["teacher_top1"], color="grey", ls="--", label="FP teacher")
-    ax_bar.set_xticks(range(len(names)), names)
+    ax_bar.set_xticks(range(len(names)), names, rotation=40, ha="right", fontsize=8)
     ax_bar.set(ylabel="final test top-1 (%)", title="binary student by method (dots: seeds)")
     if names:
         values = [v for r in names for v in out["rows"][r]["top1"]] + [out["teacher_top1"]]
