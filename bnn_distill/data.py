@@ -125,17 +125,68 @@ def build_datasets(name: str, root: str | None = None, download: bool = False,
     ``root`` defaults to ``./data`` for the torchvision datasets; ``download`` lets torchvision
     fetch missing files; ``augment=False`` gives the train split the test transform;
     ``limit_*`` keep the class-balanced first-N subset of :func:`balanced_indices`; ``seed`` only
-    affects generated data (``synthetic``).
+    affects generated data (``synthetic``). :func:`build_splits` also holds out a validation split.
+    """
+    s = build_splits(name, root, download, augment, limit_train, limit_test, seed)
+    return s.train, s.test, s.info
+
+
+@dataclass(frozen=True)
+class Splits:
+    """``train`` (augmented unless asked otherwise), ``val`` (held out of the training data, test
+    transform; ``None`` without a validation split), ``test`` and ``info``."""
+
+    train: Dataset
+    val: Dataset | None
+    test: Dataset
+    info: DatasetInfo
+
+
+def validation_indices(labels: Tensor | Sequence[int], n: int, seed: int) -> Tensor:
+    """A seeded, class-balanced choice of ``n`` of ``labels``' indices, ascending (n,) int64.
+
+    The samples are shuffled by ``seed`` first, then :func:`balanced_indices` takes the first of
+    every class in that order, the second of every class, and so on: every class gets ``n //
+    classes`` or one more (while it has samples), and a different seed draws other samples.
+    """
+    labels = torch.as_tensor(labels, dtype=torch.int64).flatten()
+    perm = torch.randperm(labels.numel(), generator=torch.Generator().manual_seed(seed))
+    return torch.sort(perm[balanced_indices(labels[perm], n)]).values
+
+
+def build_splits(name: str, root: str | None = None, download: bool = False,
+                 augment: bool = True, limit_train: int | None = None,
+                 limit_test: int | None = None, seed: int = 0, val_size: int | None = None,
+                 val_fraction: float | None = None, val_seed: int = 0) -> Splits:
+    """Build the train / validation / test splits of dataset ``name``.
+
+    ``val_size`` images (or ``val_fraction`` of the training split) are held out of the training
+    split with :func:`validation_indices` (seed ``val_seed``) before ``limit_train`` picks its
+    subset of the rest; the validation split gets the test transform. The test split is never
+    touched by the split. Other arguments as in :func:`build_datasets`.
     """
     spec = _spec(name)
-    for key, limit in (("limit_train", limit_train), ("limit_test", limit_test)):
+    for key, limit in (("limit_train", limit_train), ("limit_test", limit_test), ("val_size", val_size)):
         if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
             raise RecipeError(f"data.{key} must be a positive integer or null, got {limit!r}")
     train, test, info = spec.build(root=root, download=download, augment=augment, seed=seed)
+    val = None
+    n_val = val_size if val_size is not None else (round(val_fraction * len(train)) if val_fraction else 0)
+    if n_val:
+        if n_val >= len(train):  # type: ignore[arg-type]
+            raise RecipeError(f"data.val_size: {n_val} validation images leave none of the {len(train)} "
+                              f"training images of {name} to train on; hold out fewer")
+        held = validation_indices(_targets(train), n_val, val_seed)
+        keep = torch.ones(len(train), dtype=torch.bool)  # type: ignore[arg-type]
+        keep[held] = False
+        plain = train if not augment else (train.plain() if isinstance(train, TensorImageDataset) else
+                                           spec.build(root=root, download=False, augment=False, seed=seed)[0])
+        val, train = _take(plain, held), _take(train, torch.nonzero(keep).flatten())
     train, test = _limit(train, limit_train), _limit(test, limit_test)
-    log.info("dataset %s: %d train, %d test, %d classes, %dx%dx%d", name, len(train), len(test),
-             info.num_classes, info.in_chans, info.image_size, info.image_size)
-    return train, test, info
+    log.info("dataset %s: %d train, %s validation, %d test, %d classes, %dx%dx%d", name, len(train),
+             len(val) if val is not None else "no", len(test), info.num_classes, info.in_chans,
+             info.image_size, info.image_size)
+    return Splits(train, val, test, info)
 
 
 # --------------------------------------------------------------------------- subsets
@@ -171,10 +222,21 @@ def _targets(dataset: Dataset) -> Tensor:
 def _limit(dataset: Dataset, n: int | None) -> Dataset:
     if n is None or n >= len(dataset):  # type: ignore[arg-type]
         return dataset
-    indices = balanced_indices(_targets(dataset), n)
+    return _take(dataset, balanced_indices(_targets(dataset), n))
+
+
+class _LabelledSubset(Subset):
+    """A :class:`~torch.utils.data.Subset` that keeps ``targets``, so it can be split again."""
+
+    def __init__(self, dataset: Dataset, indices: Sequence[int]) -> None:
+        super().__init__(dataset, list(indices))
+        self.targets = _targets(dataset)[torch.as_tensor(self.indices, dtype=torch.int64)]
+
+
+def _take(dataset: Dataset, indices: Tensor) -> Dataset:
     if isinstance(dataset, TensorImageDataset):
         return dataset.subset(indices)
-    return Subset(dataset, indices.tolist())
+    return _LabelledSubset(dataset, indices.tolist())
 
 
 # --------------------------------------------------------------------------- in-memory data
@@ -234,6 +296,10 @@ class TensorImageDataset(Dataset):
         if self.flip and flip:
             img = img.flip(-1)
         return img
+
+    def plain(self) -> "TensorImageDataset":
+        """The same images with the test transform (no augmentation)."""
+        return TensorImageDataset(self.images, self.targets, self.mean, self.std)
 
     def subset(self, indices: Tensor) -> "TensorImageDataset":
         """A copy holding only ``indices`` (same transform)."""

@@ -51,6 +51,10 @@ class DataConfig:
     num_workers: int = 0  # 0 keeps a 2-core CPU for compute; raise on GPU machines
     limit_train: Optional[int] = None  # first-N balanced subset, for smoke runs
     limit_test: Optional[int] = None
+    # held out of the training split for choosing best.pt (the test split is used once, at the end)
+    val_size: Optional[int] = None  # validation images; None with val_fraction None: no validation split
+    val_fraction: Optional[float] = None  # or this share of the training split, in (0, 0.5]
+    val_seed: int = 0  # which images are held out; fixed across run seeds so seeds share one split
 
     def check(self, path: str) -> None:
         from .data import dataset_names
@@ -59,10 +63,15 @@ class DataConfig:
         _positive(f"{path}.num_workers", self.num_workers, allow_zero=True)
         if self.num_workers > 64:
             raise RecipeError(f"{path}.num_workers: {self.num_workers} is absurd; valid: 0..64")
-        for key in ("limit_train", "limit_test"):
+        for key in ("limit_train", "limit_test", "val_size"):
             v = getattr(self, key)
             if v is not None:
                 _positive(f"{path}.{key}", v)
+        if self.val_size is not None and self.val_fraction is not None:
+            raise RecipeError(f"{path}: give val_size or val_fraction, not both")
+        if self.val_fraction is not None and not 0 < self.val_fraction <= 0.5:
+            raise RecipeError(f"{path}.val_fraction: {self.val_fraction} is not valid; it must be in (0, 0.5]")
+        _positive(f"{path}.val_seed", self.val_seed, allow_zero=True)
         if self.root is not None and not Path(self.root).expanduser().exists() and not self.download:
             raise RecipeError(f"{path}.root: folder '{self.root}' does not exist; give an existing folder or set {path}.download: true")
 
@@ -182,7 +191,7 @@ class StageConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     losses: Tuple[LossTermConfig, ...] = (LossTermConfig("ce"),)
     grad_clip: Optional[float] = None  # max global grad norm; None: off
-    eval_every: int = 1  # evaluate on the test split every N epochs (and always at the end)
+    eval_every: int = 1  # evaluate on the validation split every N epochs (and always at the end)
 
     def check(self, path: str) -> None:
         _one_of(f"{path}.kind", self.kind, STAGE_KINDS)

@@ -180,9 +180,10 @@ class StageResult:
     kind: str
     quant: str
     epochs: int
-    final: Dict[str, float] = field(default_factory=dict)
-    best_top1: float = float("nan")
-    best_epoch: int = 0
+    final: Dict[str, float] = field(default_factory=dict)  # the last epoch's weights: test (and val) metrics
+    best_top1: float = float("nan")  # best validation top-1 (nan without a validation split)
+    best_epoch: int = 0  # its epoch: the weights in best.pt (0: no best.pt)
+    best_test_top1: float = float("nan")  # test top-1 of the best-on-validation weights
     wall_s: float = 0.0
     images_per_s: float = float("nan")
 
@@ -199,7 +200,8 @@ class Trainer:
 
     def __init__(self, recipe: Recipe, stage_index: int, model: nn.Module, spec: Dict[str, Any],
                  teacher: Optional[nn.Module], train_set: Dataset, test_set: Dataset,
-                 run_dir: Path, rt: Runtime, history: List[Dict[str, Any]], stop: Optional["StopFlag"] = None):
+                 run_dir: Path, rt: Runtime, history: List[Dict[str, Any]], stop: Optional["StopFlag"] = None,
+                 val_set: Optional[Dataset] = None):
         self.recipe = recipe
         self.stage_index = stage_index
         self.stage: StageConfig = recipe.stages[stage_index]
@@ -241,8 +243,9 @@ class Trainer:
             raise UserError(f"stages[{stage_index}].batch_size: {st.batch_size} is larger than the {len(train_set)} training images; lower it")
         self.steps_per_epoch = len(train_set) // st.batch_size  # drop_last: every step a full batch
         self.total_steps = self.steps_per_epoch * st.epochs
-        self.test_loader = DataLoader(test_set, batch_size=max(self.local_batch, 256), shuffle=False,
-                                      num_workers=recipe.data.num_workers, pin_memory=rt.device.type == "cuda")
+        self.test_loader = self._eval_loader(test_set)
+        # best.pt is chosen on the validation split; the test split is evaluated once, at the end of the stage
+        self.val_loader = self._eval_loader(val_set) if val_set is not None else None
         self.epoch = 0  # epochs completed
         self.step = 0  # optimiser steps completed
         self.history: List[Dict[str, Any]] = []
@@ -254,6 +257,14 @@ class Trainer:
         self.stop = stop or StopFlag()
         self._stop_after_epoch = False
         self.tb = _tensorboard(run_dir) if rt.dist.is_main else None
+
+    def _eval_loader(self, dataset: Dataset) -> DataLoader:
+        return DataLoader(dataset, batch_size=max(self.local_batch, 256), shuffle=False,
+                          num_workers=self.recipe.data.num_workers, pin_memory=self.rt.device.type == "cuda")
+
+    def _evaluate(self, loader: DataLoader, split: str, model: Optional[nn.Module] = None) -> Dict[str, float]:
+        ev = evaluate(model or self.model, loader, self.rt.device, self.rt.amp_dtype)
+        return {f"{split}_top1": ev["top1"], f"{split}_top5": ev["top5"], f"{split}_loss": ev["loss"]}
 
     # -- state
 
@@ -298,18 +309,25 @@ class Trainer:
             t0 -= train_metrics.pop("resumed_elapsed")
             epoch = self.epoch + 1
             record: Dict[str, Any] = {"stage": st.name, "epoch": epoch, "step": self.step + 0, **train_metrics}
-            if epoch % st.eval_every == 0 or epoch == st.epochs:
+            last = epoch == st.epochs
+            if last or (self.val_loader is not None and epoch % st.eval_every == 0):
                 if self.rt.dist.is_main:
-                    ev = evaluate(self.model, self.test_loader, self.rt.device, self.rt.amp_dtype)
-                    record.update(test_top1=ev["top1"], test_top5=ev["top5"], test_loss=ev["loss"])
+                    if self.val_loader is not None:
+                        record.update(self._evaluate(self.val_loader, "val"))
+                    if last:  # the test split, once: the final weights
+                        record.update(self._evaluate(self.test_loader, "test"))
                 record = ddp.broadcast_object(record, self.rt.dist)
             self.wall_s += time.perf_counter() - t0
             record["wall_s"] = round(self.wall_s, 3)
             self.epoch = epoch
-            self.history.append(record)
-            improved = "test_top1" in record and record["test_top1"] > self.best_top1
+            improved = "val_top1" in record and record["val_top1"] > self.best_top1
             if improved:
-                self.best_top1, self.best_epoch = record["test_top1"], epoch
+                self.best_top1, self.best_epoch = record["val_top1"], epoch
+            if last and self.best_epoch and self.rt.dist.is_main:  # and the best-on-validation weights
+                record["best_test_top1"] = record["test_top1"] if improved or self.best_epoch == epoch \
+                    else self._best_test_top1()
+            record = ddp.broadcast_object(record, self.rt.dist) if last and self.best_epoch else record
+            self.history.append(record)
             if self.rt.dist.is_main:
                 self._save(complete=epoch == st.epochs, best=improved)
                 self._log(record)
@@ -318,12 +336,21 @@ class Trainer:
                 self._interrupt(f"after epoch {epoch}", save=False)
         return self.result()
 
+    def _best_test_top1(self) -> float:
+        """Test top-1 of the weights in best.pt (chosen on the validation split)."""
+        best = load_checkpoint(self.ckpt_dir / "best.pt", map_location=self.rt.device)
+        model = build_model(self.spec).to(self.rt.device)
+        load_model_state(model, best["model"], f"checkpoint '{self.ckpt_dir / 'best.pt'}'")
+        return self._evaluate(self.test_loader, "test", model)["test_top1"]
+
     def result(self) -> StageResult:
         last = self.history[-1] if self.history else {}
         ips = [h["images_per_s"] for h in self.history if "images_per_s" in h]
+        keys = ("test_top1", "test_top5", "test_loss", "val_top1", "val_top5", "val_loss")
         return StageResult(self.stage.name, self.stage.kind, self.stage.quant, self.stage.epochs,
-                           {k: last[k] for k in ("test_top1", "test_top5", "test_loss") if k in last},
-                           self.best_top1, self.best_epoch, round(self.wall_s, 3),
+                           {k: last[k] for k in keys if k in last},
+                           self.best_top1 if self.best_epoch else float("nan"), self.best_epoch,
+                           float(last.get("best_test_top1", float("nan"))), round(self.wall_s, 3),
                            float(sum(ips) / len(ips)) if ips else float("nan"))
 
     def _loader(self, start_batch: int = 0) -> DataLoader:
@@ -559,7 +586,7 @@ def prepare_run_dir(recipe: Recipe, resume: bool, force: bool) -> Path:
 
 def run_recipe(recipe: Recipe, resume: bool = False, force: bool = False, progress: bool = True) -> Dict[str, Any]:
     """Run every stage of ``recipe``; return the contents of ``summary.json``."""
-    from .data import build_datasets
+    from .data import build_splits
 
     rt = Runtime.create(recipe, progress)
     t_start = time.perf_counter()
@@ -571,15 +598,18 @@ def run_recipe(recipe: Recipe, resume: bool = False, force: bool = False, progre
             prepare_run_dir(recipe, resume, force)  # checks only: nothing is written before the data loads
         torch.manual_seed(recipe.seed)
         d = recipe.data
-        train_set, test_set, info = build_datasets(d.dataset, d.root, d.download, d.augment, d.limit_train, d.limit_test,
-                                                   seed=recipe.seed)
+        splits = build_splits(d.dataset, d.root, d.download, d.augment, d.limit_train, d.limit_test, seed=recipe.seed,
+                              val_size=d.val_size, val_fraction=d.val_fraction, val_seed=d.val_seed)
+        train_set, val_set, test_set, info = splits.train, splits.val, splits.test, splits.info
+        if val_set is None and rt.dist.is_main:
+            log.info("no validation split (data.val_size): best.pt is not kept, the last epoch's weights are the result")
         if rt.dist.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
             if not resume or force:
                 atomic_write_bytes(run_dir / RECIPE_FILE, recipe.to_yaml().encode())
         ddp.barrier(rt.dist)
-        log.info("data: %s, %d train / %d test images, %d classes, device %s%s", info.name, len(train_set),
-                 len(test_set), info.num_classes, rt.device, f", {rt.dist.world_size} processes" if rt.dist.enabled else "")
+        log.info("data: %s, %d train / %s validation / %d test images, %d classes, device %s%s", info.name, len(train_set),
+                 len(val_set) if val_set is not None else "no", len(test_set), info.num_classes, rt.device, f", {rt.dist.world_size} processes" if rt.dist.enabled else "")
         history: List[Dict[str, Any]] = []
         results: List[StageResult] = []
         teacher: Optional[nn.Module] = None
@@ -600,7 +630,7 @@ def run_recipe(recipe: Recipe, resume: bool = False, force: bool = False, progre
             model = build_model(spec)
             get_module(model, feature_layer(cfg), f"{'teacher' if st.kind == 'teacher' else 'student'}.feature_layer")
             trainer = Trainer(recipe, i, model, spec, teacher if st.kind == "student" else None, train_set, test_set,
-                              run_dir, rt, history, stop)
+                              run_dir, rt, history, stop, val_set=val_set)
             last = run_dir / "checkpoints" / st.name / "last.pt"
             if rt.dist.is_main and last.parent.is_dir():
                 for stale in last.parent.glob(".*.tmp"):  # left by a process killed mid-write
@@ -625,8 +655,10 @@ def run_recipe(recipe: Recipe, resume: bool = False, force: bool = False, progre
                 teacher = trainer.model
                 teacher_eval = result.final
             if rt.dist.is_main:
-                log.info("[%s] done: test top-1 %.2f%% (best %.2f%% at epoch %d), %.0f s", st.name,
-                         result.final.get("test_top1", float("nan")), result.best_top1, result.best_epoch, result.wall_s)
+                best = (f" (best on validation: {result.best_top1:.2f}% at epoch {result.best_epoch}, "
+                        f"test {result.best_test_top1:.2f}%)") if result.best_epoch else ""
+                log.info("[%s] done: test top-1 %.2f%%%s, %.0f s", st.name,
+                         result.final.get("test_top1", float("nan")), best, result.wall_s)
         if teacher is not None and teacher_eval is None and rt.dist.is_main:
             loader = DataLoader(test_set, batch_size=256, num_workers=d.num_workers)
             ev = evaluate(teacher.to(rt.device), loader, rt.device, rt.amp_dtype)

@@ -26,7 +26,7 @@ def tiny_recipe_dict(out: Path, epochs: int = 1, name: str = "tiny") -> Dict[str
         "name": name,
         "seed": 3,
         "output_dir": str(out),
-        "data": {"dataset": "synthetic", "limit_train": 64, "limit_test": 32},
+        "data": {"dataset": "synthetic", "limit_train": 64, "limit_test": 32, "val_size": 16},
         "teacher": {"arch": "cifar_resnet20", "width_mult": 0.25},
         "student": {"arch": "cifar_resnet20", "width_mult": 0.25},
         "stages": [
