@@ -2,7 +2,9 @@
 
 A checkpoint is a plain ``dict`` of tensors and Python primitives, saved with ``torch.save`` to a
 temporary file in the same folder, flushed to disk, then renamed over the final name, so a reader
-never sees a half-written file under that name. Loading uses ``torch.load(weights_only=True)``:
+never sees a half-written file under that name. A full disk or a read-only folder ends the write
+with one line (:class:`~bnn_distill.errors.WriteError`) naming the path and the errno; the previous
+file stays under its name and the temporary file is removed. Loading uses ``torch.load(weights_only=True)``:
 a file carrying arbitrary pickled objects is refused without running them.
 """
 
@@ -18,7 +20,7 @@ from typing import Any, Dict, Union
 
 import torch
 
-from .errors import CheckpointError
+from .errors import WRITE_ERRNOS, CheckpointError, write_error
 
 FORMAT = "bnn-distill/1"
 
@@ -43,7 +45,31 @@ def atomic_save(obj: Dict[str, Any], path: Union[str, Path]) -> None:
 
 
 def _atomic(path: Union[str, Path], write) -> None:
+    """Write through ``write(f)`` atomically; a full disk or a read-only or forbidden folder raises
+    :class:`WriteError`, one line naming ``path`` and the errno, with the previous file (if any) kept
+    under its name and no temporary file left behind."""
     path = Path(path)
+    try:
+        _atomic_unchecked(path, write)
+    except (OSError, RuntimeError) as e:
+        disk = _disk_error(e)
+        if disk is None:
+            raise
+        raise write_error(disk, path, kept=path.exists()) from None
+
+
+def _disk_error(e: BaseException):
+    """The OSError of a full disk / read-only folder behind ``e`` (torch.save wraps it in a RuntimeError)."""
+    seen = 0
+    while e is not None and seen < 8:
+        if isinstance(e, OSError) and e.errno in WRITE_ERRNOS:
+            return e
+        e = e.__cause__ or e.__context__
+        seen += 1
+    return None
+
+
+def _atomic_unchecked(path: Path, write) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:

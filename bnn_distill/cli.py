@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-from .errors import CheckpointError, UserError
+from .errors import WRITE_ERRNOS, CheckpointError, UserError, one_line, write_error
 
 log = logging.getLogger("bnn_distill")
 
@@ -116,8 +116,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             hint = f"; resume with: bnn-distill train {args.recipe} --resume" if args.command == "train" else ""
             print(f"interrupted: {e}{hint}", file=sys.stderr)
         else:
-            print(f"error: {e}", file=sys.stderr)
+            print(f"error: {one_line(str(e))}", file=sys.stderr)
         return e.exit_code
+    except OSError as e:  # a full disk or a read-only folder met outside the atomic writers
+        if args.debug or e.errno not in WRITE_ERRNOS:
+            raise
+        err = write_error(e)
+        print(f"error: {err}", file=sys.stderr)
+        return err.exit_code
     except KeyboardInterrupt:
         if args.debug:
             raise
@@ -148,8 +154,11 @@ def cmd_train(args) -> int:
 
     if args.resume is False and args.force:
         raise UserError("--force only applies with --resume")
-    summary = run_recipe(recipe, resume=args.resume, force=args.force,
-                         progress=not args.no_progress and sys.stderr.isatty())
+    from .runlock import hold
+
+    with hold(recipe.run_dir, "run folder", "train"):  # one writer per run folder (rank 0 under torchrun)
+        summary = run_recipe(recipe, resume=args.resume, force=args.force,
+                             progress=not args.no_progress and sys.stderr.isatty())
     _print_summary(summary, recipe.run_dir)
     return 0
 
@@ -316,8 +325,12 @@ def cmd_export(args) -> int:
 
     if args.limit_test is not None and args.limit_test < 1:
         raise UserError(f"--limit-test: {args.limit_test} must be >= 1")
-    manifest = export_run(args.run, out=args.out, stage=args.stage, force=args.force, data_root=args.data_root,
-                          limit_test=args.limit_test, runtime=args.runtime, strict_top1=args.strict_top1)
+    from .runlock import hold
+
+    target = Path(args.out) if args.out else _default_export_dir(args.run)
+    with hold(target, "export folder", "export") if target is not None else _no_lock():  # one writer per folder
+        manifest = export_run(args.run, out=args.out, stage=args.stage, force=args.force, data_root=args.data_root,
+                              limit_test=args.limit_test, runtime=args.runtime, strict_top1=args.strict_top1)
     out = Path(args.out) if args.out else Path("export") / manifest["run"]
     parity = json.loads((out / "parity.json").read_text())
     for role, r in parity["models"].items():
@@ -337,6 +350,23 @@ def cmd_export(args) -> int:
               f"library {manifest['native']['library']})")
     print(f"exported stage '{manifest['stage']}' ({manifest['quant']}) of {manifest['run']} to {out}")
     return 0
+
+
+def _default_export_dir(run: str) -> Optional[Path]:
+    """export/<run name>, or None when ``run`` is not a readable run folder (export_run then says why)."""
+    from .recipe import load_recipe
+    from .train import RECIPE_FILE
+
+    try:
+        return Path("export") / load_recipe(Path(run) / RECIPE_FILE).name
+    except (UserError, OSError):
+        return None
+
+
+def _no_lock():
+    import contextlib
+
+    return contextlib.nullcontext()
 
 
 def cmd_bench(args) -> int:

@@ -8,6 +8,8 @@ exits with status 2; internal invariants use ``assert`` and show a traceback.
 from __future__ import annotations
 
 import difflib
+import errno as _errno
+from pathlib import Path
 from typing import Iterable
 
 
@@ -41,3 +43,38 @@ def choices(valid: Iterable[str]) -> str:
     if len(items) <= 1:
         return "".join(items)
     return ", ".join(items[:-1]) + " or " + items[-1]
+
+
+class FolderInUse(UserError):
+    """A run or export folder that another process is writing (one writer per folder)."""
+
+
+class WriteError(UserError):
+    """A file that could not be written: full disk, quota, read-only or forbidden folder."""
+
+
+# errors of the disk or its permissions, not of the program: one line with the path, no traceback
+
+WRITE_ERRNOS = frozenset(e for e in (_errno.ENOSPC, getattr(_errno, "EDQUOT", None), _errno.EACCES, _errno.EPERM,
+                                     _errno.EROFS, _errno.EFBIG) if e is not None)
+
+
+def write_error(e: OSError, path=None, kept: bool = False) -> WriteError:
+    """One-line :class:`WriteError` for ``e``, naming the path and the errno (``ENOSPC``, ``EACCES``...)."""
+    where = path if path is not None else (e.filename if e.filename is not None else "a file")
+    name = _errno.errorcode.get(e.errno, str(e.errno))
+    reason = e.strerror or str(e)
+    tail = f"; the previous {Path(str(where)).name} is kept" if kept else ""
+    hint = {"ENOSPC": "free some space", "EDQUOT": "free some space", "EFBIG": "free some space"}.get(
+        name, "make the folder writable or choose another")
+    return WriteError(one_line(f"cannot write {where}: {reason} ({name}, errno {e.errno}){tail}; {hint} and run again"))
+
+
+def one_line(text: str) -> str:
+    """``text`` with line breaks (every character ``str.splitlines`` breaks on) shown escaped."""
+    if len(text.splitlines()) <= 1 and not text.endswith(("\n", "\r")):
+        return text
+    out = []
+    for ch in text:
+        out.append(ch.encode("unicode_escape").decode("ascii") if ("a" + ch + "b").splitlines() != ["a" + ch + "b"] else ch)
+    return "".join(out)
