@@ -8,13 +8,32 @@ Trains one FP teacher, then binary students of the same family from it, one row 
 * ``itrd``        two stages, CE + 2.0 L_corr + 1.0 L_gram (the paper's loss)
 * ``itrd_single`` one W1A1 stage of the same total epochs, CE + 2.0 L_corr + 1.0 L_gram
 
-Every student starts from the teacher's weights (``init_from: teacher``) so the rows differ only
-by method. Every run is an ordinary bnn-distill run folder under ``--runs``: a finished run is
-skipped, an unfinished one resumes, so the grid can be completed across several sittings.
+* ``itrd_kd``     two stages, CE + KD + 2.0 L_corr + 1.0 L_gram (do the losses stack?)
+
+Two regimes (``--regime``):
+
+* ``teacher_init`` (the first grid): every student starts from the teacher's weights
+  (``init_from: teacher``), Adam, no validation split.
+* ``scratch`` (the paper's regime): students start from random initialisation; stage 1 (W32A1)
+  from scratch, stage 2 (W1A1) from stage 1, single stage W1A1 from scratch for the same total
+  epochs; SGD momentum 0.9, weight decay 5e-4, lr 0.1, warm-up then cosine (ITRD.md, scaled from
+  600 epochs); the teacher trains on the whole training split; the students hold out a balanced
+  validation split (``--val-size``, seed fixed across run seeds) and may train on a balanced
+  subset of the rest (``--limit-train``). The table reports the final weights' test top-1; the
+  best-on-validation weights' test top-1 is beside it, and nothing is selected on the test split.
+
+Every run is an ordinary bnn-distill run folder under ``--runs``: a finished run is skipped, an
+unfinished one resumes, so the grid can be completed across several sittings. Each finished run's
+summary, metrics and test predictions are also copied to ``<out>_runs/`` (small, committed), and
+a finished run found there is not trained again, so the grid survives a machine whose ``runs/``
+is gone; for the same reason ``--regime scratch`` keeps the teacher's weights there too.
 Writes ``<out>.json`` (every number), ``<out>.md`` (mean ± std over seeds) and ``<out>.png``.
 
     python benchmarks/itrd_grid.py --dataset fashion_mnist --seeds 0 1 \\
         --teacher-epochs 10 --stage-epochs 5 --out benchmarks/results/itrd_grid
+    python benchmarks/itrd_grid.py --regime scratch --seeds 0 1 2 --teacher-epochs 15 \\
+        --stage-epochs 12 --limit-train 20000 --batch-size 256 --runs runs/grid_scratch \\
+        --rows ce kd itrd itrd_kd itrd_single --out benchmarks/results/itrd_grid_scratch
 """
 
 from __future__ import annotations
@@ -29,8 +48,9 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from bnn_distill.errors import UserError
+from bnn_distill.evaluate import mcnemar_p
 from bnn_distill.recipe import recipe_from_dict
-from bnn_distill.train import SUMMARY_FILE, read_metrics, run_recipe
+from bnn_distill.train import METRICS_FILE, SUMMARY_FILE, read_metrics, run_recipe
 
 log = logging.getLogger("itrd_grid")
 
@@ -40,6 +60,8 @@ METHODS: Dict[str, List[Dict[str, Any]]] = {
     "kd": CE + [{"name": "kd", "weight": 1.0, "temperature": 4.0}],
     "itrd_corr": CE + [{"name": "itrd_corr", "weight": 2.0, "alpha": 1.01}],
     "itrd": CE + [{"name": "itrd_corr", "weight": 2.0, "alpha": 1.01}, {"name": "itrd_mi", "weight": 1.0}],
+    "itrd_kd": CE + [{"name": "kd", "weight": 1.0, "temperature": 4.0},
+                     {"name": "itrd_corr", "weight": 2.0, "alpha": 1.01}, {"name": "itrd_mi", "weight": 1.0}],
 }
 SINGLE = "itrd_single"
 ROWS = list(METHODS) + [SINGLE]
@@ -79,15 +101,25 @@ def _variant(d: Dict[str, Any], name: str) -> Dict[str, Any]:
     return d
 
 
-def _stage(name: str, quant: str, init_from: str, epochs: int, args, losses) -> Dict[str, Any]:
+def _stage(name: str, quant: str, init_from: Optional[str], epochs: int, args, losses) -> Dict[str, Any]:
+    if args.regime == "scratch":  # the paper's binary recipe: SGD, warm-up then cosine
+        optimizer = {"name": "sgd", "lr": args.lr, "momentum": 0.9, "weight_decay": 5e-4}
+        warmup = min(args.warmup_epochs, epochs / 2)
+    else:
+        optimizer = {"name": "adam", "lr": args.lr, "weight_decay": 0.0}
+        warmup = min(1.0, epochs / 2)
     return {"name": name, "kind": "student", "quant": quant, "init_from": init_from, "epochs": epochs,
-            "batch_size": args.batch_size, "optimizer": {"name": "adam", "lr": args.lr, "weight_decay": 0.0},
-            "schedule": {"name": "cosine", "warmup_epochs": min(1.0, epochs / 2)}, "losses": copy.deepcopy(losses)}
+            "batch_size": args.batch_size, "optimizer": optimizer,
+            "schedule": {"name": "cosine", "warmup_epochs": warmup}, "losses": copy.deepcopy(losses)}
 
 
-def base(args, name: str, seed: int) -> Dict[str, Any]:
+def base(args, name: str, seed: int, student: bool = True) -> Dict[str, Any]:
     model = {"arch": args.arch, "width_mult": args.width_mult}
     data = {"dataset": args.dataset, "limit_train": args.limit_train, "limit_test": args.limit_test}
+    if args.regime == "scratch":  # the teacher learns from every training image; students hold out validation
+        data["limit_train"] = args.limit_train if student else None
+        if student:
+            data["val_size"] = args.val_size
     if args.root:
         data["root"] = args.root
     return {"name": name, "seed": seed, "output_dir": args.runs, "data": data,
@@ -95,7 +127,7 @@ def base(args, name: str, seed: int) -> Dict[str, Any]:
 
 
 def teacher_recipe(args) -> Dict[str, Any]:
-    d = base(args, "teacher", 0)
+    d = base(args, "teacher", 0, student=False)
     d["stages"] = [{"name": "teacher", "kind": "teacher", "quant": "FP", "epochs": args.teacher_epochs,
                     "batch_size": args.batch_size, "optimizer": {"name": "sgd", "lr": 0.1, "weight_decay": 5e-4},
                     "schedule": {"name": "cosine", "warmup_epochs": 1.0}, "losses": CE}]
@@ -110,10 +142,11 @@ def student_recipe(args, row: str, seed: int, teacher_ckpt: str) -> Dict[str, An
         return _variant(d, name)
     d = base(args, f"{row}_s{seed}", seed)
     d["teacher"]["checkpoint"] = teacher_ckpt
+    start = None if args.regime == "scratch" else "teacher"
     if row == SINGLE:
-        d["stages"] = [_stage("binary", "W1A1", "teacher", 2 * args.stage_epochs, args, METHODS["itrd"])]
+        d["stages"] = [_stage("binary", "W1A1", start, 2 * args.stage_epochs, args, METHODS["itrd"])]
     else:
-        d["stages"] = [_stage("stage1", "W32A1", "teacher", args.stage_epochs, args, METHODS[row]),
+        d["stages"] = [_stage("stage1", "W32A1", start, args.stage_epochs, args, METHODS[row]),
                        _stage("stage2", "W1A1", "stage1", args.stage_epochs, args, METHODS[row])]
     return d
 
@@ -170,19 +203,80 @@ def step_cost(args, rounds: int = 7, warmup: int = 2) -> Dict[str, Any]:
     return out
 
 
-def run_cached(raw: Dict[str, Any], train: bool = True) -> Optional[Dict[str, Any]]:
-    """Run a recipe unless its run folder already holds a finished run; resume an unfinished one.
-    ``train=False``: only read a finished run (None if there is none)."""
+def kept_dir(args) -> Path:
+    """The committed copy of the grid's finished runs: ``<out>_runs/``."""
+    return Path(str(args.out) + "_runs")
+
+
+def _last_checkpoint(recipe) -> Path:
+    return recipe.run_dir / "checkpoints" / recipe.stages[-1].name / "last.pt"
+
+
+def _keep(args, recipe, summary: Dict[str, Any]) -> None:
+    """Copy a finished run's summary, metrics and final test predictions to :func:`kept_dir`."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    from bnn_distill.checkpoint import atomic_write_bytes, load_checkpoint, load_model_state
+    from bnn_distill.data import build_splits
+    from bnn_distill.evaluate import evaluate
+    from bnn_distill.train import build_model
+
+    dest = kept_dir(args) / recipe.name
+    ck = load_checkpoint(_last_checkpoint(recipe))
+    model = build_model(ck["model_spec"])
+    load_model_state(model, ck["model"], f"checkpoint of {recipe.name}")
+    d = recipe.data
+    test = build_splits(d.dataset, d.root, False, False, None, d.limit_test, seed=recipe.seed).test
+    ev = evaluate(model, DataLoader(test, batch_size=500), torch.device("cpu"), keep_predictions=True)
+    final = summary["stages"][-1]["final"].get("test_top1")
+    if final is not None and abs(ev["top1"] - final) > 1e-6:  # the same weights, the same images
+        raise UserError(f"{recipe.name}: its final checkpoint gives {ev['top1']:.3f}% on the test split, "
+                        f"its summary says {final:.3f}%")
+    kept = {"summary": summary, "metrics": read_metrics(recipe.run_dir),
+            "test_predictions": ev["predictions"].tolist(),
+            "test_labels": [int(y) for y in test.targets]}
+    dest.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(dest / "run.json", (json.dumps(kept) + "\n").encode())
+    if recipe.name == "teacher":  # the students' teacher, so that the grid can go on on another machine
+        weights = {k: ck[k] for k in ("format", "stage", "model_spec", "model")} | {"kind": "weights"}
+        from bnn_distill.checkpoint import atomic_save
+
+        atomic_save(weights, dest / "teacher.pt")
+
+
+def load_kept(args, name: str) -> Optional[Dict[str, Any]]:
+    path = kept_dir(args) / name / "run.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def run_cached(args, raw: Dict[str, Any], train: bool = True) -> Optional[Dict[str, Any]]:
+    """Run a recipe unless it has finished (a kept copy, or a finished run folder); resume an
+    unfinished one. ``train=False``: only read a finished run (None if there is none). Returns
+    the run's summary, with ``_metrics`` and ``_predictions`` from the kept copy."""
     recipe = recipe_from_dict(raw)
-    done = recipe.run_dir / SUMMARY_FILE
-    if done.exists():
-        log.info("%s: finished earlier, skipped", recipe.name)
-        return json.loads(done.read_text())
-    if not train:
-        return None
-    resume = (recipe.run_dir / "recipe.yaml").exists()
-    log.info("%s: %s", recipe.name, "resuming" if resume else "training")
-    return run_recipe(recipe, resume=resume, progress=sys.stderr.isatty())
+    kept = load_kept(args, recipe.name)
+    if kept is None:
+        done = recipe.run_dir / SUMMARY_FILE
+        if done.exists():
+            log.info("%s: finished earlier, skipped", recipe.name)
+            summary = json.loads(done.read_text())
+        elif not train:
+            return None
+        else:
+            resume = (recipe.run_dir / "recipe.yaml").exists()
+            log.info("%s: %s", recipe.name, "resuming" if resume else "training")
+            summary = run_recipe(recipe, resume=resume, progress=sys.stderr.isatty())
+        _keep(args, recipe, json.loads(json.dumps(summary)))
+        kept = load_kept(args, recipe.name)
+        assert kept is not None
+    elif kept["summary"].get("fingerprint") != recipe.fingerprint():
+        raise UserError(f"{kept_dir(args) / recipe.name} holds a run of another recipe than this grid's "
+                        f"'{recipe.name}'; give another --out, or delete that folder to train it again")
+    else:
+        log.info("%s: kept in %s, skipped", recipe.name, kept_dir(args))
+    return dict(kept["summary"], _metrics=kept["metrics"], _predictions=kept["test_predictions"],
+                _labels=kept["test_labels"])
 
 
 def _mean_std(xs: List[float]) -> str:
@@ -218,84 +312,135 @@ def _train_s(summary: Dict[str, Any]) -> float:
     return round(sum(st["wall_s"] for st in summary["stages"]), 1)
 
 
+def _mcnemar_vs_itrd(row: List[Dict[str, Any]], ref: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """Per seed both rows finished: images only the row's student gets right (``b``), only itrd's
+    (``c``), the difference in points and McNemar's exact two-sided p (same test images)."""
+    theirs = {r["_seed"]: r for r in ref}
+    out = []
+    for r in row:
+        other = theirs.get(r["_seed"])
+        if other is None:
+            continue
+        y = r["_labels"]
+        mine = [p == t for p, t in zip(r["_predictions"], y)]
+        their = [p == t for p, t in zip(other["_predictions"], y)]
+        b = sum(m and not t for m, t in zip(mine, their))
+        c = sum(t and not m for m, t in zip(mine, their))
+        out.append({"seed": r["_seed"], "only_row": b, "only_itrd": c, "diff_points": 100.0 * (b - c) / len(y),
+                    "p": mcnemar_p(b, c)})
+    return out
+
+
+def _mcnemar_cell(tests: List[Dict[str, Any]]) -> str:
+    return "; ".join(f"s{t['seed']} {t['diff_points']:+.2f} p={t['p']:.2g}" for t in tests) or "-"
+
+
 def report(args, teacher: Dict[str, Any], results: Dict[str, List[Dict[str, Any]]],
            quiet: bool = False, cost: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     t_acc = teacher["teacher"]["test_top1"]
     rows = {}
     for row, runs in results.items():
         finals = [r["stages"][-1]["final"]["test_top1"] for r in runs]
+        best = [r["stages"][-1].get("best_test_top1") for r in runs]
+        best = [b for b in best if b is not None and b == b]  # nan: no validation split
         rows[row] = {"top1": finals, "seeds": [r.get("_seed") for r in runs],
                      "mean": statistics.mean(finals) if finals else None,
                      "std": statistics.stdev(finals) if len(finals) > 1 else None,
+                     "best_on_val_top1": best,
+                     "val_top1": [r["stages"][-1]["final"].get("val_top1") for r in runs],
                      "gap_to_teacher": (t_acc - statistics.mean(finals)) if finals else None,
                      "wall_s": [_train_s(r) for r in runs],
                      "images_per_s": [statistics.mean(s["images_per_s"] for s in r["stages"]) for r in runs]}
     for row, r in rows.items():
         r["vs_itrd_same_seeds"] = None if row == "itrd" else _vs_itrd(r, rows.get("itrd"))
-    out = {"args": vars(args), "teacher_top1": t_acc, "teacher_wall_s": _train_s(teacher), "rows": rows,
-           "machine": teacher["machine"], "step_cost": cost}
-    lines = [f"Binary {args.arch} x{args.width_mult} students on {args.dataset}; teacher top-1 {t_acc:.2f}%; "
-             f"{args.stage_epochs}+{args.stage_epochs} student epochs (single stage: {2 * args.stage_epochs}); "
-             f"seeds {args.seeds}; {out['machine'].get('cpu')}", "",
-             "| method | seeds done | test top-1 (mean ± std) | gap to teacher | train s / run | train images/s (runs) "
-             "| step images/s side by side | step time vs CE | vs itrd, same seeds |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        r["mcnemar_vs_itrd"] = [] if row == "itrd" else _mcnemar_vs_itrd(results[row], results.get("itrd", []))
+    out = {"args": vars(args), "regime": args.regime, "teacher_top1": t_acc, "teacher_wall_s": _train_s(teacher),
+           "rows": rows, "machine": teacher["machine"], "step_cost": cost}
+    start = "random initialisation" if args.regime == "scratch" else "the teacher's weights"
+    lines = [f"Binary {args.arch} x{args.width_mult} students on {args.dataset}, from {start}; teacher top-1 "
+             f"{t_acc:.2f}%; {args.stage_epochs}+{args.stage_epochs} student epochs (single stage: "
+             f"{2 * args.stage_epochs}); seeds {args.seeds}; {out['machine'].get('cpu')}", "",
+             "| method | seeds done | test top-1, final (mean ± std) | test top-1, best on val | gap to teacher "
+             "| train s / run | step images/s side by side | step time vs CE | vs itrd, same seeds "
+             "| McNemar vs itrd per seed |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for row, r in rows.items():
         gap = "-" if r["gap_to_teacher"] is None else f"{r['gap_to_teacher']:.2f}"
         wall = f"{statistics.mean(r['wall_s']):.0f}" if r["wall_s"] else "-"
-        ips = f"{statistics.mean(r['images_per_s']):.0f}" if r["images_per_s"] else "-"
         # itrd_single and the itrd- variants take itrd's step, except batch_256 (a different batch than measured)
         crow = "itrd" if row == SINGLE or (row.startswith("itrd-") and row != "itrd-batch_256") else row
         side = ratio = "-"
-        vs = _vs_cell(r["vs_itrd_same_seeds"])
         if cost and crow in cost["images_per_s"]:
             side, ratio = f"{cost['images_per_s'][crow]:.0f}", f"{cost['vs_ce'][crow]:.3f}"
-        lines.append(f"| {row} | {len(r['top1'])} | {_mean_std(r['top1'])} | {gap} | {wall} | {ips} | {side} | {ratio} | {vs} |")
-    lines += ["", "Train images/s (runs): mean over each run's stages, from separate runs (machine load differs "
-              "between them). Step images/s side by side: one W1A1 student optimiser step per method, teacher "
+        lines.append(f"| {row} | {len(r['top1'])} | {_mean_std(r['top1'])} | {_mean_std(r['best_on_val_top1'])} "
+                     f"| {gap} | {wall} | {side} | {ratio} | {_vs_cell(r['vs_itrd_same_seeds'])} "
+                     f"| {_mcnemar_cell(r['mcnemar_vs_itrd'])} |")
+    lines += ["", "Final: the last epoch's weights (no selection). Best on val: the weights best on the held-out "
+              "validation split (best.pt), then read once on the test split; '-' where there is no validation "
+              "split. Step images/s side by side: one W1A1 student optimiser step per method, teacher "
               "forward included where the loss needs it, all methods interleaved"
               + (f" ({cost['rounds']} rounds, batch {cost['key']['batch']}, {cost['threads']} threads, medians)" if cost else "")
               + "; itrd_single and the itrd- variants have itrd's step (batch_256: not measured). vs itrd, same seeds: mean "
               "over the seeds both rows have finished of (row top-1 - itrd top-1), in points, and on how many of "
-              "those seeds the row was above itrd."]
+              "those seeds the row was above itrd. McNemar: per seed, (row - itrd) in points over the same test "
+              "images and the exact two-sided p."]
     path = Path(args.out)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.with_suffix(".json").write_text(json.dumps(out, indent=2) + "\n")
     path.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    _plot(args, out, path.with_suffix(".png"))
+    _plot(args, out, results, path.with_suffix(".png"))
     if not quiet:
         print("\n".join(lines))
     return out
 
 
-def _plot(args, out: Dict[str, Any], path: Path) -> None:
+def _plot(args, out: Dict[str, Any], results: Dict[str, List[Dict[str, Any]]], path: Path) -> None:
+    """Left: final test top-1 per method on an axis from 0 (dots: seeds). Middle: the paired
+    difference to ``ce`` per seed in points, so small differences show with their spread instead
+    of being blown up by a cut axis. Right: validation (else test) top-1 per epoch, stage 2's start
+    marked."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_bar, ax_curve) = plt.subplots(1, 2, figsize=(13, 4.8))
+    fig, (ax_bar, ax_diff, ax_curve) = plt.subplots(1, 3, figsize=(17, 4.8))
     names = [r for r in out["rows"] if out["rows"][r].get("top1")]  # rows, then variants
     palette = plt.get_cmap("tab20").colors  # 20 distinct colours: the default cycle repeats after 10 rows
+    ref = dict(zip(out["rows"].get("ce", {}).get("seeds", []), out["rows"].get("ce", {}).get("top1", [])))
+    stage2_at = None
     for i, row in enumerate(names):
         vals = out["rows"][row]["top1"]
         colour = palette[(2 * i) % 20 + (2 * i) // 20 % 2]  # the strong shades first, then the light ones
         ax_bar.bar(i, statistics.mean(vals), color=colour, alpha=0.8)
-        ax_bar.plot([i] * len(vals), vals, "k.", ms=8)
-        for k, seed in enumerate(out["rows"][row]["seeds"]):  # finished runs only
-            metrics = read_metrics(Path(args.runs) / f"{row}_s{seed}")
-            ys = [m["test_top1"] for m in metrics if "test_top1" in m]
+        ax_bar.plot([i] * len(vals), vals, "k.", ms=6)
+        diffs = [v - ref[s] for s, v in zip(out["rows"][row]["seeds"], vals) if s in ref]
+        if diffs and row != "ce":
+            ax_diff.plot([i] * len(diffs), diffs, "o", color=colour, ms=6)
+            ax_diff.hlines(statistics.mean(diffs), i - 0.3, i + 0.3, color=colour, lw=2)
+        for k, run in enumerate(results.get(row, [])):
+            metrics = run.get("_metrics") or read_metrics(Path(args.runs) / f"{row}_s{run['_seed']}")
+            key = "val_top1" if any("val_top1" in m for m in metrics) else "test_top1"
+            ys = [m[key] for m in metrics if key in m]
             ax_curve.plot(range(1, len(ys) + 1), ys, color=colour, alpha=0.8, label=row if k == 0 else None)
-    ax_bar.axhline(out["teacher_top1"], color="grey", ls="--", label="FP teacher")
+            stages = [m["stage"] for m in metrics]
+            if "stage2" in stages and stage2_at is None:
+                stage2_at = stages.index("stage2") + 0.5
+    ax_bar.axhline(out["teacher_top1"], color="grey", ls="--", label=f"FP teacher {out['teacher_top1']:.2f}")
     ax_bar.set_xticks(range(len(names)), names, rotation=40, ha="right", fontsize=8)
-    ax_bar.set(ylabel="final test top-1 (%)", title="binary student by method (dots: seeds)")
-    if names:
-        values = [v for r in names for v in out["rows"][r]["top1"]] + [out["teacher_top1"]]
-        ax_bar.set_ylim(max(0.0, min(values) - 3), min(100.0, max(values) + 2))
-    ax_bar.legend()
-    ax_curve.set(xlabel="student epoch (all stages)", ylabel="test top-1 (%)", title="test accuracy during training")
+    ax_bar.set(ylabel="final test top-1 (%)", title="binary student by method (dots: seeds)", ylim=(0, 100))
+    ax_bar.legend(loc="lower right")
+    ax_diff.axhline(0.0, color="k", lw=0.8)
+    ax_diff.set_xticks(range(len(names)), names, rotation=40, ha="right", fontsize=8)
+    lim = max([1.0] + [abs(v) for line in ax_diff.get_lines() for v in line.get_ydata()])
+    ax_diff.set(ylabel="test top-1 minus ce, same seed (points)", title="paired difference to ce (bar: mean)",
+                ylim=(-1.15 * lim, 1.15 * lim))
+    if stage2_at is not None:
+        ax_curve.axvline(stage2_at, color="grey", ls=":", label="stage 2 starts")
+    key = "validation" if args.regime == "scratch" else "test"
+    ax_curve.set(xlabel="student epoch (all stages)", ylabel=f"{key} top-1 (%)", title=f"{key} accuracy during training")
     ax_curve.legend(fontsize=8)
-    for ax in (ax_bar, ax_curve):
+    for ax in (ax_bar, ax_diff, ax_curve):
         ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -312,8 +457,15 @@ def main(argv=None) -> int:
     ap.add_argument("--teacher-epochs", type=int, default=10)
     ap.add_argument("--stage-epochs", type=int, default=5)
     ap.add_argument("--batch-size", type=int, default=128)
-    ap.add_argument("--lr", type=float, default=2e-3, help="Adam learning rate of the student stages")
-    ap.add_argument("--limit-train", type=int, default=None)
+    ap.add_argument("--regime", choices=("teacher_init", "scratch"), default="teacher_init",
+                    help="students from the teacher's weights (Adam) or from random initialisation (SGD, the paper's)")
+    ap.add_argument("--lr", type=float, default=None,
+                    help="student learning rate (default: Adam 2e-3 for teacher_init, SGD 0.1 for scratch)")
+    ap.add_argument("--warmup-epochs", type=float, default=1.0, help="scratch: linear warm-up before the cosine")
+    ap.add_argument("--val-size", type=int, default=5000,
+                    help="scratch: validation images held out of the students' training split (balanced)")
+    ap.add_argument("--limit-train", type=int, default=None,
+                    help="balanced training subset (scratch: of the students' split; the teacher uses all of it)")
     ap.add_argument("--limit-test", type=int, default=None)
     ap.add_argument("--rows", nargs="+", default=ROWS, choices=ROWS)
     ap.add_argument("--variants", nargs="+", default=[], choices=sorted(VARIANTS), metavar="NAME",
@@ -326,13 +478,15 @@ def main(argv=None) -> int:
     ap.add_argument("--report-only", action="store_true",
                     help="train nothing: report the runs that have finished (e.g. while the grid runs elsewhere)")
     args = ap.parse_args(argv)
+    if args.lr is None:
+        args.lr = 0.1 if args.regime == "scratch" else 2e-3
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     try:
-        teacher = run_cached(teacher_recipe(args), train=not args.report_only)
+        teacher = run_cached(args, teacher_recipe(args), train=not args.report_only)
         if teacher is None:
             raise UserError(f"--report-only: the teacher in {args.runs} has not finished")
-        ckpt = str(Path(args.runs) / "teacher" / "checkpoints" / "teacher" / "last.pt")
+        ckpt = str(kept_dir(args) / "teacher" / "teacher.pt")
         # Seed-major order: a grid stopped part-way still has every row for the first seed(s),
         # and the report is rewritten after every finished run so partial progress is visible.
         cost = None if args.no_cost else step_cost(args)
@@ -340,7 +494,7 @@ def main(argv=None) -> int:
         results: Dict[str, List[Dict[str, Any]]] = {row: [] for row in rows}
         for s in args.seeds:
             for row in rows:
-                r = run_cached(student_recipe(args, row, s, ckpt), train=not args.report_only)
+                r = run_cached(args, student_recipe(args, row, s, ckpt), train=not args.report_only)
                 if r is None:  # --report-only: not finished yet
                     continue
                 results[row].append(dict(r, _seed=s))

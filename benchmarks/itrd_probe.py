@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import statistics
 import sys
 from pathlib import Path
@@ -45,6 +44,7 @@ from torch import Tensor
 
 from bnn_distill.checkpoint import load_checkpoint, load_model_state
 from bnn_distill.data import build_datasets
+from bnn_distill.evaluate import mcnemar_p  # noqa: F401 - used by paired(), and tests import it from here
 from bnn_distill.hooks import FeatureHook
 from bnn_distill.losses import itrd_correlation, itrd_mutual_information, kd_loss
 from bnn_distill.models import default_feature_layer
@@ -109,18 +109,6 @@ def probe(logits: Tensor, feat: Tensor, t_logits: Tensor, t_feat: Tensor, y: Ten
         "L_gram": statistics.mean(float(itrd_mutual_information(feat[s], t_feat[s])) for s in batches),
         "cka": linear_cka(feat, t_feat),
     }
-
-
-def mcnemar_p(b: int, c: int) -> float:
-    """Two-sided exact McNemar p-value for ``b`` and ``c`` discordant pairs: under equal accuracy
-    each discordant image goes either way with probability 1/2, so ``P = min(1, 2 P(X <= min(b, c)))``
-    with ``X ~ Binomial(b + c, 1/2)``."""
-    n, k = b + c, min(b, c)
-    if n == 0:
-        return 1.0
-    log_terms = [math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) - n * math.log(2) for i in range(k + 1)]
-    top = max(log_terms)
-    return min(1.0, 2.0 * math.exp(top) * sum(math.exp(t - top) for t in log_terms))
 
 
 def paired(results: Dict[str, List[Tuple[Any, Tensor]]], reference: str = "itrd") -> Dict[str, List[Dict[str, Any]]]:

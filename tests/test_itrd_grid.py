@@ -25,7 +25,8 @@ def _recipe_args(tmp_path):
 
     return argparse.Namespace(dataset="fmnist_subset", root=None, arch="cifar_resnet20", width_mult=1.0,
                               limit_train=None, limit_test=None, runs=str(tmp_path), batch_size=128, lr=2e-3,
-                              teacher_epochs=3, stage_epochs=4)
+                              teacher_epochs=3, stage_epochs=4, regime="teacher_init", warmup_epochs=1.0,
+                              val_size=500, out=str(tmp_path / "grid"))
 
 
 def _args(grid, tmp_path, *extra):
@@ -51,6 +52,52 @@ def test_every_row_is_a_valid_recipe_with_the_same_budget(tmp_path):
     two_stage = recipe_from_dict(grid.student_recipe(args, "itrd", 0, str(ckpt)))
     assert [st.quant for st in two_stage.stages] == ["W32A1", "W1A1"]
     assert [t.name for t in two_stage.stages[0].losses] == ["ce", "itrd_corr", "itrd_mi"]
+
+
+def test_scratch_rows_start_from_random_weights_with_the_papers_optimiser(tmp_path):
+    grid = _grid()
+    args = _recipe_args(tmp_path)
+    args.regime, args.lr, args.limit_train = "scratch", 0.1, 2000
+    teacher = recipe_from_dict(grid.teacher_recipe(args))
+    assert teacher.data.val_size is None and teacher.data.limit_train is None  # all training images
+    ckpt = tmp_path / "t.pt"
+    ckpt.write_bytes(b"")
+    for row in ("ce", "kd", "itrd", "itrd_kd", "itrd_single"):
+        r = recipe_from_dict(grid.student_recipe(args, row, 2, str(ckpt)))
+        assert r.data.val_size == 500 and r.data.limit_train == 2000 and r.data.val_seed == 0
+        assert r.stages[0].init_from is None and sum(st.epochs for st in r.stages) == 8
+        for st in r.stages:
+            assert (st.optimizer.name, st.optimizer.lr, st.optimizer.momentum, st.optimizer.weight_decay) == \
+                ("sgd", 0.1, 0.9, 5e-4)
+            assert st.schedule.name == "cosine" and st.schedule.warmup_epochs == 1.0
+        if row != "itrd_single":
+            assert [st.init_from for st in r.stages] == [None, "stage1"]
+    both = recipe_from_dict(grid.student_recipe(args, "itrd_kd", 0, str(ckpt)))
+    assert [t.name for t in both.stages[1].losses] == ["ce", "kd", "itrd_corr", "itrd_mi"]
+
+
+def test_scratch_grid_keeps_its_runs_and_reports_from_them_alone(tmp_path):
+    """A finished run is copied (summary, metrics, test predictions; the teacher's weights) to
+    <out>_runs/, and the report is rebuilt from that copy when runs/ is gone (another machine)."""
+    import shutil
+
+    grid = _grid()
+    argv = _args(grid, tmp_path, "--regime", "scratch", "--val-size", "16", "--rows", "ce", "itrd", "--no-cost")
+    assert grid.main(argv) == 0
+    kept = tmp_path / "grid_runs"
+    assert {p.name for p in kept.iterdir()} == {"teacher", "ce_s0", "itrd_s0"}
+    assert (kept / "teacher" / "teacher.pt").is_file()
+    first = json.loads((tmp_path / "grid.json").read_text())
+    run = json.loads((kept / "ce_s0" / "run.json").read_text())
+    right = sum(p == y for p, y in zip(run["test_predictions"], run["test_labels"]))
+    assert 100.0 * right / len(run["test_labels"]) == pytest.approx(first["rows"]["ce"]["top1"][0])
+    assert first["rows"]["ce"]["mcnemar_vs_itrd"][0]["seed"] == 0 and first["regime"] == "scratch"
+    assert len(first["rows"]["ce"]["best_on_val_top1"]) == 1
+    shutil.rmtree(tmp_path / "runs")
+    assert grid.main(argv + ["--report-only"]) == 0
+    again = json.loads((tmp_path / "grid.json").read_text())
+    assert again["rows"] == first["rows"]
+    assert not (tmp_path / "runs" / "ce_s0").exists()
 
 
 @pytest.mark.slow
