@@ -79,6 +79,19 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--data-root", help="dataset folder, if not where the run found it")
     _add_common(b)
 
+    p = sub.add_parser("predict", help="classify images (PNG/JPEG or .npy) with an export folder's binary student")
+    p.add_argument("export_dir", help="export folder written by 'bnn-distill export'")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="PNG/JPEG images or .npy arrays")
+    p.add_argument("--top-k", type=int, default=5, metavar="K", help="classes to print per image (default: 5)")
+    p.add_argument("--json", action="store_true", help="print JSON (top-k with probabilities, and the logits)")
+    p.add_argument("--runtime", choices=("auto", "standard", "native"), default="auto",
+                   help="auto (default): the native graph when the export has it and the native library loads, "
+                        "else the standard one")
+    p.add_argument("--model", choices=("student_binary", "student_fp32", "teacher"), default="student_binary",
+                   help="which exported model to run (default: the binary student)")
+    p.add_argument("--threads", type=int, metavar="N", help="onnxruntime intra-op threads (default: onnxruntime's)")
+    _add_common(p)
+
     n = sub.add_parser("build-native", help="build the native onnxruntime custom-op library (XNOR-popcount binary conv)")
     n.add_argument("--headers", help="folder with the onnxruntime C/C++ API headers (default: cached, else "
                                      "downloaded from Debian trixie's libonnxruntime-dev)")
@@ -106,7 +119,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         return {"train": cmd_train, "eval": cmd_eval, "summary": cmd_summary, "export": cmd_export,
-                "bench": cmd_bench, "build-native": cmd_build_native}[args.command](args)
+                "bench": cmd_bench, "predict": cmd_predict,
+                "build-native": cmd_build_native}[args.command](args)
     except UserError as e:
         if args.debug:
             raise
@@ -375,6 +389,21 @@ def cmd_bench(args) -> int:
     run_bench(args.export_dir, batches=args.batch, threads=args.threads, repeats=args.repeats, warmup=args.warmup,
               budget_s=args.budget, accuracy=not args.no_accuracy, data_root=args.data_root, burst=args.burst)
     print((Path(args.export_dir) / BENCH_MD).read_text().rstrip())
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from .predict import format_text, predict
+
+    if args.threads is not None and args.threads < 1:
+        raise UserError(f"--threads: {args.threads} must be >= 1")
+    result = predict(args.export_dir, args.images, top_k=args.top_k, runtime=args.runtime, model=args.model,
+                     threads=args.threads)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        log.info("%s (%s graph, %s)", result["file"], result["runtime"], args.export_dir)
+        print(format_text(result))
     return 0
 
 
