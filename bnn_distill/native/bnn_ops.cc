@@ -45,6 +45,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdint>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <mutex>
@@ -133,8 +134,9 @@ void PackPixelAvx512(const float* x, int64_t C, int64_t CW, uint64_t* out) {
   }
 }
 
+// The same, written in the AVX2 kernels' split form: per word, [word & 0x0F.., (word >> 4) & 0x0F..].
 __attribute__((target("avx2")))
-void PackPixelAvx2(const float* x, int64_t C, int64_t CW, uint64_t* out) {
+void PackPixelAvx2Split(const float* x, int64_t C, int64_t CW, uint64_t* out) {
   const __m256 zero = _mm256_setzero_ps();
   for (int64_t w = 0; w < CW; ++w) {
     uint64_t word = 0;
@@ -145,7 +147,8 @@ void PackPixelAvx2(const float* x, int64_t C, int64_t CW, uint64_t* out) {
       word |= static_cast<uint64_t>(static_cast<unsigned>(m)) << (c - c0);
     }
     for (; c < c1; ++c) word |= static_cast<uint64_t>(x[c] < 0.0f) << (c - c0);
-    out[w] = word;
+    out[2 * w] = word & 0x0F0F0F0F0F0F0F0Full;
+    out[2 * w + 1] = (word >> 4) & 0x0F0F0F0F0F0F0F0Full;
   }
 }
 
@@ -238,46 +241,186 @@ void TilePortable(const Item& it, int64_t b, int64_t oy, int64_t ox0, int64_t g0
   for (int p = 0; p < P; ++p) it.ep->Store(b, oy, ox0 + p, g0, G, acc[p]);
 }
 
-__attribute__((target("avx2"))) inline __m256i Popcnt256(__m256i v) {
-  const __m256i lut = _mm256_setr_epi8(0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4,
-                                       0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4);
-  const __m256i low = _mm256_set1_epi8(0x0F);
-  const __m256i lo = _mm256_and_si256(v, low);
-  const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
-  const __m256i bytes = _mm256_add_epi8(_mm256_shuffle_epi8(lut, lo), _mm256_shuffle_epi8(lut, hi));
-  return _mm256_sad_epu8(bytes, _mm256_setzero_si256());  // 4 x 64-bit popcounts
+// AVX2 has no vector popcount. Both operands are stored split into nibbles: word & 0x0F.. ("lo") and
+// (word >> 4) & 0x0F.. ("hi"), so every byte of lo ^ lo' and hi ^ hi' is already a 4-bit VPSHUFB index
+// (no shift and no masks in the inner loop). Two tables turn that into one VPSADBW: with
+// TA[i] = 8 + popcount(i) and TB[i] = 8 - popcount(i), |TA[lo] - TB[hi]| = popcount(lo) + popcount(hi)
+// per byte, and VPSADBW sums the 8 bytes of each 64-bit lane: the popcount of the 64-bit XOR.
+// Per 4 output channels x 64 input bits: 2 XOR, 2 VPSHUFB, 1 VPSADBW, 1 VPADDQ.
+//
+// Split layouts: packed input (B, Hp, Wp, CW, 2) words [lo, hi]; weights (OCp/8, taps*CW, 2, 8): per group
+// of 8 output channels and input word, the 8 lo words, then the 8 hi words (two ymm each).
+constexpr uint64_t kNibbles = 0x0F0F0F0F0F0F0F0Full;
+
+inline void SplitWord(uint64_t w, uint64_t* out) {
+  out[0] = w & kNibbles;
+  out[1] = (w >> 4) & kNibbles;
 }
 
-template <int P, int G>
-__attribute__((target("avx2"))) void TileAvx2(const Item& it, int64_t b, int64_t oy, int64_t ox0, int64_t g0) {
-  const Geometry& g = *it.g;
-  __m256i acc[P][2 * G];
-  for (int p = 0; p < P; ++p)
-    for (int j = 0; j < 2 * G; ++j) acc[p][j] = _mm256_setzero_si256();
-  const int64_t tapw = g.CW * 8, gstride = g.taps() * tapw;
-  for (int64_t ky = 0; ky < g.K; ++ky) {
-    const uint64_t* arow = it.A + ((b * g.Hp + oy * g.S + ky) * g.Wp) * g.CW;
-    for (int64_t kx = 0; kx < g.K; ++kx) {
-      const int64_t tap = ky * g.K + kx;
-      for (int64_t cw = 0; cw < g.CW; ++cw) {
-        __m256i w[2 * G];
-        for (int gi = 0; gi < G; ++gi) {
-          const uint64_t* wp = it.Wb + (g0 + gi) * gstride + tap * tapw + cw * 8;
-          w[2 * gi] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp));
-          w[2 * gi + 1] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp + 4));
-        }
-        for (int p = 0; p < P; ++p) {
-          const __m256i a = _mm256_set1_epi64x(static_cast<long long>(arow[((ox0 + p) * g.S + kx) * g.CW + cw]));
-          for (int j = 0; j < 2 * G; ++j) acc[p][j] = _mm256_add_epi64(acc[p][j], Popcnt256(_mm256_xor_si256(a, w[j])));
-        }
+#define BNN_AVX2_TABLES                                                                             \
+  const __m256i ta = _mm256_setr_epi8(8, 9, 9, 10, 9, 10, 10, 11, 9, 10, 10, 11, 10, 11, 11, 12, 8, 9, \
+                                      9, 10, 9, 10, 10, 11, 9, 10, 10, 11, 10, 11, 11, 12);          \
+  const __m256i tb = _mm256_setr_epi8(8, 7, 7, 6, 7, 6, 6, 5, 7, 6, 6, 5, 6, 5, 5, 4, 8, 7, 7, 6, 7, \
+                                      6, 6, 5, 7, 6, 6, 5, 6, 5, 5, 4)
+
+// The AVX2 epilogue of one group of 8 output channels, its per-channel operands loaded once per row.
+struct Avx2Epi {
+  __m256 scale, shift, lo, hi;
+  __m256i thresh, mask, n_bits;
+  int64_t lanes;  // valid channels in the group (8 but in the last group)
+};
+
+__attribute__((target("avx2"))) inline Avx2Epi Avx2EpiFor(const Epilogue& ep, int64_t oc) {
+  const Geometry& g = *ep.g;
+  Avx2Epi e;
+  e.lanes = std::min<int64_t>(8, g.OC - oc);
+  e.mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(e.lanes)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  e.n_bits = _mm256_set1_epi32(static_cast<int>(g.taps() * g.C));
+  e.lo = _mm256_set1_ps(ep.lo);
+  e.hi = _mm256_set1_ps(ep.hi);
+  e.thresh = ep.thresh ? _mm256_maskload_epi32(ep.thresh + oc, e.mask) : _mm256_setzero_si256();
+  e.scale = ep.scale ? _mm256_maskload_ps(ep.scale + oc, e.mask) : _mm256_setzero_ps();
+  e.shift = ep.shift ? _mm256_maskload_ps(ep.shift + oc, e.mask) : _mm256_setzero_ps();
+  return e;
+}
+
+// One pixel: acc0 / acc1 hold the popcounts of channels oc..oc+3 / oc+4..oc+7 as 64-bit lanes. The same
+// float32 operations, in the same order, as Epilogue::Store (and so as the standard graph).
+// cr, out, res, bits: this pixel's corrections, outputs, residual (or null) and packed-bits word (or null),
+// each already offset to the group's first channel (bits: its word; shift: the group's bit offset).
+__attribute__((target("avx2"), always_inline)) inline void StoreAvx2(const Avx2Epi& e, bool act, const int32_t* cr,
+                                                                     float* out, const float* res, uint64_t* bits,
+                                                                     int shift, __m256i acc0, __m256i acc1) {
+  const __m256 q = _mm256_shuffle_ps(_mm256_castsi256_ps(acc0), _mm256_castsi256_ps(acc1), _MM_SHUFFLE(2, 0, 2, 0));
+  const __m256i pc = _mm256_permute4x64_epi64(_mm256_castps_si256(q), _MM_SHUFFLE(3, 1, 2, 0));
+  const __m256i corr = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(cr));  // OCp entries: always 8
+  const __m256i dot = _mm256_sub_epi32(_mm256_sub_epi32(e.n_bits, _mm256_add_epi32(pc, pc)), corr);
+  if (bits) {
+    const unsigned neg = static_cast<unsigned>(_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(e.thresh, dot)))) &
+                         ((1u << e.lanes) - 1);
+    OrBits(bits, static_cast<uint64_t>(neg) << shift);
+    return;
+  }
+  __m256 v = _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(dot), e.scale), e.shift);
+  if (e.lanes == 8) {
+    if (res) v = _mm256_add_ps(v, _mm256_loadu_ps(res));
+    if (act) v = _mm256_min_ps(_mm256_max_ps(v, e.lo), e.hi);
+    _mm256_storeu_ps(out, v);
+  } else {
+    if (res) v = _mm256_add_ps(v, _mm256_maskload_ps(res, e.mask));
+    if (act) v = _mm256_min_ps(_mm256_max_ps(v, e.lo), e.hi);
+    _mm256_maskstore_ps(out, e.mask, v);
+  }
+}
+
+// P output pixels x the 8 output channels of one group: a: the first pixel's window (split words, row ky = 0),
+// pstep: split words between neighbouring pixels' windows, arow: between kernel rows; w: the group's
+// split weights. acc[p][0..1] get the popcounts. The weights are memory operands (L1-resident: one
+// group's are at most taps*CW*128 bytes), so 2P accumulators, the two tables and a broadcast pair fit
+// in the 16 ymm registers.
+template <int P>
+__attribute__((target("avx2"), always_inline)) inline void Avx2Core(const uint64_t* a, int64_t pstep, int64_t arow,
+                                                                    const uint64_t* w, int64_t K, int64_t run,
+                                                                    __m256i (&acc)[P][2]) {
+  BNN_AVX2_TABLES;
+  for (int p = 0; p < P; ++p) acc[p][0] = acc[p][1] = _mm256_setzero_si256();
+  for (int64_t ky = 0; ky < K; ++ky, a += arow) {
+    const uint64_t* ap = a;
+    for (int64_t j = 0; j < run; ++j, ap += 2, w += 16) {
+      const __m256i* wv = reinterpret_cast<const __m256i*>(w);
+      for (int p = 0; p < P; ++p) {
+        const __m256i al = _mm256_set1_epi64x(static_cast<long long>(ap[p * pstep]));
+        const __m256i ah = _mm256_set1_epi64x(static_cast<long long>(ap[p * pstep + 1]));
+        acc[p][0] = _mm256_add_epi64(acc[p][0], _mm256_sad_epu8(_mm256_shuffle_epi8(ta, _mm256_xor_si256(al, _mm256_loadu_si256(wv))),
+                                                                _mm256_shuffle_epi8(tb, _mm256_xor_si256(ah, _mm256_loadu_si256(wv + 2)))));
+        acc[p][1] = _mm256_add_epi64(acc[p][1], _mm256_sad_epu8(_mm256_shuffle_epi8(ta, _mm256_xor_si256(al, _mm256_loadu_si256(wv + 1))),
+                                                                _mm256_shuffle_epi8(tb, _mm256_xor_si256(ah, _mm256_loadu_si256(wv + 3)))));
       }
     }
   }
-  alignas(32) uint64_t pc[G * 8];
+}
+
+// Everything a row of tiles needs, read once from the geometry and the epilogue into locals (the
+// output stores could alias the structs as far as the compiler knows).
+struct Avx2RowCtx {
+  const uint64_t* a;  // the row's first window (split words, kernel row 0)
+  const uint64_t* w;  // the group's split weights
+  int64_t pstep, arow, K, run;
+  const int32_t* corr;  // border class (top/bottom of this row, left = right = 0), group's first channel
+  int64_t OCp, OC, S, P, Kw, W;
+  float* out;           // pixel 0 of the row, group's first channel (or null: bits out)
+  const float* res;
+  uint64_t* bits;       // pixel 0's packed word holding the group (or null)
+  int64_t cwo;
+  int shift;
+  bool act;
+};
+
+template <int P>
+__attribute__((target("avx2"), always_inline)) inline void Avx2Tile(const Avx2RowCtx& c, const Avx2Epi& e, int64_t ox0) {
+  __m256i acc[P][2];
+  Avx2Core<P>(c.a + ox0 * c.pstep, c.pstep, c.arow, c.w, c.K, c.run, acc);
   for (int p = 0; p < P; ++p) {
-    for (int j = 0; j < 2 * G; ++j) _mm256_store_si256(reinterpret_cast<__m256i*>(pc + 4 * j), acc[p][j]);
-    it.ep->Store(b, oy, ox0 + p, g0, G, pc);
+    const int64_t ox = ox0 + p, ix = ox * c.S - c.P;
+    const int64_t cls = (ix < 0) | ((ix + c.Kw > c.W) << 1);
+    StoreAvx2(e, c.act, c.corr + cls * c.OCp, c.out ? c.out + ox * c.OC : nullptr, c.res ? c.res + ox * c.OC : nullptr,
+              c.bits ? c.bits + ox * c.cwo : nullptr, c.shift, acc[p][0], acc[p][1]);
   }
+}
+
+constexpr int kAvx2MaxPixels = 4;
+
+// One output row of image b for the 8 output channels of group grp, in tiles of P pixels (P of them
+// at a time, the rest in one smaller tile).
+template <int P>
+__attribute__((target("avx2"))) void Avx2Row(const Item& it, int64_t b, int64_t oy, int64_t grp) {
+  const Geometry& g = *it.g;
+  const Epilogue& ep = *it.ep;
+  const int64_t oc = grp * 8, pix0 = (b * g.Ho + oy) * g.Wo, iy = oy * g.S - g.P;
+  const int64_t row_cls = ((iy < 0) | ((iy + g.K > g.H) << 1)) * 4;
+  Avx2RowCtx c;
+  c.a = it.A + 2 * ((b * g.Hp + oy * g.S) * g.Wp) * g.CW;
+  c.w = it.Wb + grp * g.taps() * g.CW * 16;
+  c.pstep = 2 * g.S * g.CW, c.arow = 2 * g.Wp * g.CW, c.K = g.K, c.run = g.K * g.CW;
+  c.corr = ep.corr + row_cls * g.OCp + oc;
+  c.OCp = g.OCp, c.OC = g.OC, c.S = g.S, c.P = g.P, c.Kw = g.K, c.W = g.W;
+  c.out = ep.y ? ep.y + pix0 * g.OC + oc : nullptr;
+  c.res = ep.residual ? ep.residual + pix0 * g.OC + oc : nullptr;
+  c.cwo = (g.OC + 63) / 64;
+  c.bits = ep.thresh ? ep.ybits + pix0 * c.cwo + oc / 64 : nullptr;
+  c.shift = static_cast<int>(oc % 64);
+  c.act = ep.act != 0;
+  const Avx2Epi e = Avx2EpiFor(ep, oc);
+  int64_t ox = 0;
+  for (; ox + P <= g.Wo; ox += P) Avx2Tile<P>(c, e, ox);
+  switch (g.Wo - ox) {
+    case 0: break;
+    case 1: Avx2Tile<1>(c, e, ox); break;
+    case 2: Avx2Tile<2>(c, e, ox); break;
+    default: Avx2Tile<3>(c, e, ox); break;
+  }
+}
+
+using Avx2RowFn = void (*)(const Item&, int64_t, int64_t, int64_t);
+
+Avx2RowFn Avx2RowFor(int p) {
+  static const Avx2RowFn t[kAvx2MaxPixels] = {Avx2Row<1>, Avx2Row<2>, Avx2Row<3>, Avx2Row<4>};
+  return t[p - 1];
+}
+
+// Weights (OCp/8, taps, CW, 8) -> the split layout (OCp/8, taps*CW, 2, 8).
+void SplitWeights(const uint64_t* wb, int64_t groups, int64_t taps_cw, uint64_t* out) {
+  for (int64_t gi = 0; gi < groups; ++gi)
+    for (int64_t j = 0; j < taps_cw; ++j) {
+      const uint64_t* src = wb + (gi * taps_cw + j) * 8;
+      uint64_t* dst = out + (gi * taps_cw + j) * 16;
+      for (int l = 0; l < 8; ++l) {
+        uint64_t two[2];
+        SplitWord(src[l], two);
+        dst[l] = two[0];
+        dst[8 + l] = two[1];
+      }
+    }
 }
 
 template <int P, int G>
@@ -359,13 +502,11 @@ using TileFn = void (*)(const Item&, int64_t, int64_t, int64_t, int64_t);
   }
 
 BNN_TILE_TABLE(Portable, TilePortable)
-BNN_TILE_TABLE(Avx2, TileAvx2)
 BNN_TILE_TABLE(Avx512, TileAvx512)
 
 TileFn Tile(Isa isa, int p, int gcount) {
   switch (isa) {
     case Isa::kAvx512: return Avx512Table(p, gcount);
-    case Isa::kAvx2: return Avx2Table(p, gcount);
     default: return PortableTable(p, gcount);
   }
 }
@@ -384,6 +525,17 @@ void PackRow(void* data, size_t index) {  // one padded input row (b, y) of the 
   const PackJob& j = *static_cast<const PackJob*>(data);
   const Geometry& g = *j.g;
   const int64_t b = static_cast<int64_t>(index) / g.H, y = static_cast<int64_t>(index) % g.H;
+  if (j.isa == Isa::kAvx2) {  // the split layout: [lo, hi] nibble words per input word
+    uint64_t* dst = j.A + 2 * ((b * g.Hp + y + g.P) * g.Wp + g.P) * g.CW;
+    if (j.bits) {
+      const uint64_t* src = j.bits + (b * g.H + y) * g.W * g.CW;
+      for (int64_t i = 0; i < g.W * g.CW; ++i) SplitWord(src[i], dst + 2 * i);
+      return;
+    }
+    const float* src = j.x + (b * g.H + y) * g.W * g.C;
+    for (int64_t x = 0; x < g.W; ++x, dst += 2 * g.CW, src += g.C) PackPixelAvx2Split(src, g.C, g.CW, dst);
+    return;
+  }
   uint64_t* dst = j.A + ((b * g.Hp + y + g.P) * g.Wp + g.P) * g.CW;
   if (j.bits) {
     std::memcpy(dst, j.bits + (b * g.H + y) * g.W * g.CW, static_cast<size_t>(g.W * g.CW) * sizeof(uint64_t));
@@ -393,7 +545,6 @@ void PackRow(void* data, size_t index) {  // one padded input row (b, y) of the 
   for (int64_t x = 0; x < g.W; ++x, dst += g.CW, src += g.C) {
     switch (j.isa) {
       case Isa::kAvx512: PackPixelAvx512(src, g.C, g.CW, dst); break;
-      case Isa::kAvx2: PackPixelAvx2(src, g.C, g.CW, dst); break;
       default: PackPixelPortable(src, g.C, g.CW, dst);
     }
   }
@@ -430,7 +581,8 @@ void PoolRow(void* data, size_t index) {
 struct ConvJob {
   Item item;
   Isa isa;
-  int64_t blocks;  // output-channel blocks of kTileGroups groups
+  int64_t blocks;      // output-channel blocks of kTileGroups groups
+  int avx2_pixels;     // AVX2: output pixels per register tile
 };
 
 void ConvItem(void* data, size_t index) {
@@ -445,6 +597,11 @@ void ConvItem(void* data, size_t index) {
   const int64_t b = row / g.Ho, oy = row % g.Ho;
   const int64_t g0 = blk * kTileGroups;
   const int gcount = static_cast<int>(std::min<int64_t>(kTileGroups, g.groups() - g0));
+  if (j.isa == Isa::kAvx2) {  // tiles of 8 output channels x avx2_pixels pixels, a group's weights stay in L1
+    const Avx2RowFn row_fn = Avx2RowFor(j.avx2_pixels);
+    for (int64_t grp = g0; grp < g0 + gcount; ++grp) row_fn(j.item, b, oy, grp);
+    return;
+  }
   for (int64_t ox = 0; ox < g.Wo; ox += kTilePixels) {
     const int p = static_cast<int>(std::min<int64_t>(kTilePixels, g.Wo - ox));
     Tile(j.isa, p, gcount)(j.item, b, oy, ox, g0);
@@ -496,6 +653,23 @@ struct BinaryConvKernel {
     if (s_ < 1 || in_h_ < 1 || in_w_ < 1 || in_c_ < 1 || out_c_ < 1)
       throw std::runtime_error("BinaryConv2d: stride, sizes and channel counts must be positive");
     isa_ = ChooseIsa();
+    if (const char* env = std::getenv("BNN_DISTILL_NATIVE_PHASES")) phases_ = std::string(env) == "1";
+    if (phases_) name_ = ki.GetNodeName();
+    avx2_pixels_ = 4;
+    if (const char* env = std::getenv("BNN_DISTILL_NATIVE_AVX2_PIXELS")) {  // a tuning knob for benchmarks and tests
+      const int v = std::atoi(env);
+      if (v < 1 || v > kAvx2MaxPixels) throw std::runtime_error("BNN_DISTILL_NATIVE_AVX2_PIXELS must be 1..4");
+      avx2_pixels_ = v;
+    }
+    if (isa_ == Isa::kAvx2) {  // constant weights (the usual case) are split into nibbles once, here
+      int is_const = 0;
+      Ort::ConstValue w = ki.GetTensorConstantInput(1, &is_const);
+      const int64_t cw = (in_c_ + 63) / 64, groups = (out_c_ + 7) / 8;
+      if (is_const && w.GetTensorTypeAndShapeInfo().GetShape() == std::vector<int64_t>{groups, k_ * k_, cw, 8}) {
+        wsplit_.resize(static_cast<size_t>(groups * k_ * k_ * cw * 16));
+        SplitWeights(w.GetTensorData<uint64_t>(), groups, k_ * k_ * cw, wsplit_.data());
+      }
+    }
   }
 
   void Compute(OrtKernelContext* context) {
@@ -549,6 +723,7 @@ struct BinaryConvKernel {
       ybits = Y.GetTensorMutableData<uint64_t>();
       std::memset(ybits, 0, static_cast<size_t>(g.B * g.Ho * g.Wo * cwo) * sizeof(uint64_t));
     }
+    const auto t_start = std::chrono::steady_clock::now();
     thread_local std::vector<float> pooled;
     if (residual != nullptr && res_mode_ == 1) {
       pooled.resize(static_cast<size_t>(g.B * g.Ho * g.Wo * g.OC));
@@ -557,19 +732,46 @@ struct BinaryConvKernel {
       residual = pooled.data();
     }
 
+    const bool split = isa_ == Isa::kAvx2;
+    const uint64_t* wbits = Wv.GetTensorData<uint64_t>();
+    if (split) {
+      if (wsplit_.empty()) {  // weights computed at run time: split them on every call
+        thread_local std::vector<uint64_t> wtmp;
+        wtmp.resize(static_cast<size_t>(g.groups() * g.taps() * g.CW * 16));
+        SplitWeights(wbits, g.groups(), g.taps() * g.CW, wtmp.data());
+        wbits = wtmp.data();
+      } else {
+        wbits = wsplit_.data();
+      }
+    }
     thread_local std::vector<uint64_t> packed;
-    const size_t words = static_cast<size_t>(g.B * g.Hp * g.Wp * g.CW);
+    const size_t words = static_cast<size_t>(g.B * g.Hp * g.Wp * g.CW) * (split ? 2 : 1);
     packed.assign(words, 0);  // the border stays 0: +1 values, corrected by corr
     PackJob pj{&g, in_bits_ ? nullptr : X.GetTensorData<float>(), in_bits_ ? X.GetTensorData<uint64_t>() : nullptr,
                packed.data(), isa_};
     RunRows(ctx, PackRow, g.B * g.H, g.B * g.H * g.W * (in_bits_ ? g.CW : g.C), &pj);
+    const auto t_packed = std::chrono::steady_clock::now();
 
     Epilogue ep{&g, Cv.GetTensorData<int32_t>(), out_bits_ ? nullptr : Sv.GetTensorData<float>(), shift, residual,
                 out_bits_ ? Sv.GetTensorData<int32_t>() : nullptr, ybits,
                 out_bits_ ? nullptr : Y.GetTensorMutableData<float>(), act_, lo_, hi_};
-    ConvJob cj{{&g, packed.data(), Wv.GetTensorData<uint64_t>(), &ep}, isa_,
-               (g.groups() + kTileGroups - 1) / kTileGroups};
+    ConvJob cj{{&g, packed.data(), wbits, &ep}, isa_, (g.groups() + kTileGroups - 1) / kTileGroups, avx2_pixels_};
     ctx.ParallelFor(ConvItem, static_cast<size_t>(g.B * g.Ho * cj.blocks), 0, &cj);
+    if (phases_) {
+      const auto t_end = std::chrono::steady_clock::now();
+      const double prep = std::chrono::duration<double, std::micro>(t_packed - t_start).count();
+      const double conv = std::chrono::duration<double, std::micro>(t_end - t_packed).count();
+      ++calls_;
+      prep_min_ = std::min(prep_min_, prep), conv_min_ = std::min(conv_min_, conv);
+      prep_sum_ += prep, conv_sum_ += conv;
+    }
+  }
+
+  ~BinaryConvKernel() {
+    if (phases_ && calls_ > 0)
+      std::fprintf(stderr, "bnn_distill phases %s isa=%s calls=%lld prep_us min %.2f mean %.2f conv_us min %.2f mean %.2f\n",
+                   name_.c_str(), IsaName(isa_), static_cast<long long>(calls_), prep_min_, prep_sum_ / calls_, conv_min_,
+                   conv_sum_ / calls_);
   }
 
  private:
@@ -578,6 +780,14 @@ struct BinaryConvKernel {
   int act_, res_mode_;
   float lo_, hi_;
   Isa isa_;
+  int avx2_pixels_;
+  std::vector<uint64_t> wsplit_;  // AVX2: the constant weights in the split layout (empty: split per call)
+  // BNN_DISTILL_NATIVE_PHASES=1: time the packing (and pooling) and the conv of every call; printed to
+  // stderr when the session is destroyed (a profiling aid; the numbers do not change the outputs).
+  bool phases_ = false;
+  std::string name_;
+  int64_t calls_ = 0;
+  double prep_min_ = 1e30, conv_min_ = 1e30, prep_sum_ = 0, conv_sum_ = 0;  // AVX2: the constant weights in the split layout (empty: split per call)
 };
 
 // BinaryConv2d: float in, float out. BinaryConv2dToBits: float in, sign bits out (the BatchNorm and
