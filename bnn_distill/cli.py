@@ -307,6 +307,16 @@ def cmd_summary(args) -> int:
 
     p = Path(args.target)
     items: List[Any] = []
+    sizes = None  # the ONNX files of this run's export, next to the deployed size
+    if p.is_dir() and (p / "manifest.json").is_file() and not (p / "recipe.yaml").is_file():
+        from .predict import load_export
+
+        manifest = load_export(p)  # an export folder: its files' sizes
+        if args.json:
+            print(json.dumps({"export": str(p), "sizes": manifest.get("sizes"), "models": manifest["models"]}, indent=2))
+        else:
+            print(_sizes_text(manifest, p))
+        return 0
     if p.suffix in (".yaml", ".yml"):
         recipe = load_recipe(p, args.overrides)
         items = list(_recipe_models(recipe, args.stage))
@@ -321,14 +331,43 @@ def cmd_summary(args) -> int:
         info = dataset_info(recipe.data.dataset)
         items = [(f"{ck['model_spec']['name']} {ck['model_spec']['quant']} ({path})", model,
                   (info.in_chans, info.image_size, info.image_size))]
+        sizes = _run_export(p, recipe) if p.is_dir() else None
     if args.json:
-        print(json.dumps({title: _summarize(m, shape).to_dict() for title, m, shape in items}, indent=2))
+        out = {title: _summarize(m, shape).to_dict() for title, m, shape in items}
+        if sizes is not None:
+            out["export"] = {"folder": str(sizes[1]), "sizes": sizes[0].get("sizes"), "models": sizes[0]["models"]}
+        print(json.dumps(out, indent=2))
         return 0
     for title, model, shape in items:
         print(f"== {title}")
         print(_summarize(model, shape).format())
         print()
+    if sizes is not None:
+        print(_sizes_text(*sizes))
     return 0
+
+
+def _run_export(run: Path, recipe) -> Optional[tuple]:
+    """``(manifest, folder)`` of the run's export in export/<name>, if there is one of this run."""
+    d = Path("export") / recipe.name
+    try:
+        m = json.loads((d / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return (m, d) if isinstance(m, dict) and m.get("fingerprint") == recipe.fingerprint() and "models" in m else None
+
+
+def _sizes_text(manifest: Dict[str, Any], folder: Path) -> str:
+    """The export's ONNX files with their sizes, next to the binary student's deployed size."""
+    sz = manifest.get("sizes") or {}
+    dep = sz.get("deployed_bytes")
+    lines = [f"== ONNX files in {folder}" + (f" (binary student deployed: {dep:,} bytes)" if dep else "")]
+    for role, entry in manifest["models"].items():
+        over = f", {entry['bytes'] / dep:.1f}x deployed" if dep else ""
+        lines.append(f"{entry['file']:<30} {entry['bytes']:>12,} bytes{over}")
+    if sz.get("standard_over_native"):
+        lines.append(f"standard / native binary student: {sz['standard_over_native']:.2f}x")
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------- export / bench

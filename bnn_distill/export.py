@@ -147,6 +147,46 @@ class _Graph:
         self.nodes.append(helper.make_node(op_type, list(inputs), [out], name=out, **attrs))
         return out
 
+    def shared(self, key: Tuple, make) -> str:
+        """A tensor built once per ``key`` by ``make()`` (e.g. the im2col indices of one geometry)."""
+        if key not in self._consts:
+            self._consts[key] = make()
+        return self._consts[key]
+
+    def indices(self, base: str, idx: np.ndarray, key: Tuple) -> str:
+        """Gather indices, one copy per ``key``: stored in the smallest unsigned type that holds them
+        and cast to int32 in the graph (a constant subgraph: onnxruntime folds it when the session loads)."""
+        def make() -> str:
+            top = int(idx.max()) if idx.size else 0
+            small = next((t for t in (np.uint8, np.uint16) if top <= np.iinfo(t).max), None)
+            if small is None:
+                return self.init(base, idx.astype(np.int32))
+            return self.op("Cast", [self.init(base, idx.astype(small))], f"{base}/int32", to=_onnx_dtype(np.int32))
+        return self.shared(("indices",) + key, make)
+
+    def sign_matrix(self, base: str, q: np.ndarray) -> str:
+        """An int8 +-1 matrix stored as packed bits (bit j of byte i is entry ``8 i + j`` in row-major
+        order, 1 for -1), expanded in the graph by a ``Gather`` on a shared (256, 8) table of +-1 rows:
+        a constant subgraph that onnxruntime folds back into the int8 initializer when the session loads."""
+        flat = np.asarray(q).reshape(-1)
+        pad = (-flat.size) % 8
+        bits = np.packbits(np.concatenate([flat < 0, np.zeros(pad, bool)]), bitorder="little")
+        table = self.shared(("sign_table",), lambda: self.init(
+            "const_sign_table", np.where(np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1,
+                                                       bitorder="little") == 1, -1, 1).astype(np.int8)))
+        idx = self.op("Cast", [self.init(f"{base}_bits", bits)], f"{base}/index", to=_onnx_dtype(np.int32))
+        rows = self.op("Gather", [table, idx], f"{base}/unpack", axis=0)  # (bytes, 8)
+        if pad:
+            rows = self.op("Reshape", [rows, self.const([-1], np.int64)], f"{base}/flat")
+            rows = self.op("Slice", [rows, self.const([0], np.int64), self.const([flat.size], np.int64)], f"{base}/trim")
+        return self.op("Reshape", [rows, self.const(list(q.shape), np.int64)], base)
+
+
+def _onnx_dtype(dtype) -> int:
+    from onnx import helper
+
+    return helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+
 
 def im2col_indices(h: int, w: int, kh: int, kw: int, sh: int, sw: int, ph: int, pw: int) -> np.ndarray:
     """Flat source index of every (output position, kernel tap): shape (Ho*Wo, kh*kw), int32.
@@ -301,9 +341,11 @@ class Lowering:
         """A constant broadcast over ``t``'s positions: (C,) or (H*W, 1). In the flat layout a small map
         gets it tiled to (H*W, C): onnxruntime broadcasts a short last axis element-row by row."""
         values = np.asarray(values, dtype=np.float32)
+        stored = self.g.init(name, np.ascontiguousarray(values))
         if t.layout == "flat" and t.h * t.w * t.c * 4 <= TILE_BYTES:
-            values = np.broadcast_to(values.reshape(-1, 1) if values.ndim == 2 else values, (t.h * t.w, t.c))
-        return self.g.init(name, np.ascontiguousarray(values))
+            # the file keeps (C,); the tiling is a constant Expand that onnxruntime folds at load time
+            return self.g.op("Expand", [stored, self.g.const([t.h * t.w, t.c], np.int64)], f"{name}/tiled")
+        return stored
 
     def _to_flat(self, x: _T) -> _T:
         g = self.g
@@ -363,7 +405,7 @@ class Lowering:
                 wq, scale = binary_weight_matrix(m, bn_scale)
                 # no weight zero point (it is 0): onnxruntime then runs the int8 product without a
                 # per-column zero-point correction
-                wdq = g.op("DequantizeLinear", [g.init(f"{name}.weight_int8", wq), g.init(f"{name}.weight_scale", scale)],
+                wdq = g.op("DequantizeLinear", [g.sign_matrix(f"{name}.weight_int8", wq), g.init(f"{name}.weight_scale", scale)],
                            f"{name}/dq_weight", axis=1)
                 y = g.op("MatMul", [a, wdq], name)
             else:
@@ -396,7 +438,9 @@ class Lowering:
             idx = idx[:, 0]
         if (idx == x.h * x.w).any():
             src = g.op("Pad", [src, g.const([0, 0, 0, 0, 1, 0], np.int64), pad_value], f"{name}/pad")
-        cols = g.op("Gather", [src, g.init(f"{name}.im2col_index", idx)], f"{name}/im2col", axis=1)
+        index = g.indices(f"im2col_index_{x.h}x{x.w}_k{kh}x{kw}_s{sh}x{sw}_p{ph}x{pw}", idx,
+                          ("im2col", x.h, x.w, kh, kw, sh, sw, ph, pw))  # shared by the layers of one geometry
+        cols = g.op("Gather", [src, index], f"{name}/im2col", axis=1)
         if kh * kw == 1:
             return cols
         return g.op("Reshape", [cols, g.const([0, idx.shape[0], kh * kw * x.c], np.int64)], f"{name}/cols")
@@ -1143,7 +1187,7 @@ def export_models(student: nn.Module, student_spec: Dict[str, Any], out_dir, inf
         "normalization": {"formula": "(pixel / 255 - mean[c]) / std[c]", "mean": list(info.mean), "std": list(info.std)},
         "classes": list(info.classes), "dataset": info.dataset,
         "models": files, "files": sorted([MODEL_FILES[r] for r in protos] + [PARITY, MANIFEST]),
-        "runtime": runtime, "native": native_info,
+        "runtime": runtime, "native": native_info, "sizes": file_sizes(student, info.input_shape, files),
         "parity_passed": True, "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "versions": _versions(),
     }
@@ -1151,6 +1195,21 @@ def export_models(student: nn.Module, student_spec: Dict[str, Any], out_dir, inf
         (out / stale).unlink(missing_ok=True)
     atomic_write_bytes(out / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
     return manifest
+
+
+def file_sizes(student: nn.Module, input_shape: Sequence[int], files: Dict[str, Dict[str, Any]]) -> Dict[str, Any]:
+    """The binary student's deployed size (1 bit per binary weight, fp32 for the rest; see
+    :mod:`bnn_distill.summary`) next to each ONNX file's size, and each file over it."""
+    from .summary import summarize
+
+    deployed = int(round(summarize(student, tuple(input_shape)).memory_bytes))
+    out: Dict[str, Any] = {"deployed_bytes": deployed,
+                           "files": {f["file"]: f["bytes"] for f in files.values()},
+                           "over_deployed": {f["file"]: round(f["bytes"] / deployed, 2) for f in files.values()
+                                             if deployed}}
+    if "student_native" in files:
+        out["standard_over_native"] = round(files["student_binary"]["bytes"] / files["student_native"]["bytes"], 3)
+    return out
 
 
 def _is_w1a1(m: nn.Module) -> bool:

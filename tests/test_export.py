@@ -400,3 +400,88 @@ def test_a_top1_change_explained_by_a_near_zero_flip_passes_unless_strict(monkey
                                                                                 "max_rel_diff": 0.5},
                                                                       "flips": [None] * len(imgs), "drift": None})
     assert not check_parity("student_binary", model, proto, probes, x).passed
+
+
+# ---------------------------------------------------------------- a compact standard file
+
+
+def test_the_standard_file_is_at_most_twice_the_native_one():
+    """quick_fmnist's student shape (CIFAR ResNet-20, 1x28x28): packed weights, shared indices, no tiles."""
+    model = _randomize(create_model("cifar_resnet20", 10, in_chans=1, quant="W1A1", weight_scale="learned", recu=True))
+    std, _ = lower(model, (1, 28, 28))
+    nat, _ = lower(model, (1, 28, 28), native=True)  # building the graph needs no library
+    assert len(std.SerializeToString()) <= 2 * len(nat.SerializeToString())
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in std.graph.initializer}
+    # the binary weights as bits: 9 * Cin * Cout / 8 bytes per conv, by hand for 16/32/64 channels
+    bits = sum(a.size for n, a in inits.items() if n.endswith(".weight_int8_bits"))
+    assert bits == 6 * 9 * 16 * 16 // 8 + 9 * 16 * 32 // 8 + 5 * 9 * 32 * 32 // 8 + 9 * 32 * 64 // 8 + 5 * 9 * 64 * 64 // 8
+    # one index tensor per geometry: 28x28 s1, 28->14 s2, 14x14 s1, 14->7 s2, 7x7 s1; the smallest type
+    idx = {n: a for n, a in inits.items() if n.startswith("im2col_index")}
+    assert len(idx) == 5 and sum(1 for n in std.graph.node if n.op_type == "Gather" and n.name.endswith("/im2col")) == 18
+    for n, a in idx.items():
+        assert a.dtype == (np.uint8 if a.max() <= 255 else np.uint16), n
+    # per-channel constants are stored per channel (the graph tiles them; onnxruntime folds that)
+    assert all(a.ndim <= 1 for n, a in inits.items() if n.endswith((".shift", ".scale")))
+    assert optimized_op_counts(std).get("com.microsoft:MatMulIntegerToFloat") == 18
+    counts = optimized_op_counts(std)
+    assert "Cast" not in counts and "Expand" not in counts and counts["Gather"] == 18  # all folded at load
+
+
+@pytest.mark.parametrize("shape", [(9, 5), (3, 3, 7), (16,), (1, 1)])
+def test_packed_sign_matrix_unpacks_exactly(shape):
+    from onnx import TensorProto, helper
+
+    from bnn_distill.export import _Graph
+
+    q = np.where(np.random.default_rng(len(shape)).random(shape) < 0.5, -1, 1).astype(np.int8)
+    g = _Graph()
+    out = g.sign_matrix("w", q)
+    graph = helper.make_graph(g.nodes, "t", [], [helper.make_tensor_value_info(out, TensorProto.INT8, None)], g.inits)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    proto.ir_version = 8
+    for level in ("none", "all"):
+        assert np.array_equal(ort_session(proto, level=level).run(None, {})[0], q)
+    packed = onnx.numpy_helper.to_array(next(t for t in g.inits if t.name == "w_bits"))
+    assert packed.dtype == np.uint8 and packed.size == -(-q.size // 8)
+    assert (packed[0] >> 0) & 1 == (q.reshape(-1)[0] < 0)  # bit j of byte i: entry 8 i + j, 1 for -1
+
+
+def test_index_type_is_the_smallest_that_holds_them():
+    from bnn_distill.export import _Graph
+
+    g = _Graph()
+    for top, want in ((255, np.uint8), (256, np.uint16), (65535, np.uint16), (65536, np.int32)):
+        g.indices(f"i{top}", np.array([0, top]), ("t", top))
+        stored = next(t for t in g.inits if t.name == f"i{top}")
+        assert onnx.numpy_helper.to_array(stored).dtype == want
+    first = g.indices("again", np.array([0, 255]), ("t", 255))  # same key: the same tensor, nothing new
+    assert not any(t.name == "again" for t in g.inits) and first == g.indices("x", np.array([1]), ("t", 255))
+
+
+def test_manifest_and_summary_report_file_sizes(tiny_run, tiny_export, capsys, monkeypatch):
+    from bnn_distill.checkpoint import load_checkpoint, load_model_state
+    from bnn_distill.summary import summarize
+    from bnn_distill.train import build_model
+
+    m = json.loads((tiny_export / "manifest.json").read_text())
+    ck = load_checkpoint(tiny_run / "checkpoints" / "stage2" / "last.pt")
+    student = build_model(ck["model_spec"])
+    load_model_state(student, ck["model"], "test")
+    sz = m["sizes"]
+    assert sz["deployed_bytes"] == round(summarize(student, (3, 32, 32)).memory_bytes)
+    for entry in m["models"].values():
+        assert sz["files"][entry["file"]] == entry["bytes"] == (tiny_export / entry["file"]).stat().st_size
+        assert sz["over_deployed"][entry["file"]] == round(entry["bytes"] / sz["deployed_bytes"], 2)
+    capsys.readouterr()
+    assert main(["summary", str(tiny_export)]) == 0
+    out = capsys.readouterr().out
+    assert f"binary student deployed: {sz['deployed_bytes']:,} bytes" in out
+    assert f"{m['models']['student_binary']['bytes']:,} bytes" in out
+    # a run's summary adds its export in export/<name> when that export is of this run
+    monkeypatch.chdir(tiny_export.parent.parent)
+    (Path("export")).mkdir(exist_ok=True)
+    import shutil
+
+    shutil.copytree(tiny_export, Path("export") / "tiny", dirs_exist_ok=True)
+    assert main(["summary", str(tiny_run)]) == 0
+    assert "== ONNX files in export/tiny" in capsys.readouterr().out
