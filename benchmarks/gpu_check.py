@@ -79,8 +79,10 @@ SECTION_ORDER = ("env", "steps", "itrd_run", "torchrun", "export", "compile")
 # torch.compile takes ~30 s to trace even with the eager backend on 2 CPU cores: in the smoke run only on request
 SMOKE_SECTIONS = ("env", "steps", "itrd_run", "torchrun", "export")
 # Per-section caps in seconds (full mode, smoke mode); the global budget trims them further.
-CAPS = {"env": (45, 60), "steps": (110, 90), "itrd_run": (100, 90), "torchrun": (130, 120),
-        "export": (70, 60), "compile": (170, 120), "_sleep": (2, 2)}
+# (The smoke caps are loose: on an idle 2-core machine the smoke run takes about a minute, but it must
+# also pass on a machine shared with other jobs, where it has been seen to take five times as long.)
+CAPS = {"env": (45, 90), "steps": (110, 150), "itrd_run": (100, 150), "torchrun": (130, 240),
+        "export": (70, 120), "compile": (170, 180), "_sleep": (2, 2)}
 MIN_SECTION_S = {True: 2.0, False: 15.0}  # below this much time left a section is skipped (smoke, full)
 REPORT_RESERVE_S = 3.0
 
@@ -160,7 +162,7 @@ def make_cfg(args) -> Dict[str, Any]:
     full = not smoke
     cfg = {
         "smoke": smoke, "device": device, "backend": args.backend,
-        "budget_s": args.budget if args.budget is not None else (300.0 if smoke else 450.0),
+        "budget_s": args.budget if args.budget is not None else (600.0 if smoke else 450.0),
         "isolate": (not smoke) if args.isolate is None else bool(args.isolate),
         "sections": [s for s in (args.sections.split(",") if args.sections else SMOKE_SECTIONS if smoke else SECTION_ORDER) if s not in (args.skip or "").split(",")],
         "inject_failure": args.inject_failure,
@@ -254,7 +256,11 @@ def sec_env(cfg, rec: Rec) -> None:
         d["gpu_memory_gib"] = round(p.total_memory / 2**30, 1)
         d["multiprocessors"] = p.multi_processor_count
         d["bf16_supported"] = torch.cuda.is_bf16_supported()
-        d["nccl"] = ".".join(map(str, torch.cuda.nccl.version())) if hasattr(torch.cuda, "nccl") else None
+        try:
+            v = torch.cuda.nccl.version()
+            d["nccl"] = ".".join(map(str, v)) if isinstance(v, (tuple, list)) else str(v)
+        except Exception as e:
+            d["nccl"] = f"unknown ({type(e).__name__})"
         a = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)
         torch.cuda.synchronize()
         t0 = time.perf_counter()
@@ -1316,7 +1322,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--smoke", action="store_true", help="CPU smoke mode: tiny width, a few steps, seconds")
     ap.add_argument("--device", default="auto", help="cuda, cpu or cuda:N (default: cuda in full mode, cpu with --smoke)")
     ap.add_argument("--backend", default="auto", choices=("auto", "nccl", "gloo"), help="process-group backend of the nccl_ddp torchrun variant")
-    ap.add_argument("--budget", type=float, help="global time budget in seconds (default 450; 150 with --smoke)")
+    ap.add_argument("--budget", type=float, help="global time budget in seconds (default 450; 600 with --smoke)")
     ap.add_argument("--sections", help=f"comma-separated subset of {','.join(SECTION_ORDER)}")
     ap.add_argument("--skip", help="comma-separated sections to leave out")
     iso = ap.add_mutually_exclusive_group()
