@@ -126,7 +126,7 @@ def split_burst(ms: Sequence[float], burst: int):
 
 
 def onnx_accuracy(export_dir: Path, manifest: Dict[str, Any], data_root: Optional[str],
-                  roles: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+                  roles: Optional[Sequence[str]] = None, progress: bool = False) -> Dict[str, Any]:
     """Top-1 of every exported model on the manifest's test split, through onnxruntime."""
     from .data import build_datasets
     from .export import INPUT_NAME, OUTPUT_NAME, iter_batches, ort_session
@@ -144,7 +144,10 @@ def onnx_accuracy(export_dir: Path, manifest: Dict[str, Any], data_root: Optiona
     sessions = {role: ort_session(export_dir / entry["file"]) for role, entry in models.items()}
     right = {role: 0 for role in sessions}
     n = 0
-    for x, y in iter_batches(test_set):
+    from tqdm import tqdm
+
+    for x, y in tqdm(iter_batches(test_set), total=-(-len(test_set) // 256), desc="bench accuracy", unit="batch",
+                     leave=False, disable=not progress):
         for role, sess in sessions.items():
             logits = sess.run([OUTPUT_NAME], {INPUT_NAME: x.numpy()})[0]
             right[role] += int((logits.argmax(1) == y.numpy()).sum())
@@ -158,8 +161,11 @@ def onnx_accuracy(export_dir: Path, manifest: Dict[str, Any], data_root: Optiona
 
 def run_bench(export_dir, batches: Sequence[int] = (1, 32), threads: Optional[Sequence[int]] = None,
               repeats: Optional[int] = None, warmup: int = 3, budget_s: float = 3.0, accuracy: bool = True,
-              data_root: Optional[str] = None, seed: int = 0, burst: int = 3) -> Dict[str, Any]:
-    """Benchmark an export folder; writes bench.json, bench.md and bench.png there. Returns the JSON."""
+              data_root: Optional[str] = None, seed: int = 0, burst: int = 3, progress: bool = False) -> Dict[str, Any]:
+    """Benchmark an export folder; writes bench.json, bench.md and bench.png there (the plot is skipped,
+    with a one-line note, without matplotlib). ``progress``: a tqdm bar over the settings. Returns the JSON."""
+    from tqdm import tqdm
+
     from .export import fused_integer_matmuls, optimized_op_counts, ort_session
 
     export_dir = Path(export_dir)
@@ -205,10 +211,12 @@ def run_bench(export_dir, batches: Sequence[int] = (1, 32), threads: Optional[Se
         fused[role] = {"op_counts": counts, "MatMulIntegerToFloat": fused_integer_matmuls(counts),
                        "fused_ops": {k: v for k, v in counts.items() if ":" in k}}
     results: List[Dict[str, Any]] = []
+    bar = tqdm(total=len(threads) * len(batches), desc="bench", unit="setting", leave=False, disable=not progress)
     for t in threads:
         sessions = {role: ort_session(export_dir / manifest["models"][role]["file"], threads=int(t), spin=False)
                     for role in roles}
         for b in batches:
+            bar.set_postfix_str(f"batch {b}, {t} thread(s)")
             x = rng.standard_normal((int(b), c, h, w)).astype(np.float32)
             times = time_interleaved(sessions, x, repeats, warmup, budget_s, burst=burst)
             row: Dict[str, Any] = {"batch": int(b), "threads": int(t), "models": {}}
@@ -226,8 +234,10 @@ def run_bench(export_dir, batches: Sequence[int] = (1, 32), threads: Optional[Se
                 nat["floor_ms"] = native_info["floor_ms_per_image"] * int(b) / int(t)
                 nat["fraction_of_floor"] = nat["floor_ms"] / nat["p50_ms"]
             results.append(row)
+            bar.update(1)
             log.info("batch %d, %d threads: %s", b, t, ", ".join(
                 f"{role} {row['models'][role]['p50_ms']:.2f} ms" for role in roles))
+    bar.close()
     mach_end = machine().get("load_average")
     report: Dict[str, Any] = {
         "export": str(export_dir), "run": manifest.get("run"), "stage": manifest.get("stage"),
@@ -241,10 +251,20 @@ def run_bench(export_dir, batches: Sequence[int] = (1, 32), threads: Optional[Se
     if native_info:
         report["native"] = native_info
     if accuracy:
-        report["accuracy"] = onnx_accuracy(export_dir, manifest, data_root, roles)
+        report["accuracy"] = onnx_accuracy(export_dir, manifest, data_root, roles, progress=progress)
+    from .plots import PlotsUnavailable
+
+    try:
+        png = plot_png(report)
+    except PlotsUnavailable as e:  # the numbers are all in bench.json / bench.md
+        log.warning("no %s: %s", BENCH_PNG, e)
+        report["plot"] = f"skipped: {e}"
+        png = None
+    (export_dir / BENCH_PNG).unlink(missing_ok=True)  # never an old plot beside new numbers
     atomic_write_bytes(export_dir / BENCH_JSON, (json.dumps(report, indent=2) + "\n").encode())
     atomic_write_bytes(export_dir / BENCH_MD, markdown(report).encode())
-    plot(report, export_dir / BENCH_PNG)
+    if png is not None:
+        atomic_write_bytes(export_dir / BENCH_PNG, png)
     return report
 
 
@@ -308,37 +328,54 @@ def markdown(r: Dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(r: Dict[str, Any], path: Path) -> None:
-    """Grouped bars: p50 latency per (batch, threads), one bar per model, p90 as a whisker."""
-    import io
+def bench_figure(r: Dict[str, Any]):
+    """Grouped bars: p50 latency per (batch, threads), one bar per model, p90 as a whisker; each
+    model's speed-up over the teacher written vertically just above its whisker (so labels meet
+    neither the whiskers nor each other). Returns ``(fig, ax)``."""
+    from .plots import pyplot
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     rows = r["latency"]
     roles = [role for role in ROLES if rows and role in rows[0]["models"]]
-    fig, ax = plt.subplots(figsize=(max(5.0, 1.6 * len(rows) + 2), 3.8))
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.6 * len(rows) + 2), 4.2))
     width = 0.8 / max(1, len(roles))
     xs = np.arange(len(rows))
+    top = 0.0
     for k, role in enumerate(roles):
         p50 = np.array([row["models"][role]["p50_ms"] for row in rows])
         p90 = np.array([row["models"][role]["p90_ms"] for row in rows])
+        top = max(top, float(p90.max()))
         bars = ax.bar(xs + (k - (len(roles) - 1) / 2) * width, p50, width, label=LABELS[role],
                       yerr=[np.zeros_like(p50), p90 - p50], capsize=3)
-        for bar, row in zip(bars, rows):
+        for bar, row, whisker in zip(bars, rows, p90):
             sp = row["models"][role].get("speedup_vs_teacher")
             if sp is not None and role != "teacher":
-                ax.annotate(f"{sp:.2f}x", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
-                            ha="center", va="bottom", fontsize=7, xytext=(0, 2), textcoords="offset points")
+                ax.annotate(f"{sp:.2f}x", (bar.get_x() + bar.get_width() / 2, float(whisker)), ha="center",
+                            va="bottom", rotation=90, fontsize=7, xytext=(0, 3), textcoords="offset points")
     ax.set_xticks(xs, [f"batch {row['batch']}\n{row['threads']} thr" for row in rows])
     ax.set_yscale("log")
+    if top > 0:
+        ax.set_ylim(top=top * 4)  # room for the vertical labels above the tallest whisker
     ax.set_ylabel("latency p50 (ms, log), whisker p90")
     ax.set_title(f"onnxruntime {r['machine']['onnxruntime']} on {r['machine']['cpu']}", fontsize=9)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the axes: clear of bars and labels
     fig.tight_layout()
+    return fig, ax
+
+
+def plot_png(r: Dict[str, Any]) -> bytes:
+    """bench.png's bytes; raises :class:`~bnn_distill.plots.PlotsUnavailable` without matplotlib."""
+    import io
+
+    from .plots import pyplot
+
+    fig, _ = bench_figure(r)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=120)
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+    pyplot().close(fig)
+    return buf.getvalue()
+
+
+def plot(r: Dict[str, Any], path: Path) -> None:
+    """Write :func:`plot_png` to ``path`` atomically."""
+    atomic_write_bytes(path, plot_png(r))

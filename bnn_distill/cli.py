@@ -42,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--stage", help="stage to evaluate in a run folder (default: the last)")
     e.add_argument("--data-root", help="dataset folder, if not where the run found it")
     e.add_argument("--json", action="store_true", help="print JSON")
+    e.add_argument("--no-progress", action="store_true", help="no progress bar (shown only on a terminal anyway)")
     _add_common(e)
 
     s = sub.add_parser("summary", help="per-layer bit-widths, parameters, MACs and memory")
@@ -64,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--runtime", choices=("standard", "native"), default="standard",
                    help="native: also write student_binary_native.onnx for the bit-packed custom-op library "
                         "(built on first use; see 'bnn-distill build-native')")
+    x.add_argument("--no-progress", action="store_true", help="no progress bars for the parity check (shown only on a terminal)")
     _add_common(x)
 
     b = sub.add_parser("bench", help="onnxruntime latency and accuracy of an export folder, models side by side")
@@ -77,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="calls of each model back to back per round; the first of each is reported as 'cold' (default: 3)")
     b.add_argument("--no-accuracy", action="store_true", help="skip the test-split accuracy")
     b.add_argument("--data-root", help="dataset folder, if not where the run found it")
+    b.add_argument("--no-progress", action="store_true", help="no progress bars (shown only on a terminal)")
     _add_common(b)
 
     p = sub.add_parser("predict", help="classify images (PNG/JPEG or .npy) with an export folder's binary student")
@@ -287,7 +290,7 @@ def cmd_eval(args) -> int:
     _, test_set, info = build_datasets(d.dataset, d.root, False, False, d.limit_train, d.limit_test, seed=recipe.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     res = evaluate(model.to(device), DataLoader(test_set, batch_size=256, num_workers=d.num_workers), device,
-                   progress=sys.stderr.isatty())
+                   progress=not args.no_progress and sys.stderr.isatty())
     out = {"checkpoint": str(path), "stage": ck.get("stage"), "model": ck["model_spec"]["name"],
            "quant": ck["model_spec"]["quant"], "dataset": info.name, **res}
     if args.json:
@@ -383,7 +386,8 @@ def cmd_export(args) -> int:
     target = Path(args.out) if args.out else _default_export_dir(args.run)
     with hold(target, "export folder", "export") if target is not None else _no_lock():  # one writer per folder
         manifest = export_run(args.run, out=args.out, stage=args.stage, force=args.force, data_root=args.data_root,
-                              limit_test=args.limit_test, runtime=args.runtime, strict_top1=args.strict_top1)
+                              limit_test=args.limit_test, runtime=args.runtime, strict_top1=args.strict_top1,
+                              progress=not args.no_progress and sys.stderr.isatty())
     out = Path(args.out) if args.out else Path("export") / manifest["run"]
     parity = json.loads((out / "parity.json").read_text())
     for role, r in parity["models"].items():
@@ -426,7 +430,8 @@ def cmd_bench(args) -> int:
     from .bench import BENCH_MD, run_bench
 
     run_bench(args.export_dir, batches=args.batch, threads=args.threads, repeats=args.repeats, warmup=args.warmup,
-              budget_s=args.budget, accuracy=not args.no_accuracy, data_root=args.data_root, burst=args.burst)
+              budget_s=args.budget, accuracy=not args.no_accuracy, data_root=args.data_root, burst=args.burst,
+              progress=not args.no_progress and sys.stderr.isatty())
     print((Path(args.export_dir) / BENCH_MD).read_text().rstrip())
     return 0
 

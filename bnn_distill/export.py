@@ -833,7 +833,7 @@ def _take(data, idx: Sequence[int]) -> torch.Tensor:
 
 def check_parity(role: str, model: nn.Module, onnx_model, probes: List[Probe], data,
                  labels: Optional[torch.Tensor] = None, rtol: Optional[float] = None,
-                 strict_top1: bool = False) -> ParityResult:
+                 strict_top1: bool = False, progress: bool = False) -> ParityResult:
     """PyTorch vs onnxruntime on ``data``: an image tensor (N, C, H, W) or a dataset of (image, label).
 
     Passes when top-1 agrees on every image and every image's logits agree within ``atol``, except
@@ -852,7 +852,7 @@ def check_parity(role: str, model: nn.Module, onnx_model, probes: List[Probe], d
     diffs, peaks, agrees, finites = [], [], [], []
     right_torch = right_onnx = seen = 0
     have_labels = labels is not None or not isinstance(data, torch.Tensor)
-    for i, (x, y) in enumerate(iter_batches(data)):
+    for i, (x, y) in enumerate(_bar(iter_batches(data), data, f"parity {role}", progress)):
         got = sess.run([OUTPUT_NAME], {INPUT_NAME: x.numpy()})[0]
         with torch.no_grad():
             ref = model(x).float().numpy()
@@ -900,13 +900,20 @@ def check_parity(role: str, model: nn.Module, onnx_model, probes: List[Probe], d
     return res
 
 
-def compare_graphs(a, b, data) -> Dict[str, Any]:
+def _bar(batches, data, desc: str, progress: bool, batch: int = 256):
+    """``batches`` with a tqdm bar (on stderr, removed when done) when ``progress``."""
+    from tqdm import tqdm
+
+    return tqdm(batches, total=-(-len(data) // batch), desc=desc, unit="batch", leave=False, disable=not progress)
+
+
+def compare_graphs(a, b, data, progress: bool = False) -> Dict[str, Any]:
     """Two ONNX graphs of the same model (the native and the standard integer student) on ``data``:
     both compute the binary convolutions exactly, so their predictions should be identical."""
     sa, sb = ort_session(a), ort_session(b)
     n = agree = 0
     worst = 0.0
-    for x, _ in iter_batches(data):
+    for x, _ in _bar(iter_batches(data), data, "native vs standard", progress):
         la = sa.run([OUTPUT_NAME], {INPUT_NAME: x.numpy()})[0]
         lb = sb.run([OUTPUT_NAME], {INPUT_NAME: x.numpy()})[0]
         agree += int((la.argmax(1) == lb.argmax(1)).sum())
@@ -1085,8 +1092,9 @@ class ExportInfo:
 
 def export_models(student: nn.Module, student_spec: Dict[str, Any], out_dir, info: ExportInfo,
                   teacher: Optional[nn.Module] = None, data=None, force: bool = False,
-                  runtime: str = "standard", strict_top1: bool = False) -> Dict[str, Any]:
+                  runtime: str = "standard", strict_top1: bool = False, progress: bool = False) -> Dict[str, Any]:
     """Export the binary student, its FP32 version and the teacher, check parity, write the folder.
+    ``progress``: tqdm bars over the parity batches (the CLI sets it on a TTY).
 
     ``runtime="native"`` also writes ``student_binary_native.onnx``: the binary student with its
     binary blocks as ``ai.bnn_distill::BinaryConv2d`` nodes for the native library (built here first
@@ -1123,7 +1131,7 @@ def export_models(student: nn.Module, student_spec: Dict[str, Any], out_dir, inf
         onnx.checker.check_model(proto, full_check=True)
         if role != "student_native":
             check_default_domain(proto)
-        res = check_parity(role, mdl, proto, probes, data, strict_top1=strict_top1)
+        res = check_parity(role, mdl, proto, probes, data, strict_top1=strict_top1, progress=progress)
         results[role] = res
         protos[role] = proto
         log.info("parity %s: top-1 %d/%d, max |logit diff| %.3g (tol %.3g)%s", role, res.top1_agree, res.n,
@@ -1146,7 +1154,8 @@ def export_models(student: nn.Module, student_spec: Dict[str, Any], out_dir, inf
         "binary_convs": n_binary, "fused_matmul_integer_to_float": fused, "optimized_ops": counts,
     }
     if "student_native" in protos:
-        parity["native_vs_standard"] = compare_graphs(protos["student_native"], protos["student_binary"], data)
+        parity["native_vs_standard"] = compare_graphs(protos["student_native"], protos["student_binary"], data,
+                                                      progress=progress)
         log.info("native vs standard integer graph: top-1 identical on %d/%d images, max |logit diff| %.3g",
                  parity["native_vs_standard"]["top1_agree"], parity["native_vs_standard"]["n"],
                  parity["native_vs_standard"]["max_abs_diff"])
@@ -1257,7 +1266,7 @@ def guard_out_dir(out: Path, fingerprint: str, force: bool) -> None:
 
 def export_run(run_dir, out: Optional[str] = None, stage: Optional[str] = None, force: bool = False,
                data_root: Optional[str] = None, limit_test: Optional[int] = None,
-               runtime: str = "standard", strict_top1: bool = False) -> Dict[str, Any]:
+               runtime: str = "standard", strict_top1: bool = False, progress: bool = False) -> Dict[str, Any]:
     """Export a trained run folder (``runs/NAME``): see the module docstring. Returns the manifest."""
     from .checkpoint import load_checkpoint, load_model_state
     from .data import build_datasets
@@ -1314,4 +1323,4 @@ def export_run(run_dir, out: Optional[str] = None, stage: Optional[str] = None, 
         dataset={"name": dinfo.name, "root": root, "limit_test": limit, "seed": recipe.seed, "test_images": len(test_set)})
     out_dir = Path(out) if out else Path("export") / recipe.name
     return export_models(student, spec, out_dir, info, teacher=teacher, data=test_set, force=force, runtime=runtime,
-                         strict_top1=strict_top1)
+                         strict_top1=strict_top1, progress=progress)

@@ -122,3 +122,72 @@ def test_bench_without_the_test_split_still_writes_latency(export_dir, tmp_path)
     (out / "manifest.json").write_text(json.dumps(manifest))
     r = run_bench(out, batches=[1], threads=[1], repeats=1, warmup=1)
     assert "unavailable" in r["accuracy"]["skipped"] and (out / "bench.json").is_file()
+
+
+def _report():
+    """A hand-made bench report: two settings, three models, whiskers far above the bars."""
+    def s(p50, p90, sp):
+        return {"p50_ms": p50, "p90_ms": p90, "speedup_vs_teacher": sp}
+    rows = [{"batch": 1, "threads": 1, "models": {"teacher": s(10.0, 30.0, 1.0), "student_fp32": s(8.0, 9.0, 1.25),
+                                                  "student_binary": s(2.0, 6.0, 5.0)}},
+            {"batch": 32, "threads": 2, "models": {"teacher": s(100.0, 110.0, 1.0), "student_fp32": s(90.0, 400.0, 1.11),
+                                                   "student_binary": s(20.0, 25.0, 5.0)}}]
+    return {"latency": rows, "machine": {"onnxruntime": "1.x", "cpu": "test cpu"}}
+
+
+def test_bench_png_labels_sit_above_the_whiskers():
+    from bnn_distill.bench import bench_figure
+    from bnn_distill.plots import pyplot
+
+    fig, ax = bench_figure(_report())
+    fig.canvas.draw()
+    texts = ax.texts
+    assert sorted(t.get_text() for t in texts) == ["1.11x", "1.25x", "5.00x", "5.00x"]  # not the teacher's 1.00x
+    whiskers = {("student_fp32", 0): 9.0, ("student_fp32", 1): 400.0, ("student_binary", 0): 6.0, ("student_binary", 1): 25.0}
+    renderer = fig.canvas.get_renderer()
+    boxes = [t.get_window_extent(renderer) for t in texts]
+    for t, box in zip(texts, boxes):
+        x, y = t.xy
+        assert t.get_rotation() == 90 and y in whiskers.values()  # anchored at its own p90 ...
+        top_px = ax.transData.transform((x, y))[1]
+        assert box.y0 >= top_px  # ... and drawn above it
+        assert box.y1 <= ax.get_window_extent(renderer).y1  # inside the axes (room was made)
+    for i in range(len(boxes)):  # no two labels overlap
+        for j in range(i + 1, len(boxes)):
+            assert not boxes[i].overlaps(boxes[j])
+    pyplot().close(fig)
+
+
+def test_bench_without_matplotlib_writes_the_numbers_and_a_note(export_dir, tmp_path, monkeypatch, caplog):
+    import shutil
+    import sys
+
+    out = tmp_path / "noplot"
+    shutil.copytree(export_dir, out)
+    (out / "bench.png").write_bytes(b"old")
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    r = run_bench(out, batches=[1], threads=[1], repeats=1, warmup=1, accuracy=False)
+    assert "bnn-distill[plots]" in r["plot"] and (out / "bench.json").is_file() and (out / "bench.md").is_file()
+    assert not (out / "bench.png").exists()  # no stale plot beside new numbers
+    notes = [rec.getMessage() for rec in caplog.records if "bench.png" in rec.getMessage()]
+    assert len(notes) == 1 and "\n" not in notes[0]
+
+
+def test_progress_bars_only_when_asked(export_dir, capsys):
+    run_bench(export_dir, batches=[1], threads=[1], repeats=1, warmup=1, accuracy=False, progress=True)
+    assert "bench" in capsys.readouterr().err
+    run_bench(export_dir, batches=[1], threads=[1], repeats=1, warmup=1, accuracy=False, progress=False)
+    assert "bench:" not in capsys.readouterr().err
+    # the CLI: a bar on a terminal only, never with --no-progress (capsys is not a terminal)
+    assert main(["bench", str(export_dir), "--batch", "1", "--threads", "1", "--repeats", "1", "--warmup", "1",
+                 "--no-accuracy", "--no-progress"]) == 0
+    assert "setting/s" not in capsys.readouterr().err
+
+
+def test_parity_progress_bar(capsys):
+    from bnn_distill.export import check_parity, lower, parity_inputs
+
+    model = _randomize(create_model("cifar_resnet20", 10, quant="W1A1", width_mult=0.25))
+    proto, probes = lower(model, (3, 16, 16))
+    assert check_parity("student_binary", model, proto, probes, parity_inputs((3, 16, 16), 4), progress=True).passed
+    assert "parity student_binary" in capsys.readouterr().err
