@@ -1,0 +1,47 @@
+"""pyproject.toml: the extras, py.typed, the classifiers, and a brevitas bound that admits the tested version."""
+
+from __future__ import annotations
+
+import re
+from importlib import metadata
+from pathlib import Path
+
+import pytest
+
+tomllib = pytest.importorskip("tomllib")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _project():
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())
+
+
+def test_extras_and_what_is_optional():
+    p = _project()
+    extras = p["project"]["optional-dependencies"]
+    assert {"plots", "tensorboard", "peers", "test"} <= set(extras)
+    assert any(d.startswith("matplotlib") for d in extras["plots"])
+    assert any(d.startswith("tensorboard") for d in extras["tensorboard"])
+    assert any(d.startswith("openvino") for d in extras["peers"])
+    assert "bnn-distill[plots]" in extras["test"]  # the suite checks the PNGs
+    deps = p["project"]["dependencies"]
+    assert not any(d.startswith("matplotlib") for d in deps) and any(d.startswith("pillow") for d in deps)
+    # a fresh install here must find the local torch files
+    assert "torch>=2.4,<=2.14.1" in deps and "torchvision>=0.19,<=0.29.1" in deps
+
+
+def test_py_typed_and_classifiers():
+    p = _project()
+    assert (ROOT / "bnn_distill" / "py.typed").is_file()
+    assert "py.typed" in p["tool"]["setuptools"]["package-data"]["bnn_distill"]
+    versions = {c.rsplit(" ", 1)[-1] for c in p["project"]["classifiers"] if c.startswith("Programming Language :: Python :: 3.")}
+    assert versions == {"3.10", "3.11", "3.12", "3.13"}
+
+
+def test_brevitas_is_bounded_above_the_tested_minor():
+    dep = next(d for d in _project()["project"]["dependencies"] if d.startswith("brevitas"))
+    upper = re.search(r"<\s*([0-9.]+)", dep)
+    assert upper, dep
+    have = tuple(int(v) for v in metadata.version("brevitas").split(".")[:2])
+    bound = tuple(int(v) for v in upper.group(1).split(".")[:2])
+    assert have < bound and bound == (have[0], have[1] + 1)  # the installed (tested) minor, not beyond
