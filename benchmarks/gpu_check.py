@@ -347,6 +347,7 @@ class StepConfig:
         self.scaler = torch.amp.GradScaler("cuda", enabled=rt.amp_dtype == torch.float16)
         self.nosync = _nosync_tau(self.model) if nosync else 0
         if compile_backend:
+            self._dtype_hook.remove()  # its list-length test would be a guard: a recompile on the second step
             self.step_module.student = torch.compile(self.model, backend=compile_backend)
         self.losses: List[Dict[str, float]] = []
         self.term_dtypes: Dict[str, str] = {}
