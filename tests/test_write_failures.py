@@ -335,7 +335,8 @@ def _bench_case(exported, tmp_path, monkeypatch, site, code):
     monkeypatch.undo()
     _assert_one_line(got[0], got[2], inj.path, errno.errorcode[code])
     _assert_no_torn_or_lost(out, inj)
-    assert inj.previous is not None
+    if site != "bench.png":  # bench removes its old plot first: never an old plot beside new numbers
+        assert inj.previous is not None
 
 
 @pytest.mark.parametrize("site", EXPORT_SITES)
