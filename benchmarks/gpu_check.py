@@ -1019,8 +1019,9 @@ def estimate(results: Dict[str, Any]) -> Dict[str, Any]:
     trainer_ips = {s["name"]: s.get("images_per_s") for s in run.get("summary_stages", [])}
     if trainer_ips.get("stage2"):
         out["single_stage_600_from_trainer_h"] = round(PAPER["epochs"] * PAPER["train_images"] / trainer_ips["stage2"] / 3600, 2)
-        out["trainer_note"] = ("from the trainer's own images/s in itrd_run (data loading included, but on 512-image "
-                               "epochs of 2 steps, where per-epoch loader start-up weighs far more than on CIFAR-10)")
+        out["trainer_note"] = (f"the trainer's own images/s in itrd_run: data loading included, but on epochs of "
+                               f"{run.get('dataset', 'a few hundred images')} at batch {run.get('batch')}, where the "
+                               "per-epoch loader start-up weighs far more than on CIFAR-10")
     return out
 
 
@@ -1198,7 +1199,7 @@ def render_md(report: Dict[str, Any]) -> str:
             if est.get("single_stage_600_w1a1_compiled_h"):
                 L.append(f"| 600 epochs W1A1 ITRD, student compiled | {_fmt(est['single_stage_600_w1a1_compiled_h'], 2)} |")
             if est.get("single_stage_600_from_trainer_h"):
-                L.append(f"| 600 epochs W1A1, from the trainer's images/s ({est.get('trainer_note')}) | {_fmt(est['single_stage_600_from_trainer_h'], 2)} |")
+                L.append(f"| 600 epochs W1A1, from {est.get('trainer_note')} | {_fmt(est['single_stage_600_from_trainer_h'], 2)} |")
     return "\n".join(L) + "\n"
 
 
