@@ -5,7 +5,11 @@ Times one optimiser step (forward, loss, backward, SGD update) of a student at o
 * the student with CE only, with KD (Hinton) and with ITRD (CE + 2 L_corr + 1 L_gram);
   each both as a full step (teacher forward included where the loss needs it) and as the
   student-side step (teacher outputs precomputed), which isolates what the loss itself costs;
-* the W1A1 Brevitas student against the same network in FP (CE only).
+* the W1A1 Brevitas student against the same network in FP (CE only);
+* what the speed-ups of the training step buy, each beside what it replaced: the sign written as
+  a comparison stored into a float tensor against the earlier ``torch.where`` form, the student
+  in channels_last memory format, and the frozen teacher's forward pass under ``no_grad`` (as it
+  was), under ``inference_mode`` (as the Trainer runs it now) and in channels_last.
 
 All configurations run interleaved, round after round, after warm-up, and the median per
 configuration is reported with its ratio, so machine noise hits all of them alike. Writes JSON
@@ -17,6 +21,7 @@ and markdown. Usage:
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 import statistics
@@ -27,6 +32,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+import bnn_distill.quant as quant_mod
 from bnn_distill.hooks import FeatureHook
 from bnn_distill.losses import Criterion, LossInputs, Term
 from bnn_distill.models import create_model
@@ -37,12 +43,30 @@ KD = [Term("ce", 1.0, {}), Term("kd", 1.0, {"temperature": 4.0})]
 CE = [Term("ce", 1.0, {})]
 
 
+def cpu_isa() -> str:
+    """The widest SIMD level this x86 CPU has, from /proc/cpuinfo ("AVX-512", "AVX2" or other)."""
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")).split()
+    except (OSError, StopIteration):
+        return "unknown"
+    return "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
+
+
+def where_sign(x: torch.Tensor) -> torch.Tensor:
+    """The sign as bnn-distill wrote it before (same values, slower): for the 'before' row."""
+    return torch.where(x >= 0, 1.0, -1.0).to(x.dtype)
+
+
 class Config:
-    def __init__(self, name, quant, terms, with_teacher, args, teacher, x, y):
+    def __init__(self, name, quant, terms, with_teacher, args, teacher, x, y, channels_last=False, sign=None):
         self.name = name
         torch.manual_seed(0)
         self.student = create_model(args.arch, 10, in_chans=x.shape[1], quant=quant, width_mult=args.width_mult,
                                     weight_scale="learned", recu=True)
+        self.sign = sign or quant_mod.binary_sign
+        if channels_last:
+            self.student = self.student.to(memory_format=torch.channels_last)
+            x = x.contiguous(memory_format=torch.channels_last)
         self.feat = FeatureHook(self.student, "head_bn")
         d = self.student.num_features
         self.criterion = Criterion(terms, d, d)
@@ -57,6 +81,7 @@ class Config:
             self.cached = (teacher(x), self.t_feat.pop()) if self.needs_teacher else (None, None)
 
     def step(self) -> None:
+        quant_mod.binary_sign = self.sign  # _Sign looks it up at call time
         t_logits, t_feat = self.cached
         if self.needs_teacher and self.with_teacher:
             with torch.no_grad():
@@ -97,40 +122,69 @@ def main(argv=None) -> int:
         Config("W1A1 ITRD (with teacher fwd)", "W1A1", ITRD, True, args, teacher, x, y),
         Config("FP CE (same network)", "FP", CE, True, args, teacher, x, y),
     ]
-    times = {c.name: [] for c in configs}
-    for c in configs:
+    new_sign = quant_mod.binary_sign
+    configs += [
+        Config("W1A1 CE, torch.where sign (before)", "W1A1", CE, True, args, teacher, x, y, sign=where_sign),
+        Config("W1A1 CE channels_last", "W1A1", CE, True, args, teacher, x, y, channels_last=True),
+        Config("FP CE channels_last", "FP", CE, True, args, teacher, x, y, channels_last=True),
+    ]
+    steps = {c.name: c.step for c in configs}
+    teacher_cl = copy.deepcopy(teacher).to(memory_format=torch.channels_last)
+    x_cl = x.contiguous(memory_format=torch.channels_last)
+
+    def forward(model, inp, mode):
+        def run():
+            quant_mod.binary_sign = new_sign
+            with mode():
+                model(inp)
+        return run
+
+    steps["teacher forward, no_grad (before)"] = forward(teacher, x, torch.no_grad)
+    steps["teacher forward, inference_mode"] = forward(teacher, x, torch.inference_mode)
+    steps["teacher forward, inference_mode channels_last"] = forward(teacher_cl, x_cl, torch.inference_mode)
+    times = {k: [] for k in steps}
+    for step in steps.values():
         for _ in range(args.warmup):
-            c.step()
+            step()
     for r in range(args.rounds):
-        for c in configs:
+        order = list(steps)[r % len(steps):] + list(steps)[:r % len(steps)]  # rotate: no fixed neighbour
+        for k in order:
             t0 = time.perf_counter()
-            c.step()
-            times[c.name].append(time.perf_counter() - t0)
+            steps[k]()
+            times[k].append(time.perf_counter() - t0)
         print(f"round {r + 1}/{args.rounds} done", file=sys.stderr)
+    quant_mod.binary_sign = new_sign
     med = {k: statistics.median(v) for k, v in times.items()}
     base = med["W1A1 CE"]
     rows = []
-    for c in configs:
-        rows.append({"config": c.name, "median_ms": 1000 * med[c.name], "images_per_s": args.batch / med[c.name],
-                     "vs_W1A1_CE": med[c.name] / base, "all_ms": [round(1000 * t, 2) for t in times[c.name]]})
+    for k in steps:
+        rows.append({"config": k, "median_ms": 1000 * med[k], "images_per_s": args.batch / med[k],
+                     "vs_W1A1_CE": med[k] / base, "all_ms": [round(1000 * t, 2) for t in times[k]]})
+    fp = med["FP CE (same network)"]
     result = {
         "what": "one optimiser step (forward, loss, backward, SGD) at fixed batch; medians over interleaved rounds",
-        "args": vars(args), "machine": machine_info(), "rows": rows,
+        "args": vars(args), "machine": machine_info(), "isa": cpu_isa(), "rows": rows,
         "itrd_vs_ce_student_side": med["W1A1 ITRD (student side)"] / base,
         "itrd_vs_kd_with_teacher": med["W1A1 ITRD (with teacher fwd)"] / med["W1A1 KD (with teacher fwd)"],
-        "binary_vs_fp_ce": base / med["FP CE (same network)"],
+        "binary_vs_fp_ce": base / fp,
+        "binary_vs_fp_ce_before": med["W1A1 CE, torch.where sign (before)"] / fp,
+        "binary_channels_last_vs_fp_channels_last": med["W1A1 CE channels_last"] / med["FP CE channels_last"],
+        "teacher_forward_vs_ce_step": {k: med[k] / base for k in steps if k.startswith("teacher forward")},
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [f"Training step cost: {args.arch} x{args.width_mult} on {args.in_chans}x{args.image_size}x{args.image_size}, "
-             f"batch {args.batch}, {torch.get_num_threads()} threads, {result['machine']['cpu']}", "",
+             f"batch {args.batch}, {torch.get_num_threads()} threads, {result['machine']['cpu']} ({result['isa']}), "
+             f"{args.rounds} interleaved rounds, medians", "",
              "| configuration | median ms/step | images/s | vs W1A1 CE |", "|---|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['config']} | {r['median_ms']:.1f} | {r['images_per_s']:.0f} | {r['vs_W1A1_CE']:.3f} |")
     lines += ["", f"ITRD / CE (student side): {result['itrd_vs_ce_student_side']:.3f}; "
               f"ITRD / KD (teacher forward included): {result['itrd_vs_kd_with_teacher']:.3f}; "
-              f"W1A1 Brevitas / FP, CE: {result['binary_vs_fp_ce']:.3f}"]
+              f"W1A1 Brevitas / FP, CE: {result['binary_vs_fp_ce']:.3f} (before the sign change: "
+              f"{result['binary_vs_fp_ce_before']:.3f}; both in channels_last: "
+              f"{result['binary_channels_last_vs_fp_channels_last']:.3f})"]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

@@ -339,3 +339,15 @@ def test_quant_state_keys():
     assert keys == {"weight", "weight_quant.tensor_quant.alpha", "weight_quant.tensor_quant.tau"}
     assert {k for k in keys if is_quant_param(k)} == keys - {"weight"}
     assert set(conv_factory("W32A1")(3, 4).state_dict()) == {"weight"}
+
+
+@pytest.mark.parametrize("tau", [0.85, 0.9137, 0.99])
+def test_recu_clamp_with_a_tensor_tau_equals_the_float_form(tau):
+    """The module passes its tau buffer as a tensor (no host sync on a GPU); the clamp must be
+    the same, bit for bit, as with the Python float."""
+    from bnn_distill.quant import recu_tau_clamp
+
+    torch.manual_seed(7)
+    w = torch.randn(16, 8, 3, 3)
+    t = torch.tensor(tau)  # float32, as the buffer
+    assert torch.equal(recu_tau_clamp(w, t), recu_tau_clamp(w, float(t)))
