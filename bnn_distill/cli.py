@@ -141,6 +141,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         err = write_error(e)
         print(f"error: {err}", file=sys.stderr)
         return err.exit_code
+    except RuntimeError as e:  # under torchrun: another process of the group died or hangs
+        from .distributed import peer_failure
+
+        msg = None if args.debug else peer_failure(e)
+        if msg is None:
+            raise
+        print(f"error: {one_line(msg)}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         if args.debug:
             raise
