@@ -203,7 +203,18 @@ def create_model(
 
     ``quant`` picks the body conv type (``FP``, ``W32A1``, ``W1A1``); ``overrides`` may set
     ``act``, ``shortcut``, ``bireal`` and ``head_norm`` against the registered defaults.
+    A ``SOURCE:ARCH`` name builds a full-precision teacher from torchvision or timm instead
+    (:func:`create_external_model`; ``overrides`` may then hold only ``pretrained``).
     """
+    if is_external(name):
+        pretrained = bool(overrides.pop("pretrained", False))
+        rest = {k: v for k, v in overrides.items() if v is not None}
+        if quant != "FP" or width_mult != 1.0 or rest:
+            what = f"quant {quant}" if quant != "FP" else f"width_mult {width_mult}" if width_mult != 1.0 else choices(rest)
+            raise RecipeError(f"model '{name}': a torchvision or timm model is a full-precision teacher as it is; "
+                              f"{what} applies to our own models only")
+        return create_external_model(name, num_classes, in_chans, pretrained)  # type: ignore[return-value]
+    overrides.pop("pretrained", None)
     if name not in MODELS:
         raise RecipeError(f"model '{name}' is not registered{closest(name, MODELS)}; valid: {choices(MODELS)}")
     spec = MODELS[name]
@@ -226,8 +237,96 @@ def create_model(
     return model
 
 
+#: Teachers from other libraries, named ``SOURCE:ARCH`` (e.g. ``torchvision:resnet18``), and the
+#: module whose (flattened) output is their pooled pre-classifier feature.
+EXTERNAL_SOURCES: Dict[str, str] = {"torchvision": "avgpool", "timm": "global_pool"}
+
+
+def is_external(name: str) -> bool:
+    """True for a ``SOURCE:ARCH`` model name (a teacher built by torchvision or timm)."""
+    return ":" in name
+
+
+def check_external_name(name: str, path: str = "teacher.arch") -> None:
+    """Raise a one-line RecipeError unless ``name`` is a buildable ``torchvision:``/``timm:`` model."""
+    source, _, arch = name.partition(":")
+    if source not in EXTERNAL_SOURCES:
+        raise RecipeError(f"{path}: '{name}' names no known model source{closest(source, EXTERNAL_SOURCES)}; "
+                          f"valid: {choices(EXTERNAL_SOURCES)} (as in torchvision:resnet18), or one of {choices(MODELS)}")
+    known = _external_names(source, path)
+    if arch not in known:
+        raise RecipeError(f"{path}: {source} has no model '{arch}'{closest(arch, known)}")
+
+
+def _external_names(source: str, path: str) -> List[str]:
+    if source == "torchvision":
+        import torchvision.models as tvm
+
+        return list(tvm.list_models(module=tvm))
+    try:
+        import timm
+    except ImportError:
+        raise RecipeError(f"{path}: timm models need the timm package; pip install timm") from None
+    return list(timm.list_models())
+
+
+def create_external_model(name: str, num_classes: int, in_chans: int = 3, pretrained: bool = False,
+                          reinit_head: bool = False) -> nn.Module:
+    """A full-precision teacher built by torchvision or timm (``SOURCE:ARCH``), randomly initialised
+    unless ``pretrained`` (the library's hub weights: needs a network). Hub weights whose classifier
+    has another number of classes are refused unless ``reinit_head`` (then the classifier is a new,
+    randomly initialised layer; timm does that by itself)."""
+    check_external_name(name)
+    source, _, arch = name.partition(":")
+    try:
+        if source == "timm":
+            import timm
+
+            return timm.create_model(arch, pretrained=pretrained, num_classes=num_classes, in_chans=in_chans)
+        import torchvision.models as tvm
+
+        if in_chans != 3:
+            raise RecipeError(f"teacher.arch: torchvision's {arch} takes 3 input channels and the data has {in_chans}; "
+                              "use a timm teacher (it adapts the stem) or one of ours")
+        if not pretrained:
+            return tvm.get_model(arch, weights=None, num_classes=num_classes)
+        model = tvm.get_model(arch, weights="DEFAULT")
+    except (OSError, RuntimeError) as e:  # URLError is an OSError: no network for the hub weights
+        if not pretrained:
+            raise
+        text = " ".join(str(e).split())[:160]
+        raise RecipeError(f"teacher.pretrained: cannot fetch {name}'s weights ({text}); on a machine without a "
+                          "network give teacher.checkpoint: a local state dict instead") from None
+    head = _classifier_name(model)
+    fc = model.get_submodule(head)
+    if fc.out_features != num_classes and reinit_head:
+        parent, _, leaf = head.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, leaf, nn.Linear(fc.in_features, num_classes))
+    elif fc.out_features != num_classes:
+        raise RecipeError(f"teacher.pretrained: {name}'s weights have {fc.out_features} classes and the data "
+                          f"{num_classes}; set teacher.head: reinit (the classifier is re-initialised and the "
+                          "teacher stage fine-tunes it), or give a checkpoint with the right head")
+    return model
+
+
+def _classifier_name(model: nn.Module) -> str:
+    """Path of the model's final classifier: its last ``nn.Linear`` module."""
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    assert names, f"{type(model).__name__} has no Linear classifier"
+    return names[-1]
+
+
+def classifier_keys(model: nn.Module) -> List[str]:
+    """State-dict keys of the model's final classifier (weight and bias)."""
+    head = _classifier_name(model)
+    return [f"{head}.{k}" for k in model.get_submodule(head).state_dict()]
+
+
 def default_feature_layer(name: str, head_norm: Optional[bool] = None) -> str:
-    """The module whose output ITRD distils: ``head_bn`` when the model has one, else ``flatten``."""
+    """The module whose output ITRD distils: ``head_bn`` when the model has one, else ``flatten``
+    (for a torchvision or timm teacher: its global pool)."""
+    if is_external(name):
+        return EXTERNAL_SOURCES[name.partition(":")[0]]
     spec = MODELS[name]
     has_bn = spec.head_norm if head_norm is None else head_norm
     return "head_bn" if has_bn else "flatten"

@@ -106,12 +106,30 @@ class ModelConfig:
     bireal: Optional[bool] = None  # a shortcut around every conv (Bi-Real); None: default
     head_norm: Optional[bool] = None  # BatchNorm1d before fc; None: default
     feature_layer: Optional[str] = None  # module whose output ITRD distils; None: head_bn or flatten
-    checkpoint: Optional[str] = None  # teacher only: load these weights instead of a teacher stage
+    checkpoint: Optional[str] = None  # teacher only: load these weights (a teacher stage then fine-tunes them)
+    pretrained: bool = False  # teacher only, torchvision:/timm: arch: the hub's weights (needs a network)
+    head: str = "keep"  # teacher only: keep | reinit (a checkpoint classifier of another class count)
 
     def check(self, path: str) -> None:
-        from .models import ACTS, MODELS, SHORTCUTS
+        from .models import ACTS, MODELS, SHORTCUTS, check_external_name, is_external
 
-        _one_of(f"{path}.arch", self.arch, list(MODELS))
+        if is_external(self.arch):
+            if path != "teacher":
+                raise RecipeError(f"{path}.arch: '{self.arch}' is a torchvision/timm model; only the teacher can be "
+                                  f"one (the student is ours, binary): valid: {choices(MODELS)}")
+            check_external_name(self.arch, f"{path}.arch")
+            options = {k: v for k, v in self.model_kwargs().items() if v is not None}
+            if options or self.width_mult != 1.0:
+                key = next(iter(options), "width_mult")
+                raise RecipeError(f"{path}.{key}: applies to our own models only, not to '{self.arch}'; remove it")
+        else:
+            _one_of(f"{path}.arch", self.arch, list(MODELS))
+            if self.pretrained:
+                raise RecipeError(f"{path}.pretrained: hub weights exist for torchvision:/timm: teachers only; "
+                                  f"give {path}.checkpoint for '{self.arch}'")
+        _one_of(f"{path}.head", self.head, ("keep", "reinit"))
+        if path != "teacher" and (self.pretrained or self.head != "keep"):
+            raise RecipeError(f"{path}: pretrained and head are teacher options")
         if not (0 < self.width_mult <= 16):
             raise RecipeError(f"{path}.width_mult: {self.width_mult} is not valid; it must be in (0, 16]")
         if self.act is not None:
@@ -265,9 +283,7 @@ class Recipe:
             if st.kind == "teacher":
                 if has_teacher_stage or i != 0:
                     raise RecipeError(f"{path}.kind: a teacher stage must be the first and only one")
-                if self.teacher.checkpoint is not None:
-                    raise RecipeError(f"{path}.kind: the recipe both loads teacher.checkpoint and trains a teacher; keep one")
-                has_teacher_stage = True
+                has_teacher_stage = True  # with teacher.checkpoint or pretrained: fine-tunes those weights
             if st.kind == "teacher" and st.init_from is not None:
                 raise RecipeError(f"{path}.init_from: a teacher stage starts from scratch; remove init_from (students use it)")
             elif st.init_from is not None and st.init_from != "teacher":
@@ -276,8 +292,12 @@ class Recipe:
                     raise RecipeError(f"{path}.init_from: no earlier stage named '{st.init_from}'{closest(st.init_from, valid)}; valid: {choices(valid)} or null")
             seen.append(st.name)
         needs_teacher = any(self._stage_needs_teacher(st) for st in self.stages)
-        if needs_teacher and not has_teacher_stage and self.teacher.checkpoint is None:
+        loaded = self.teacher.checkpoint is not None or self.teacher.pretrained
+        if needs_teacher and not has_teacher_stage and not loaded:
             raise RecipeError("teacher: a stage distils from a teacher but there is none; add a first stage with kind: teacher or set teacher.checkpoint")
+        if self.teacher.head == "reinit" and not has_teacher_stage:
+            raise RecipeError("teacher.head: reinit leaves the teacher's classifier untrained; add a first stage with "
+                              "kind: teacher to fine-tune it")
         for i, st in enumerate(self.stages):
             if st.init_from == "teacher":
                 t, s = self.teacher, self.student
@@ -325,9 +345,14 @@ class Recipe:
         return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None)
 
     def fingerprint(self, ignore: Sequence[str] = ("output_dir", "device", "description")) -> str:
-        """Hash of what determines training results (used to refuse resuming a changed recipe)."""
-        d = {k: v for k, v in self.to_dict().items() if k not in ignore}
-        d["data"] = {k: v for k, v in d["data"].items() if k not in ("root", "download", "num_workers")}
+        """Hash of what determines training results (used to refuse resuming a changed recipe).
+
+        Fields at their default are left out, so a field added to the recipe later (with a
+        default that keeps the old behaviour) leaves the fingerprints of earlier runs unchanged;
+        a saved run's recipe.yaml holds every value explicitly, so a changed default still shows.
+        """
+        d = {k: v for k, v in _non_default(self).items() if k not in ignore}
+        d["data"] = {k: v for k, v in d.get("data", {}).items() if k not in ("root", "download", "num_workers")}
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -335,6 +360,25 @@ def _needs_features(st: StageConfig) -> bool:
     from .losses import LOSSES
 
     return any(LOSSES[t.name].needs_features for t in st.losses)
+
+
+def _non_default(obj: Any) -> Any:
+    """Like :func:`_to_plain`, but a dataclass keeps only the fields that differ from their default."""
+    if dataclasses.is_dataclass(obj):
+        out = {}
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if f.default is not dataclasses.MISSING and value == f.default:
+                continue
+            if f.default_factory is not dataclasses.MISSING and value == f.default_factory():
+                continue
+            out[f.name] = _non_default(value)
+        return out
+    if isinstance(obj, (list, tuple)):
+        return [_non_default(v) for v in obj]
+    if isinstance(obj, Mapping):
+        return {k: _non_default(v) for k, v in obj.items()}
+    return obj
 
 
 def _to_plain(obj: Any) -> Any:

@@ -415,9 +415,7 @@ class Trainer:
             t_logits = t_feat = None
             with rt.autocast():
                 if self.criterion.needs_teacher:
-                    with torch.no_grad():
-                        t_logits = self.teacher(x)
-                        t_feat = self.teacher_hook.pop() if self.teacher_hook is not None else None
+                    t_logits, t_feat = self._teacher_outputs(x)
                 out = self.train_module(x, y, t_logits, t_feat)
             loss = out["loss"]
             # the forward pass has updated BatchNorm statistics, so a stop request is honoured only
@@ -457,6 +455,16 @@ class Trainer:
         if recu:
             metrics["tau"] = tau_at(self.step / max(1, self.total_steps - 1), self.recipe.binary.tau_start, self.recipe.binary.tau_end)
         return metrics
+
+    def _teacher_outputs(self, x: torch.Tensor):
+        """The frozen teacher's (logits (B, classes), hooked feature (B, d_t) or None), computed
+        under ``inference_mode`` (no autograd bookkeeping at all) and cloned out of it, so the
+        losses may save them for the student's backward pass."""
+        assert self.teacher is not None
+        with torch.inference_mode():
+            logits = self.teacher(x)
+            feat = self.teacher_hook.pop() if self.teacher_hook is not None else None
+        return logits.clone(), (feat.clone() if feat is not None else None)
 
     def _step_checks(self, out: Dict[str, torch.Tensor]):
         """(loss finite on every process, stop requested on any process): one collective per step."""
@@ -615,14 +623,8 @@ def run_recipe(recipe: Recipe, resume: bool = False, force: bool = False, progre
         teacher: Optional[nn.Module] = None
         teacher_eval: Optional[Dict[str, float]] = None
         final_states: Dict[str, Dict[str, Any]] = {}
-        if recipe.teacher.checkpoint is not None:
-            spec = model_spec(recipe, recipe.teacher, "FP", info.num_classes, info.in_chans)
-            teacher = build_model(spec)
-            ck = load_checkpoint(recipe.teacher.checkpoint)
-            if "model_spec" in ck and ck["model_spec"].get("name") != spec["name"]:
-                raise CheckpointError(f"teacher.checkpoint '{recipe.teacher.checkpoint}' is a '{ck['model_spec'].get('name')}', "
-                                      f"the recipe's teacher is '{spec['name']}'")
-            load_model_state(teacher, state_dict_of(ck), f"teacher.checkpoint '{recipe.teacher.checkpoint}'")
+        if recipe.teacher.checkpoint is not None or recipe.teacher.pretrained:
+            teacher = load_teacher(recipe, model_spec(recipe, recipe.teacher, "FP", info.num_classes, info.in_chans))
         for i, st in enumerate(recipe.stages):
             cfg = recipe.teacher if st.kind == "teacher" else recipe.student
             spec = model_spec(recipe, cfg, st.quant, info.num_classes, info.in_chans)
@@ -686,9 +688,48 @@ def run_recipe(recipe: Recipe, resume: bool = False, force: bool = False, progre
         ddp.cleanup(rt.dist)
 
 
+def load_teacher(recipe: Recipe, spec: Dict[str, Any]) -> nn.Module:
+    """The recipe's teacher from ``teacher.checkpoint`` (ours, or a torchvision/timm state dict) or,
+    for a ``torchvision:``/``timm:`` arch with ``pretrained``, from the hub. ``head: reinit``
+    re-initialises a classifier built for another number of classes (and says so in the log)."""
+    from .models import classifier_keys, create_external_model
+
+    cfg = recipe.teacher
+    reinit = cfg.head == "reinit"
+    if cfg.pretrained:  # recipe validation: only for torchvision:/timm: names
+        teacher = create_external_model(spec["name"], spec["num_classes"], spec["in_chans"], True, reinit)
+    else:
+        teacher = build_model(spec)
+    if cfg.checkpoint is None:
+        return teacher
+    what = f"teacher.checkpoint '{cfg.checkpoint}'"
+    ck = load_checkpoint(cfg.checkpoint)
+    if "model_spec" in ck and ck["model_spec"].get("name") != spec["name"]:
+        raise CheckpointError(f"{what} is a '{ck['model_spec'].get('name')}', the recipe's teacher is '{spec['name']}'")
+    state = dict(state_dict_of(ck))
+    own = teacher.state_dict()
+    head = classifier_keys(teacher)
+    other = [k for k in head if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    if other and not reinit:
+        raise CheckpointError(f"{what}: its classifier '{other[0]}' has shape {tuple(state[other[0]].shape)}, this data "
+                              f"needs {tuple(own[other[0]].shape)}; set teacher.head: reinit to re-initialise it "
+                              "(a teacher stage then fine-tunes it)")
+    if other:
+        log.info("teacher.head: reinit: the checkpoint's classifier has %d classes, the data %d; '%s' re-initialised",
+                 state[other[0]].shape[0], own[other[0]].shape[0], other[0].rpartition(".")[0])
+        state.update({k: own[k] for k in head})
+    load_model_state(teacher, state, what)
+    return teacher
+
+
 def _init_stage(trainer: Trainer, st: StageConfig, teacher: Optional[nn.Module],
                 final_states: Dict[str, Dict[str, Any]], rt: Runtime) -> None:
-    """Initialise a fresh stage from the teacher or an earlier stage (``init_from``)."""
+    """Initialise a fresh stage from the teacher or an earlier stage (``init_from``); a teacher
+    stage after a loaded teacher (checkpoint or hub weights) fine-tunes those weights."""
+    if st.kind == "teacher" and teacher is not None:
+        load_model_state(trainer.model, teacher.state_dict(), "the loaded teacher")
+        log.info("[%s] fine-tuning the loaded teacher", st.name)
+        return
     if st.init_from is None:
         return
     if st.init_from == "teacher":

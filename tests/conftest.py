@@ -37,6 +37,20 @@ def tiny_recipe_dict(out: Path, epochs: int = 1, name: str = "tiny") -> Dict[str
     }
 
 
+def make_image_folder(root: Path, classes=("cat", "dog"), train: int = 6, val: int = 2, size=(40, 48)) -> Path:
+    """A tiny ImageNet-style tree ``root/{train,val}/<class>/*.png`` of random RGB images."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", train), ("val", val)):
+        for c in classes:
+            (root / split / c).mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(root / split / c / f"{i}.png")
+    return root
+
+
 @pytest.fixture
 def tiny(tmp_path):
     return tiny_recipe_dict(tmp_path / "runs")

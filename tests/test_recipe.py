@@ -25,6 +25,8 @@ import pytest
 from bnn_distill.errors import RecipeError
 from bnn_distill.recipe import Recipe, apply_override, load_recipe, parse_overrides, recipe_from_dict
 
+from conftest import make_image_folder
+
 REPO = Path(__file__).resolve().parent.parent
 RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
 CLI = Path(sys.executable).with_name("bnn-distill")
@@ -322,9 +324,12 @@ def cli_runs(tmp_path_factory):
         path.parent.mkdir(exist_ok=True)
         path.write_text(text)
         jobs.append([f"bad/{case_id}", ["train", str(path), "--set", f"output_dir={root / 'out' / case_id}"], str(path)])
+    images = make_image_folder(root / "imagefolder")  # for recipes that name no data.root (ImageNet)
     for p in RECIPES:
         if p.stem != REAL_DRY_RUN:
-            jobs.append([f"dry/{p.stem}", ["train", str(p), "--dry-run", "--set", f"output_dir={root / 'out' / p.stem}"], None])
+            extra = ["--set", f"data.root={images}"] if load_recipe(p).data.dataset == "imagefolder" else []
+            jobs.append([f"dry/{p.stem}", ["train", str(p), "--dry-run", "--set", f"output_dir={root / 'out' / p.stem}",
+                                           *extra], None])
 
     def start(key: str, args: List[str]) -> subprocess.Popen:
         cwd = root / "cwd" / key
