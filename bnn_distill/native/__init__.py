@@ -287,8 +287,9 @@ def unpack_signs(words, channels: int):
 
 
 def vector_steps(model) -> int:
-    """AVX-512 inner-loop steps (one VPOPCNTQ over 8 output channels x 64 input bits) that one image
-    costs in a native ``ModelProto``: per BinaryConv2d, Ho*Wo * ceil(OC/8) * k*k * ceil(C/64)."""
+    """Inner-loop steps (8 output channels x 64 input bits: one AVX-512 VPOPCNTQ, two AVX2 nibble-table
+    popcounts) that one image costs in a native ``ModelProto``: per BinaryConv2d,
+    Ho*Wo * ceil(OC/8) * k*k * ceil(C/64)."""
     total = 0
     for n in model.graph.node:
         if n.domain != DOMAIN or n.op_type not in OPS:
@@ -301,10 +302,25 @@ def vector_steps(model) -> int:
 
 
 def peak_ns_per_step(lib: Path, steps: int = 20_000_000) -> Optional[float]:
-    """Measured ns per inner-loop step of the AVX-512 kernel's register tile on L1-resident data (its
-    instruction-throughput floor on this CPU), or None without AVX-512 VPOPCNTDQ."""
+    """Measured ns per inner-loop step (8 output channels x 64 input bits, 512 binary MACs) of the
+    register tile of the kernels this CPU runs by default, on L1-resident data: their instruction-
+    throughput floor (AVX-512 VPOPCNTQ where the CPU has it, else AVX2), or None for the portable
+    kernels. The wall-clock minimum of one run; take the minimum of a few on a busy machine."""
     so = ctypes.CDLL(str(lib))
     so.BnnDistillPeakNsPerStep.restype = ctypes.c_double
     so.BnnDistillPeakNsPerStep.argtypes = [ctypes.c_int64]
     v = so.BnnDistillPeakNsPerStep(int(steps))
+    return None if v < 0 else float(v)
+
+
+PEAK_ISAS = {"avx512": 2, "avx2": 1}
+
+
+def peak_ns_per_step_isa(lib: Path, isa: str, steps: int = 20_000_000) -> Optional[float]:
+    """The floor of one kernel family (``avx512`` or ``avx2``), in the same unit, or None when this CPU
+    cannot run it."""
+    so = ctypes.CDLL(str(lib))
+    so.BnnDistillPeakNsPerStepIsa.restype = ctypes.c_double
+    so.BnnDistillPeakNsPerStepIsa.argtypes = [ctypes.c_int, ctypes.c_int64]
+    v = so.BnnDistillPeakNsPerStepIsa(PEAK_ISAS[isa], int(steps))
     return None if v < 0 else float(v)

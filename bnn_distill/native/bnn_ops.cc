@@ -43,6 +43,9 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <thread>
+#include <condition_variable>
+#include <atomic>
 #include <chrono>
 #include <cstdint>
 #include <cstdio>
@@ -284,31 +287,35 @@ __attribute__((target("avx2"))) inline Avx2Epi Avx2EpiFor(const Epilogue& ep, in
   return e;
 }
 
+// Epilogue modes, fixed per row so the per-pixel code has no branches: kBits (packed signs out through
+// thresholds) or float out, with or without a residual, with or without the clip, all 8 channels valid
+// or a masked last group.
+enum : int { kEpiBits = 1, kEpiRes = 2, kEpiAct = 4, kEpiFull = 8 };
+
 // One pixel: acc0 / acc1 hold the popcounts of channels oc..oc+3 / oc+4..oc+7 as 64-bit lanes. The same
 // float32 operations, in the same order, as Epilogue::Store (and so as the standard graph).
-// cr, out, res, bits: this pixel's corrections, outputs, residual (or null) and packed-bits word (or null),
-// each already offset to the group's first channel (bits: its word; shift: the group's bit offset).
-__attribute__((target("avx2"), always_inline)) inline void StoreAvx2(const Avx2Epi& e, bool act, const int32_t* cr,
-                                                                     float* out, const float* res, uint64_t* bits,
-                                                                     int shift, __m256i acc0, __m256i acc1) {
+// cr, out, res, bits: this pixel's corrections, outputs, residual and packed-bits word, each already
+// offset to the group's first channel (bits: its word; shift: the group's bit offset in it).
+template <int M>
+__attribute__((target("avx2"), always_inline)) inline void StoreAvx2(const Avx2Epi& e, const int32_t* cr, float* out,
+                                                                     const float* res, uint64_t* bits, int shift,
+                                                                     __m256i acc0, __m256i acc1) {
   const __m256 q = _mm256_shuffle_ps(_mm256_castsi256_ps(acc0), _mm256_castsi256_ps(acc1), _MM_SHUFFLE(2, 0, 2, 0));
   const __m256i pc = _mm256_permute4x64_epi64(_mm256_castps_si256(q), _MM_SHUFFLE(3, 1, 2, 0));
   const __m256i corr = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(cr));  // OCp entries: always 8
   const __m256i dot = _mm256_sub_epi32(_mm256_sub_epi32(e.n_bits, _mm256_add_epi32(pc, pc)), corr);
-  if (bits) {
+  if (M & kEpiBits) {
     const unsigned neg = static_cast<unsigned>(_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(e.thresh, dot)))) &
                          ((1u << e.lanes) - 1);
     OrBits(bits, static_cast<uint64_t>(neg) << shift);
     return;
   }
   __m256 v = _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(dot), e.scale), e.shift);
-  if (e.lanes == 8) {
-    if (res) v = _mm256_add_ps(v, _mm256_loadu_ps(res));
-    if (act) v = _mm256_min_ps(_mm256_max_ps(v, e.lo), e.hi);
+  if (M & kEpiRes) v = _mm256_add_ps(v, (M & kEpiFull) ? _mm256_loadu_ps(res) : _mm256_maskload_ps(res, e.mask));
+  if (M & kEpiAct) v = _mm256_min_ps(_mm256_max_ps(v, e.lo), e.hi);
+  if (M & kEpiFull) {
     _mm256_storeu_ps(out, v);
   } else {
-    if (res) v = _mm256_add_ps(v, _mm256_maskload_ps(res, e.mask));
-    if (act) v = _mm256_min_ps(_mm256_max_ps(v, e.lo), e.hi);
     _mm256_maskstore_ps(out, e.mask, v);
   }
 }
@@ -328,13 +335,19 @@ __attribute__((target("avx2"), always_inline)) inline void Avx2Core(const uint64
     const uint64_t* ap = a;
     for (int64_t j = 0; j < run; ++j, ap += 2, w += 16) {
       const __m256i* wv = reinterpret_cast<const __m256i*>(w);
+      const __m256i w0l = _mm256_loadu_si256(wv), w1l = _mm256_loadu_si256(wv + 1);
       for (int p = 0; p < P; ++p) {
+        // The lo weights stay in registers; the hi ones are reloaded for every pixel (memory operands of
+        // VPXOR, L1 hits: the pointer is laundered so the compiler cannot keep them too), which leaves
+        // enough registers for 2P accumulators without spilling.
+        const __m256i* wh = wv + 2;
+        asm volatile("" : "+r"(wh));
         const __m256i al = _mm256_set1_epi64x(static_cast<long long>(ap[p * pstep]));
         const __m256i ah = _mm256_set1_epi64x(static_cast<long long>(ap[p * pstep + 1]));
-        acc[p][0] = _mm256_add_epi64(acc[p][0], _mm256_sad_epu8(_mm256_shuffle_epi8(ta, _mm256_xor_si256(al, _mm256_loadu_si256(wv))),
-                                                                _mm256_shuffle_epi8(tb, _mm256_xor_si256(ah, _mm256_loadu_si256(wv + 2)))));
-        acc[p][1] = _mm256_add_epi64(acc[p][1], _mm256_sad_epu8(_mm256_shuffle_epi8(ta, _mm256_xor_si256(al, _mm256_loadu_si256(wv + 1))),
-                                                                _mm256_shuffle_epi8(tb, _mm256_xor_si256(ah, _mm256_loadu_si256(wv + 3)))));
+        acc[p][0] = _mm256_add_epi64(acc[p][0], _mm256_sad_epu8(_mm256_shuffle_epi8(ta, _mm256_xor_si256(al, w0l)),
+                                                                _mm256_shuffle_epi8(tb, _mm256_xor_si256(ah, _mm256_loadu_si256(wh)))));
+        acc[p][1] = _mm256_add_epi64(acc[p][1], _mm256_sad_epu8(_mm256_shuffle_epi8(ta, _mm256_xor_si256(al, w1l)),
+                                                                _mm256_shuffle_epi8(tb, _mm256_xor_si256(ah, _mm256_loadu_si256(wh + 1)))));
       }
     }
   }
@@ -353,18 +366,29 @@ struct Avx2RowCtx {
   uint64_t* bits;       // pixel 0's packed word holding the group (or null)
   int64_t cwo;
   int shift;
-  bool act;
 };
 
-template <int P>
+template <int P, int M>
 __attribute__((target("avx2"), always_inline)) inline void Avx2Tile(const Avx2RowCtx& c, const Avx2Epi& e, int64_t ox0) {
   __m256i acc[P][2];
   Avx2Core<P>(c.a + ox0 * c.pstep, c.pstep, c.arow, c.w, c.K, c.run, acc);
   for (int p = 0; p < P; ++p) {
     const int64_t ox = ox0 + p, ix = ox * c.S - c.P;
     const int64_t cls = (ix < 0) | ((ix + c.Kw > c.W) << 1);
-    StoreAvx2(e, c.act, c.corr + cls * c.OCp, c.out ? c.out + ox * c.OC : nullptr, c.res ? c.res + ox * c.OC : nullptr,
-              c.bits ? c.bits + ox * c.cwo : nullptr, c.shift, acc[p][0], acc[p][1]);
+    StoreAvx2<M>(e, c.corr + cls * c.OCp, c.out + ox * c.OC, c.res + ox * c.OC, c.bits + ox * c.cwo, c.shift, acc[p][0],
+                 acc[p][1]);
+  }
+}
+
+template <int P, int M>
+__attribute__((target("avx2"))) void Avx2RowTiles(const Avx2RowCtx& c, const Avx2Epi& e, int64_t Wo) {
+  int64_t ox = 0;
+  for (; ox + P <= Wo; ox += P) Avx2Tile<P, M>(c, e, ox);
+  switch (Wo - ox) {
+    case 0: break;
+    case 1: Avx2Tile<1, M>(c, e, ox); break;
+    case 2: Avx2Tile<2, M>(c, e, ox); break;
+    default: Avx2Tile<3, M>(c, e, ox); break;
   }
 }
 
@@ -389,15 +413,18 @@ __attribute__((target("avx2"))) void Avx2Row(const Item& it, int64_t b, int64_t 
   c.cwo = (g.OC + 63) / 64;
   c.bits = ep.thresh ? ep.ybits + pix0 * c.cwo + oc / 64 : nullptr;
   c.shift = static_cast<int>(oc % 64);
-  c.act = ep.act != 0;
   const Avx2Epi e = Avx2EpiFor(ep, oc);
-  int64_t ox = 0;
-  for (; ox + P <= g.Wo; ox += P) Avx2Tile<P>(c, e, ox);
-  switch (g.Wo - ox) {
-    case 0: break;
-    case 1: Avx2Tile<1>(c, e, ox); break;
-    case 2: Avx2Tile<2>(c, e, ox); break;
-    default: Avx2Tile<3>(c, e, ox); break;
+  const int mode = ep.thresh ? kEpiBits
+                             : ((ep.residual ? kEpiRes : 0) | (ep.act ? kEpiAct : 0) | (e.lanes == 8 ? kEpiFull : 0));
+  switch (mode) {
+#define BNN_AVX2_MODE(M) \
+  case M: Avx2RowTiles<P, M>(c, e, g.Wo); break;
+    BNN_AVX2_MODE(kEpiBits)
+    BNN_AVX2_MODE(0) BNN_AVX2_MODE(kEpiRes) BNN_AVX2_MODE(kEpiAct) BNN_AVX2_MODE(kEpiRes | kEpiAct)
+    BNN_AVX2_MODE(kEpiFull) BNN_AVX2_MODE(kEpiFull | kEpiRes) BNN_AVX2_MODE(kEpiFull | kEpiAct)
+    BNN_AVX2_MODE(kEpiFull | kEpiRes | kEpiAct)
+#undef BNN_AVX2_MODE
+    default: throw std::logic_error("BinaryConv2d: no AVX2 epilogue for this mode");
   }
 }
 
@@ -559,7 +586,9 @@ struct PoolJob {
   float* out;      // (B, Ho*Wo, OC)
 };
 
-void PoolRow(void* data, size_t index) {
+// The same loop compiled for AVX2 (8 channels per instruction, the same float operations in the same order).
+template <int kVariant>
+inline __attribute__((always_inline)) void PoolRowBody(void* data, size_t index) {
   const PoolJob& j = *static_cast<const PoolJob*>(data);
   const Geometry& g = *j.g;
   const int64_t b = static_cast<int64_t>(index) / g.Ho, oy = static_cast<int64_t>(index) % g.Ho;
@@ -575,6 +604,29 @@ void PoolRow(void* data, size_t index) {
       }
     const float count = static_cast<float>((y1 - y0) * (x1 - x0));
     for (int64_t c = 0; c < g.C; ++c) o[c] = o[c] / count;
+  }
+}
+
+void PoolRow(void* data, size_t index) { PoolRowBody<0>(data, index); }
+__attribute__((target("avx2"))) void PoolRowAvx2(void* data, size_t index) { PoolRowBody<1>(data, index); }
+
+using ItemFn = void (*)(void*, size_t);
+
+// Phase a of a conv: items [0, pool_rows) pool the residual, the rest pack the input's rows.
+struct PrepJob {
+  ItemFn pool_fn;
+  PoolJob* pool;
+  int64_t pool_rows;
+  PackJob* pack;
+};
+
+void PrepItem(void* data, size_t index) {
+  const PrepJob& j = *static_cast<const PrepJob*>(data);
+  const int64_t i = static_cast<int64_t>(index);
+  if (i < j.pool_rows) {
+    j.pool_fn(j.pool, index);
+  } else {
+    PackRow(j.pack, static_cast<size_t>(i - j.pool_rows));
   }
 }
 
@@ -606,6 +658,178 @@ void ConvItem(void* data, size_t index) {
     const int p = static_cast<int>(std::min<int64_t>(kTilePixels, g.Wo - ox));
     Tile(j.isa, p, gcount)(j.item, b, oy, ox, g0);
   }
+}
+
+// ------------------------------------------------------------------ threads
+//
+// onnxruntime's intra-op pool wakes its workers once per ParallelFor; with spinning off (the bench's and
+// many servers' setting) a wake-up costs tens of microseconds, about as much as a whole conv of a deep
+// layer at batch 1. So the convs run on a small pool of their own, with as many threads as the session's
+// intra-op pool has (found once per kernel, see ProbeThreads): a job is two phases (packing / pooling the
+// input, then the conv) with a spinning barrier between them, so each conv is one wake-up or none. After
+// a job the workers spin for BNN_DISTILL_NATIVE_SPIN_US (default 100) microseconds, then sleep: during an
+// inference they stay awake from one conv to the next, an idle session costs nothing after that.
+// Items are handed out from per-thread contiguous ranges (thread t starts on range t: its own output
+// channels, so its own weights), and a thread that finishes its range helps with the others.
+
+struct Phase {
+  ItemFn fn = nullptr;
+  void* data = nullptr;
+  int64_t total = 0;
+};
+
+class SpinPool {
+ public:
+  static SpinPool& Get() {
+    static SpinPool* pool = new SpinPool();  // never destroyed: workers may outlive static destructors
+    return *pool;
+  }
+
+  // Runs phase a, then (after every thread finished a) phase b, on `threads` threads (the caller and
+  // threads - 1 workers). Returns false, having run nothing, when another job holds the pool.
+  bool Run(int threads, const Phase& a, const Phase& b) {
+    std::unique_lock<std::mutex> job(job_mutex_, std::try_to_lock);
+    if (!job.owns_lock()) return false;
+    Grow(threads - 1);
+    threads = std::min(threads, static_cast<int>(threads_.size()) + 1);
+    n_.store(threads, std::memory_order_relaxed);
+    phase_[0] = a, phase_[1] = b;
+    for (int p = 0; p < 2; ++p)
+      for (int t = 0; t < threads; ++t) {
+        const int64_t lo = phase_[p].total * t / threads, hi = phase_[p].total * (t + 1) / threads;
+        next_[p][t].v.store(lo, std::memory_order_relaxed);
+        end_[p][t] = hi;
+      }
+    arrived_.store(0, std::memory_order_relaxed);
+    done_.store(0, std::memory_order_relaxed);
+    gen_.fetch_add(1, std::memory_order_seq_cst);
+    if (sleepers_.load(std::memory_order_seq_cst) > 0) {
+      { std::lock_guard<std::mutex> lk(m_); }
+      cv_.notify_all();
+    }
+    Work(0);
+    while (done_.load(std::memory_order_acquire) < threads - 1) _mm_pause();
+    return true;
+  }
+
+ private:
+  static constexpr int kMaxThreads = 64;
+  struct alignas(64) Counter {
+    std::atomic<int64_t> v{0};
+  };
+
+  SpinPool() {
+    const char* env = std::getenv("BNN_DISTILL_NATIVE_SPIN_US");
+    spin_us_ = env ? std::max(0, std::atoi(env)) : 100;
+  }
+
+  void Grow(int workers) {
+    workers = std::min(workers, kMaxThreads - 1);
+    while (static_cast<int>(threads_.size()) < workers) {
+      const int id = static_cast<int>(threads_.size()) + 1;
+      const uint64_t seen = gen_.load(std::memory_order_acquire);  // before the job that needs it is published
+      threads_.emplace_back([this, id, seen] { Loop(id, seen); });
+      threads_.back().detach();
+    }
+  }
+
+  void RunPhase(int p, int t) {
+    const Phase& ph = phase_[p];
+    const int n = n_.load(std::memory_order_relaxed);
+    for (int k = 0; k < n; ++k) {
+      const int r = (t + k) % n;
+      for (;;) {
+        const int64_t i = next_[p][r].v.fetch_add(1, std::memory_order_relaxed);
+        if (i >= end_[p][r]) break;
+        ph.fn(ph.data, static_cast<size_t>(i));
+      }
+    }
+  }
+
+  void Work(int t) {
+    if (phase_[0].total > 0) {
+      RunPhase(0, t);
+      arrived_.fetch_add(1, std::memory_order_acq_rel);
+      const int n = n_.load(std::memory_order_relaxed);
+      while (arrived_.load(std::memory_order_acquire) < n) _mm_pause();
+    }
+    RunPhase(1, t);
+  }
+
+  void Loop(int id, uint64_t seen) {
+    for (;;) {
+      const auto t0 = std::chrono::steady_clock::now();
+      int polls = 0;
+      while (gen_.load(std::memory_order_acquire) == seen) {
+        _mm_pause();
+        if (++polls % 64 == 0 &&
+            std::chrono::steady_clock::now() - t0 > std::chrono::microseconds(spin_us_)) {
+          std::unique_lock<std::mutex> lk(m_);
+          sleepers_.fetch_add(1, std::memory_order_seq_cst);
+          cv_.wait(lk, [&] { return gen_.load(std::memory_order_seq_cst) != seen; });
+          sleepers_.fetch_sub(1, std::memory_order_relaxed);
+        }
+      }
+      // Which job is this, and is this worker in it? A job that needs this worker cannot be followed
+      // by another before the worker finished it, so if the generation moved on meanwhile, the job
+      // just seen did not need it.
+      const uint64_t g = gen_.load(std::memory_order_acquire);
+      const int n = n_.load(std::memory_order_acquire);
+      if (gen_.load(std::memory_order_acquire) != g) {
+        seen = g;
+        continue;
+      }
+      seen = g;
+      if (id < n) {
+        Work(id);
+        done_.fetch_add(1, std::memory_order_release);
+      }
+    }
+  }
+
+  std::mutex job_mutex_, m_;
+  std::condition_variable cv_;
+  std::vector<std::thread> threads_;
+  std::atomic<uint64_t> gen_{0};
+  std::atomic<int> sleepers_{0}, arrived_{0}, done_{0};
+  std::atomic<int> n_{1};
+  int spin_us_ = 100;
+  Phase phase_[2];
+  Counter next_[2][kMaxThreads];
+  int64_t end_[2][kMaxThreads] = {};
+};
+
+// How many threads the session's intra-op pool runs a ParallelFor on: every thread that takes an item
+// registers, and the first item of each thread waits until no new thread has come for a while (at most
+// a few milliseconds, once per kernel, on its first run).
+struct ThreadProbe {
+  std::mutex m;
+  std::vector<std::thread::id> ids;
+  std::chrono::steady_clock::time_point start, last;
+};
+
+void ProbeItem(void* data, size_t) {
+  ThreadProbe& p = *static_cast<ThreadProbe*>(data);
+  {
+    std::lock_guard<std::mutex> lk(p.m);
+    const auto id = std::this_thread::get_id();
+    if (std::find(p.ids.begin(), p.ids.end(), id) != p.ids.end()) return;
+    p.ids.push_back(id);
+    p.last = std::chrono::steady_clock::now();
+  }
+  for (;;) {
+    std::this_thread::sleep_for(std::chrono::microseconds(50));
+    std::lock_guard<std::mutex> lk(p.m);
+    const auto now = std::chrono::steady_clock::now();
+    if (now - p.last > std::chrono::microseconds(1500) || now - p.start > std::chrono::milliseconds(8)) return;
+  }
+}
+
+int ProbeThreads(const Ort::KernelContext& ctx) {
+  ThreadProbe p;
+  p.start = p.last = std::chrono::steady_clock::now();
+  ctx.ParallelFor(ProbeItem, 256, 0, &p);
+  return std::max<int>(1, static_cast<int>(p.ids.size()));
 }
 
 // Packing and pooling are a few percent of the conv's work. On small tensors they run on the
@@ -655,6 +879,14 @@ struct BinaryConvKernel {
     isa_ = ChooseIsa();
     if (const char* env = std::getenv("BNN_DISTILL_NATIVE_PHASES")) phases_ = std::string(env) == "1";
     if (phases_) name_ = ki.GetNodeName();
+    if (const char* env = std::getenv("BNN_DISTILL_NATIVE_POOL")) {
+      const std::string v(env);
+      if (v == "ort") {
+        pool_mode_ = 1;
+      } else if (!v.empty() && v != "own") {
+        throw std::runtime_error("BNN_DISTILL_NATIVE_POOL='" + v + "' is not one of own, ort");
+      }
+    }
     avx2_pixels_ = 4;
     if (const char* env = std::getenv("BNN_DISTILL_NATIVE_AVX2_PIXELS")) {  // a tuning knob for benchmarks and tests
       const int v = std::atoi(env);
@@ -724,13 +956,19 @@ struct BinaryConvKernel {
       std::memset(ybits, 0, static_cast<size_t>(g.B * g.Ho * g.Wo * cwo) * sizeof(uint64_t));
     }
     const auto t_start = std::chrono::steady_clock::now();
+    if (threads_ == 0) threads_ = pool_mode_ == 2 ? ProbeThreads(ctx) : 1;  // first run: the session's threads
+    const bool own_pool = pool_mode_ == 2 && threads_ > 1;
+
     thread_local std::vector<float> pooled;
+    PoolJob pool{&g, residual, nullptr};
+    int64_t pool_rows = 0;
     if (residual != nullptr && res_mode_ == 1) {
       pooled.resize(static_cast<size_t>(g.B * g.Ho * g.Wo * g.OC));
-      PoolJob pool{&g, residual, pooled.data()};
-      RunRows(ctx, PoolRow, g.B * g.Ho, g.B * g.H * g.W * g.C, &pool);
+      pool.out = pooled.data();
+      pool_rows = g.B * g.Ho;
       residual = pooled.data();
     }
+    const ItemFn pool_fn = isa_ == Isa::kPortable ? PoolRow : PoolRowAvx2;
 
     const bool split = isa_ == Isa::kAvx2;
     const uint64_t* wbits = Wv.GetTensorData<uint64_t>();
@@ -749,21 +987,35 @@ struct BinaryConvKernel {
     packed.assign(words, 0);  // the border stays 0: +1 values, corrected by corr
     PackJob pj{&g, in_bits_ ? nullptr : X.GetTensorData<float>(), in_bits_ ? X.GetTensorData<uint64_t>() : nullptr,
                packed.data(), isa_};
-    RunRows(ctx, PackRow, g.B * g.H, g.B * g.H * g.W * (in_bits_ ? g.CW : g.C), &pj);
-    const auto t_packed = std::chrono::steady_clock::now();
+    const int64_t pack_rows = g.B * g.H;
 
     Epilogue ep{&g, Cv.GetTensorData<int32_t>(), out_bits_ ? nullptr : Sv.GetTensorData<float>(), shift, residual,
                 out_bits_ ? Sv.GetTensorData<int32_t>() : nullptr, ybits,
                 out_bits_ ? nullptr : Y.GetTensorMutableData<float>(), act_, lo_, hi_};
     ConvJob cj{{&g, packed.data(), wbits, &ep}, isa_, (g.groups() + kTileGroups - 1) / kTileGroups, avx2_pixels_};
-    ctx.ParallelFor(ConvItem, static_cast<size_t>(g.B * g.Ho * cj.blocks), 0, &cj);
+    const int64_t conv_items = g.B * g.Ho * cj.blocks;
+
+    // phase a: pooled residual rows, then packed input rows (independent); phase b: the conv
+    PrepJob prep{pool_fn, &pool, pool_rows, &pj};
+    auto t_packed = t_start;
+    if (!(own_pool && SpinPool::Get().Run(threads_, Phase{PrepItem, &prep, pool_rows + pack_rows},
+                                          Phase{ConvItem, &cj, conv_items}))) {
+      if (pool_rows) RunRows(ctx, pool_fn, pool_rows, g.B * g.H * g.W * g.C, &pool);
+      RunRows(ctx, PackRow, pack_rows, g.B * g.H * g.W * (in_bits_ ? g.CW : g.C), &pj);
+      t_packed = std::chrono::steady_clock::now();
+      if (threads_ == 1 && pool_mode_ == 2) {
+        for (int64_t i = 0; i < conv_items; ++i) ConvItem(&cj, static_cast<size_t>(i));
+      } else {
+        ctx.ParallelFor(ConvItem, static_cast<size_t>(conv_items), 0, &cj);
+      }
+    }
     if (phases_) {
       const auto t_end = std::chrono::steady_clock::now();
-      const double prep = std::chrono::duration<double, std::micro>(t_packed - t_start).count();
-      const double conv = std::chrono::duration<double, std::micro>(t_end - t_packed).count();
+      const double prep_us = std::chrono::duration<double, std::micro>(t_packed - t_start).count();
+      const double conv_us = std::chrono::duration<double, std::micro>(t_end - t_packed).count();
       ++calls_;
-      prep_min_ = std::min(prep_min_, prep), conv_min_ = std::min(conv_min_, conv);
-      prep_sum_ += prep, conv_sum_ += conv;
+      prep_min_ = std::min(prep_min_, prep_us), conv_min_ = std::min(conv_min_, conv_us);
+      prep_sum_ += prep_us, conv_sum_ += conv_us;
     }
   }
 
@@ -787,7 +1039,11 @@ struct BinaryConvKernel {
   bool phases_ = false;
   std::string name_;
   int64_t calls_ = 0;
-  double prep_min_ = 1e30, conv_min_ = 1e30, prep_sum_ = 0, conv_sum_ = 0;  // AVX2: the constant weights in the split layout (empty: split per call)
+  double prep_min_ = 1e30, conv_min_ = 1e30, prep_sum_ = 0, conv_sum_ = 0;
+  // threads: BNN_DISTILL_NATIVE_POOL=own (default: the library's spinning pool, as many threads as the
+  // session's intra-op pool, found on the first run) or ort (onnxruntime's ParallelFor for every conv)
+  int pool_mode_ = 2;
+  int threads_ = 0;  // 0: not probed yet
 };
 
 // BinaryConv2d: float in, float out. BinaryConv2dToBits: float in, sign bits out (the BatchNorm and
@@ -855,10 +1111,46 @@ __attribute__((target("avx512f,avx512vpopcntdq"))) double PeakAvx512(int64_t ste
   return ns / static_cast<double>(rounds * (64 - 6) * 6 * 4);
 }
 
+// The instruction-throughput floor of the AVX2 inner loop: the conv's 4-pixel x 8-channel register tile
+// (Avx2Core<4>) run over L1-resident split words (no epilogue, packing or memory traffic). Returns ns
+// per step of the same size as an AVX-512 step (8 output channels x 64 input bits = 512 binary MACs),
+// or -1 without AVX2.
+__attribute__((target("avx2"))) double PeakAvx2(int64_t steps) {
+  constexpr int kRun = 64, kP = 4;
+  alignas(64) static uint64_t a[2 * (kRun + kP)];
+  alignas(64) static uint64_t w[kRun * 16];
+  for (int i = 0; i < 2 * (kRun + kP); ++i) a[i] = (0x9E3779B97F4A7C15ull * (i + 1)) & kNibbles;
+  for (int i = 0; i < kRun * 16; ++i) w[i] = (0xD1B54A32D192ED03ull * (i + 7)) & kNibbles;
+  const int64_t rounds = std::max<int64_t>(1, steps / (kRun * kP));
+  __m256i sum = _mm256_setzero_si256();
+  const auto t0 = std::chrono::steady_clock::now();
+  for (int64_t r = 0; r < rounds; ++r) {
+    __m256i acc[kP][2];
+    Avx2Core<kP>(a, 2, 0, w, 1, kRun, acc);
+    for (int p = 0; p < kP; ++p) sum = _mm256_add_epi64(sum, _mm256_xor_si256(acc[p][0], acc[p][1]));
+    asm volatile("" ::: "memory");
+  }
+  const double ns = std::chrono::duration<double, std::nano>(std::chrono::steady_clock::now() - t0).count();
+  alignas(32) uint64_t out[4];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(out), sum);
+  volatile uint64_t sink = out[0] + out[1] + out[2] + out[3];
+  (void)sink;
+  return ns / static_cast<double>(rounds * kRun * kP);
+}
+
 extern "C" {
 
+// The floor of the kernel family this CPU runs by default (ns per 512-MAC step; -1: none measured,
+// the portable kernels).
 __attribute__((visibility("default"))) double BnnDistillPeakNsPerStep(int64_t steps) {
-  return CpuHasAvx512() ? PeakAvx512(steps) : -1.0;
+  return CpuHasAvx512() ? PeakAvx512(steps) : (CpuHasAvx2() ? PeakAvx2(steps) : -1.0);
+}
+
+// The floor of one kernel family: isa 2 AVX-512, 1 AVX2 (-1 when this CPU cannot run it).
+__attribute__((visibility("default"))) double BnnDistillPeakNsPerStepIsa(int isa, int64_t steps) {
+  if (isa == 2) return CpuHasAvx512() ? PeakAvx512(steps) : -1.0;
+  if (isa == 1) return CpuHasAvx2() ? PeakAvx2(steps) : -1.0;
+  return -1.0;
 }
 
 // The kernel family this CPU runs (what BNN_DISTILL_NATIVE_ISA=auto picks).
