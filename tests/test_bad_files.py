@@ -2,7 +2,8 @@
 
 eval, export, bench and predict are pointed at truncated, edited, foreign and non-files: a
 truncated .onnx or checkpoint, an edited manifest.json or recipe.yaml, an export folder of
-another run, a checkpoint of another recipe, a file that is not an image. Each must end with
+another run, a checkpoint of another recipe, a file that is not an image, a missing or foreign
+native library (BNN_DISTILL_NATIVE_LIB: text, empty, aarch64/arm32 ELF, truncated ELF, a folder). Each must end with
 exactly one ``error:`` line on stderr, exit status 2 and no traceback.
 """
 
@@ -261,3 +262,40 @@ def test_resume_with_another_recipes_checkpoint_is_refused(world, tmp_path):
     recipe.write_text(yaml.safe_dump(raw))
     line = _one_line(*_cli("train", str(recipe), "--resume", "--no-progress")[::2])
     assert "another model" in line or "another" in line
+
+
+# ---------------------------------------------------------------- the native library
+
+
+def _elf(machine: int, elf_class: int = 2) -> bytes:
+    """An ELF shared-object header for another architecture (e_machine), rest zero."""
+    import struct
+
+    ident = b"\x7fELF" + bytes([elf_class, 1, 1, 0]) + b"\x00" * 8
+    return ident + struct.pack("<HHI", 3, machine, 1) + b"\x00" * 200
+
+
+NATIVE_LIBS = {
+    "missing": None,
+    "text_file": b"not a shared library\n",
+    "empty": b"",
+    "aarch64_elf": _elf(0xB7),
+    "arm32_elf": _elf(0x28, elf_class=1),
+    "truncated_x86_64_elf": _elf(0x3E),
+    "a_folder": "dir",
+}
+
+
+@pytest.mark.parametrize("kind", list(NATIVE_LIBS))
+def test_export_native_with_a_missing_or_foreign_library(world, tmp_path, monkeypatch, kind):
+    lib = tmp_path / "libbnn_ops.so"
+    content = NATIVE_LIBS[kind]
+    if content == "dir":
+        lib.mkdir()
+    elif content is not None:
+        lib.write_bytes(content)
+    monkeypatch.setenv("BNN_DISTILL_NATIVE_LIB", str(lib))
+    out = tmp_path / "out"
+    line = _one_line(*_cli("export", str(world["run"]), "--out", str(out), "--runtime", "native")[::2])
+    assert str(lib) in line, line
+    assert not out.exists() or not (out / "manifest.json").exists()
