@@ -30,11 +30,16 @@
 // the output positions of each border class (top/bottom/left/right taps outside). Channel
 // padding bits are 0 in both operands, so they never count.
 //
-// Kernels: AVX-512 VPOPCNTDQ (8 output channels per zmm), AVX2 (nibble-table popcount), portable
-// (__builtin_popcountll). The best one this CPU runs is chosen at kernel creation;
-// BNN_DISTILL_NATIVE_ISA=avx512|avx2|portable forces one (an unsupported choice is an error).
+// Kernels: AVX-512 VPOPCNTDQ (8 output channels per zmm), AVX2 (nibble-table popcount on operands
+// stored split into nibbles, a VPSADBW table pair, 4 pixels x 8 channels per register tile; the
+// constant weights are split once, at kernel creation), portable (__builtin_popcountll). The best one
+// this CPU runs is chosen at kernel creation; BNN_DISTILL_NATIVE_ISA=avx512|avx2|portable forces one
+// (an unsupported choice is an error). BNN_DISTILL_NATIVE_AVX2_PIXELS=1..4 sets the AVX2 tile's width
+// (default 4), BNN_DISTILL_NATIVE_PHASES=1 prints per-node packing and conv times when a session ends.
 // Work is split over (image, output row, block of 32 output channels) with onnxruntime's intra-op
-// thread pool (KernelContext_ParallelFor), so the session's thread setting bounds it.
+// thread pool (KernelContext_ParallelFor), so the session's thread setting bounds it;
+// BNN_DISTILL_NATIVE_POOL=own runs each conv (packing included) as one job on the library's own
+// spinning pool instead (see SpinPool). Outputs are bit-identical whichever kernel, tile or pool runs.
 
 #define ORT_API_MANUAL_INIT
 #include "onnxruntime_cxx_api.h"
@@ -664,19 +669,35 @@ void ConvItem(void* data, size_t index) {
 //
 // onnxruntime's intra-op pool wakes its workers once per ParallelFor; with spinning off (the bench's and
 // many servers' setting) a wake-up costs tens of microseconds, about as much as a whole conv of a deep
-// layer at batch 1. So the convs run on a small pool of their own, with as many threads as the session's
+// layer at batch 1. With BNN_DISTILL_NATIVE_POOL=own the convs run on a small pool of their own, with as many threads as the session's
 // intra-op pool has (found once per kernel, see ProbeThreads): a job is two phases (packing / pooling the
 // input, then the conv) with a spinning barrier between them, so each conv is one wake-up or none. After
 // a job the workers spin for BNN_DISTILL_NATIVE_SPIN_US (default 100) microseconds, then sleep: during an
 // inference they stay awake from one conv to the next, an idle session costs nothing after that.
 // Items are handed out from per-thread contiguous ranges (thread t starts on range t: its own output
 // channels, so its own weights), and a thread that finishes its range helps with the others.
+// It is not the default yet: on the 2-core dev machine, shared with other jobs, it was slower than
+// onnxruntime's pool at 2 threads (a worker that is descheduled leaves the caller to do its share
+// after spinning for it); a quiet machine has not been measured.
 
 struct Phase {
   ItemFn fn = nullptr;
   void* data = nullptr;
   int64_t total = 0;
 };
+
+// Waits for pred with a short spin, then yielding the core: on a machine with more runnable threads
+// than cores the thread we wait for may need ours.
+template <typename Pred>
+inline void WaitFor(Pred pred) {
+  for (int i = 0; !pred(); ++i) {
+    if (i < 4096) {
+      _mm_pause();
+    } else {
+      std::this_thread::yield();
+    }
+  }
+}
 
 class SpinPool {
  public:
@@ -685,8 +706,10 @@ class SpinPool {
     return *pool;
   }
 
-  // Runs phase a, then (after every thread finished a) phase b, on `threads` threads (the caller and
-  // threads - 1 workers). Returns false, having run nothing, when another job holds the pool.
+  // Runs phase a, then (once every item of a is done) phase b, on up to `threads` threads (the caller
+  // and threads - 1 workers). Returns false, having run nothing, when another job holds the pool.
+  // A worker that is slow to wake (or descheduled) never holds the job up: the caller takes its items,
+  // and only workers that joined the job are waited for.
   bool Run(int threads, const Phase& a, const Phase& b) {
     std::unique_lock<std::mutex> job(job_mutex_, std::try_to_lock);
     if (!job.owns_lock()) return false;
@@ -694,26 +717,30 @@ class SpinPool {
     threads = std::min(threads, static_cast<int>(threads_.size()) + 1);
     n_.store(threads, std::memory_order_relaxed);
     phase_[0] = a, phase_[1] = b;
-    for (int p = 0; p < 2; ++p)
+    for (int p = 0; p < 2; ++p) {
+      completed_[p].v.store(0, std::memory_order_relaxed);
       for (int t = 0; t < threads; ++t) {
         const int64_t lo = phase_[p].total * t / threads, hi = phase_[p].total * (t + 1) / threads;
         next_[p][t].v.store(lo, std::memory_order_relaxed);
         end_[p][t] = hi;
       }
-    arrived_.store(0, std::memory_order_relaxed);
-    done_.store(0, std::memory_order_relaxed);
+    }
+    state_.fetch_and(~kClosed, std::memory_order_seq_cst);  // open (nobody is inside: see below)
     gen_.fetch_add(1, std::memory_order_seq_cst);
     if (sleepers_.load(std::memory_order_seq_cst) > 0) {
       { std::lock_guard<std::mutex> lk(m_); }
       cv_.notify_all();
     }
     Work(0);
-    while (done_.load(std::memory_order_acquire) < threads - 1) _mm_pause();
+    WaitFor([&] { return completed_[1].v.load(std::memory_order_acquire) >= phase_[1].total; });
+    state_.fetch_or(kClosed, std::memory_order_seq_cst);  // no new joiners; wait for those inside
+    WaitFor([&] { return (state_.load(std::memory_order_acquire) & ~kClosed) == 0; });
     return true;
   }
 
  private:
   static constexpr int kMaxThreads = 64;
+  static constexpr int64_t kClosed = int64_t{1} << 40;
   struct alignas(64) Counter {
     std::atomic<int64_t> v{0};
   };
@@ -733,27 +760,26 @@ class SpinPool {
     }
   }
 
-  void RunPhase(int p, int t) {
+  void RunPhase(int p, int t, int n) {
     const Phase& ph = phase_[p];
-    const int n = n_.load(std::memory_order_relaxed);
     for (int k = 0; k < n; ++k) {
       const int r = (t + k) % n;
       for (;;) {
         const int64_t i = next_[p][r].v.fetch_add(1, std::memory_order_relaxed);
         if (i >= end_[p][r]) break;
         ph.fn(ph.data, static_cast<size_t>(i));
+        completed_[p].v.fetch_add(1, std::memory_order_release);
       }
     }
   }
 
   void Work(int t) {
+    const int n = n_.load(std::memory_order_relaxed);
     if (phase_[0].total > 0) {
-      RunPhase(0, t);
-      arrived_.fetch_add(1, std::memory_order_acq_rel);
-      const int n = n_.load(std::memory_order_relaxed);
-      while (arrived_.load(std::memory_order_acquire) < n) _mm_pause();
+      RunPhase(0, t, n);
+      WaitFor([&] { return completed_[0].v.load(std::memory_order_acquire) >= phase_[0].total; });
     }
-    RunPhase(1, t);
+    RunPhase(1, t, n);
   }
 
   void Loop(int id, uint64_t seen) {
@@ -770,20 +796,16 @@ class SpinPool {
           sleepers_.fetch_sub(1, std::memory_order_relaxed);
         }
       }
-      // Which job is this, and is this worker in it? A job that needs this worker cannot be followed
-      // by another before the worker finished it, so if the generation moved on meanwhile, the job
-      // just seen did not need it.
-      const uint64_t g = gen_.load(std::memory_order_acquire);
-      const int n = n_.load(std::memory_order_acquire);
-      if (gen_.load(std::memory_order_acquire) != g) {
-        seen = g;
+      seen = gen_.load(std::memory_order_acquire);
+      // Join the job that is open now (if any, and if it wants this many threads). Whatever job that
+      // is, its items, phases and counters are the current ones, and the caller waits for everyone
+      // counted inside before it touches them again.
+      if (state_.fetch_add(1, std::memory_order_seq_cst) & kClosed) {
+        state_.fetch_sub(1, std::memory_order_seq_cst);
         continue;
       }
-      seen = g;
-      if (id < n) {
-        Work(id);
-        done_.fetch_add(1, std::memory_order_release);
-      }
+      if (id < n_.load(std::memory_order_acquire)) Work(id);
+      state_.fetch_sub(1, std::memory_order_seq_cst);
     }
   }
 
@@ -791,10 +813,12 @@ class SpinPool {
   std::condition_variable cv_;
   std::vector<std::thread> threads_;
   std::atomic<uint64_t> gen_{0};
-  std::atomic<int> sleepers_{0}, arrived_{0}, done_{0};
+  std::atomic<int> sleepers_{0};
+  std::atomic<int64_t> state_{kClosed};  // kClosed bit | number of workers inside the current job
   std::atomic<int> n_{1};
   int spin_us_ = 100;
   Phase phase_[2];
+  Counter completed_[2];
   Counter next_[2][kMaxThreads];
   int64_t end_[2][kMaxThreads] = {};
 };
@@ -881,9 +905,9 @@ struct BinaryConvKernel {
     if (phases_) name_ = ki.GetNodeName();
     if (const char* env = std::getenv("BNN_DISTILL_NATIVE_POOL")) {
       const std::string v(env);
-      if (v == "ort") {
-        pool_mode_ = 1;
-      } else if (!v.empty() && v != "own") {
+      if (v == "own") {
+        pool_mode_ = 2;
+      } else if (!v.empty() && v != "ort") {
         throw std::runtime_error("BNN_DISTILL_NATIVE_POOL='" + v + "' is not one of own, ort");
       }
     }
@@ -1040,9 +1064,9 @@ struct BinaryConvKernel {
   std::string name_;
   int64_t calls_ = 0;
   double prep_min_ = 1e30, conv_min_ = 1e30, prep_sum_ = 0, conv_sum_ = 0;
-  // threads: BNN_DISTILL_NATIVE_POOL=own (default: the library's spinning pool, as many threads as the
-  // session's intra-op pool, found on the first run) or ort (onnxruntime's ParallelFor for every conv)
-  int pool_mode_ = 2;
+  // threads: BNN_DISTILL_NATIVE_POOL=ort (default: onnxruntime's ParallelFor for every conv) or own (the
+  // library's spinning pool, as many threads as the session's intra-op pool, found on the first run)
+  int pool_mode_ = 1;
   int threads_ = 0;  // 0: not probed yet
 };
 
