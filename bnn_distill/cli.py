@@ -194,8 +194,10 @@ def _print_summary(summary: Dict[str, Any], run_dir: Path) -> None:
         print(f"teacher ({t['arch']}): test top-1 {t['test_top1']:.2f}%")
     for st in summary["stages"]:
         acc = st["final"].get("test_top1", float("nan"))
-        print(f"{st['name']} ({st['kind']}, {st['quant']}, {st['epochs']} epochs): test top-1 {acc:.2f}% "
-              f"(best {st['best_top1']:.2f}% at epoch {st['best_epoch']}), {st['wall_s']:.0f} s")
+        best = (f" (best on validation {st['best_top1']:.2f}% at epoch {st['best_epoch']}: test "
+                f"{st.get('best_test_top1', float('nan')):.2f}%)") if st.get("best_epoch") else ""
+        print(f"{st['name']} ({st['kind']}, {st['quant']}, {st['epochs']} epochs): test top-1 {acc:.2f}%{best}, "
+              f"{st['wall_s']:.0f} s")
     print(f"total {summary['wall_s']:.0f} s; run folder {run_dir}")
 
 
