@@ -143,11 +143,15 @@ def curves_figure(history: List[Dict[str, Any]], title: str = ""):
 def plot_curves(history: List[Dict[str, Any]], path: Union[str, Path], title: str = "") -> Path:
     """Write the curves (see the module docstring) to ``path`` atomically; raises
     :class:`PlotsUnavailable` (an ImportError) without matplotlib."""
+    import io
+
+    from .checkpoint import atomic_write_bytes
+
     fig, _ = curves_figure(history, title)
     plt = pyplot()
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
+    buf = io.BytesIO()  # rendered in memory, then written by the atomic writer (its one-line disk errors)
+    fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
-    tmp.replace(path)
+    atomic_write_bytes(path, buf.getvalue())
     return path

@@ -451,9 +451,13 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
                 except ValueError:
                     pass
             raise RecipeError(f"{path}: expected a number, got {_describe(value)}{hint}")
-        if not math.isfinite(value):
+        try:
+            number = float(value)
+        except OverflowError:  # a YAML integer has no bound; a float has
+            raise RecipeError(f"{path}: {str(value)[:12]}... ({len(str(value))} digits) is too large for a number") from None
+        if not math.isfinite(number):
             raise RecipeError(f"{path}: {value} is not a finite number")
-        return float(value)
+        return number
     if tp is str:
         if not isinstance(value, str):
             raise RecipeError(f"{path}: expected a string, got {_describe(value)}")
@@ -491,7 +495,11 @@ def _build(cls: type, raw: Any, path: str) -> Any:
         raw["params"] = {**raw["params"], **params}
         for k, v in raw["params"].items():
             if isinstance(v, int) and not isinstance(v, bool):
-                raw["params"][k] = float(v)  # alpha: 2 and alpha: 2.0 are the same recipe
+                try:
+                    raw["params"][k] = float(v)  # alpha: 2 and alpha: 2.0 are the same recipe
+                except OverflowError:
+                    raise RecipeError(f"{path}.{k}: {str(v)[:12]}... ({len(str(v))} digits) is too large for a "
+                                      "number") from None
     kwargs = {}
     for key, value in raw.items():
         sub = f"{path}.{key}" if path else str(key)

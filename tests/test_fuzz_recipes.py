@@ -305,9 +305,6 @@ def test_the_checker_can_fail(stubbed):
         _check_case(["train", str(recipes / "x.yaml")], work, Counter())
 
 
-@pytest.mark.xfail(strict=True, raises=OverflowError,
-                   reason="recipe.py converts an integer beyond float range with math.isfinite / float() unguarded "
-                          "(found by this fuzzer); fix in recipe._convert and recipe._build, then drop this mark")
 @pytest.mark.parametrize("where", ["optimizer.lr", "losses.itrd_corr.alpha"])
 def test_an_integer_beyond_float_range_is_one_line(stubbed, where):
     """10**400 where a number goes (a recipe can hold it: YAML integers are unbounded)."""

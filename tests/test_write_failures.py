@@ -238,14 +238,6 @@ def _train_case(tmp_path, monkeypatch, site: str, nth: int, code: int, finished:
     assert not (tmp_path / "runs" / ".w.lock").exists()
 
 
-def _curves_mark(site):
-    if site != "curves.png":
-        return ()
-    return (pytest.mark.xfail(strict=True, reason="plots.plot_curves writes with fig.savefig straight to its temporary "
-                                                  "file, outside the atomic writer: a failed write leaves "
-                                                  ".curves.png.tmp.png and no path in the message"),)
-
-
 def _needs_finished(site, nth):
     return (site, nth) in TRAIN_END
 
@@ -255,7 +247,7 @@ def finished_if_needed(request, site, nth):
     return request.getfixturevalue("finished") if _needs_finished(site, nth) else None
 
 
-@pytest.mark.parametrize("site,nth", [pytest.param(s, n, marks=_curves_mark(s)) for s, n in TRAIN_SITES],
+@pytest.mark.parametrize("site,nth", TRAIN_SITES,
                          ids=[s for s, _ in TRAIN_SITES])
 def test_train_full_disk(tmp_path, monkeypatch, site, nth, finished_if_needed):
     _train_case(tmp_path, monkeypatch, site, nth, errno.ENOSPC, finished_if_needed)
@@ -267,7 +259,7 @@ def test_train_read_only_folder(tmp_path, monkeypatch, site, nth, finished_if_ne
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("site,nth", [pytest.param(s, n, marks=_curves_mark(s)) for s, n in TRAIN_SITES],
+@pytest.mark.parametrize("site,nth", TRAIN_SITES,
                          ids=[s for s, _ in TRAIN_SITES])
 def test_train_read_only_folder_every_site(tmp_path, monkeypatch, site, nth, finished_if_needed):
     _train_case(tmp_path, monkeypatch, site, nth, errno.EACCES, finished_if_needed)
