@@ -71,12 +71,47 @@ def load_manifest(export_dir: Path) -> Dict[str, Any]:
         manifest = json.loads(path.read_text())
     except ValueError:
         raise UserError(f"'{path}' is not valid JSON; re-run the export") from None
-    if manifest.get("format") != EXPORT_FORMAT:
-        raise UserError(f"'{path}' is not a bnn-distill export manifest (format {manifest.get('format')!r})")
-    for role, entry in manifest.get("models", {}).items():
+    if not isinstance(manifest, dict) or manifest.get("format") != EXPORT_FORMAT:
+        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise UserError(f"'{path}' is not a bnn-distill export manifest (format {found!r})")
+    models = manifest.get("models", {})
+    if not isinstance(models, dict) or not all(isinstance(e, dict) and isinstance(e.get("file"), str)
+                                                for e in models.values()):
+        raise UserError(f"'{path}': 'models' must map each model to an entry with its 'file'; re-run the export")
+    shape = manifest.get("input", {}).get("shape") if isinstance(manifest.get("input"), dict) else None
+    if not isinstance(shape, list) or not all(isinstance(d, (int, str)) for d in shape):
+        raise UserError(f"'{path}': 'input.shape' must be a list of dimensions, got {shape!r}; re-run the export")
+    for role, entry in models.items():
         if not (export_dir / entry["file"]).is_file():
             raise UserError(f"'{export_dir}' lacks {entry['file']} listed in its manifest; re-run the export")
     return manifest
+
+
+def _check_files(export_dir: Path, files: Sequence[str]) -> None:
+    """Every listed model file parses as ONNX, else one line naming it (a truncated or foreign file)."""
+    import onnx
+
+    for name in files:
+        try:
+            model = onnx.load(str(export_dir / name), load_external_data=False)
+            why = "" if model.graph.node else "no graph in it"  # an empty file parses as an empty model
+        except Exception as e:  # protobuf's DecodeError and friends
+            why = (str(e).strip().splitlines() or [type(e).__name__])[-1][:200]
+        if why:
+            raise UserError(f"'{export_dir / name}' is not a readable ONNX file ({why}); re-run the export")
+
+
+def _session(path: Path, **kw):
+    """:func:`ort_session` of an exported file, with onnxruntime's error for a damaged one as one line."""
+    from .export import ort_session
+
+    try:
+        return ort_session(path, **kw)
+    except UserError:
+        raise
+    except Exception as e:  # onnxruntime raises its own exception types for a bad file
+        first = (str(e).strip().splitlines() or [type(e).__name__])[-1][:300]
+        raise UserError(f"onnxruntime cannot load '{path}' ({first}); re-run the export") from None
 
 
 def _percentiles(ms: Sequence[float]) -> Dict[str, float]:
@@ -129,7 +164,7 @@ def onnx_accuracy(export_dir: Path, manifest: Dict[str, Any], data_root: Optiona
                   roles: Optional[Sequence[str]] = None, progress: bool = False) -> Dict[str, Any]:
     """Top-1 of every exported model on the manifest's test split, through onnxruntime."""
     from .data import build_datasets
-    from .export import INPUT_NAME, OUTPUT_NAME, iter_batches, ort_session
+    from .export import INPUT_NAME, OUTPUT_NAME, iter_batches
 
     ds = manifest.get("dataset") or {}
     if not ds.get("name"):
@@ -141,7 +176,7 @@ def onnx_accuracy(export_dir: Path, manifest: Dict[str, Any], data_root: Optiona
         log.warning("no accuracy: %s (pass --data-root)", e)
         return {"skipped": f"test split unavailable: {e}"}
     models = {role: entry for role, entry in manifest["models"].items() if roles is None or role in roles}
-    sessions = {role: ort_session(export_dir / entry["file"]) for role, entry in models.items()}
+    sessions = {role: _session(export_dir / entry["file"]) for role, entry in models.items()}
     right = {role: 0 for role in sessions}
     n = 0
     from tqdm import tqdm
@@ -166,13 +201,14 @@ def run_bench(export_dir, batches: Sequence[int] = (1, 32), threads: Optional[Se
     with a one-line note, without matplotlib). ``progress``: a tqdm bar over the settings. Returns the JSON."""
     from tqdm import tqdm
 
-    from .export import fused_integer_matmuls, optimized_op_counts, ort_session
+    from .export import fused_integer_matmuls, optimized_op_counts
 
     export_dir = Path(export_dir)
     manifest = load_manifest(export_dir)
     roles = [r for r in ROLES if r in manifest["models"]]
     if not roles:
         raise UserError(f"'{export_dir}' lists no models in its manifest")
+    _check_files(export_dir, [manifest["models"][r]["file"] for r in roles])
     native_info: Dict[str, Any] = {}
     if "student_native" in roles:
         from . import native
@@ -215,7 +251,7 @@ def run_bench(export_dir, batches: Sequence[int] = (1, 32), threads: Optional[Se
     results: List[Dict[str, Any]] = []
     bar = tqdm(total=len(threads) * len(batches), desc="bench", unit="setting", leave=False, disable=not progress)
     for t in threads:
-        sessions = {role: ort_session(export_dir / manifest["models"][role]["file"], threads=int(t), spin=False)
+        sessions = {role: _session(export_dir / manifest["models"][role]["file"], threads=int(t), spin=False)
                     for role in roles}
         for b in batches:
             bar.set_postfix_str(f"batch {b}, {t} thread(s)")

@@ -119,16 +119,7 @@ ONNX_DAMAGE: Dict[str, Callable[[Path], None]] = {
 EXPORT_FOLDER_CASES: List[Tuple[str, Callable[[Path], None]]] = list(MANIFEST_EDITS.items()) + list(ONNX_DAMAGE.items())
 
 # cases where a module outside this test's owner fails today: name -> what to change
-KNOWN_GAPS_BENCH = {
-    "a_list": "bench.load_manifest: check isinstance(manifest, dict) before .get",
-    "models_a_list": "bench.load_manifest: check that 'models' is a mapping of mappings with 'file'",
-    "model_without_file": "bench.load_manifest: entry['file'] KeyError; name the missing key in one line",
-    "input_shape_text": "bench: manifest input shape not a list; check it in load_manifest (as predict does)",
-    "truncated_onnx": "bench: ort_session of a damaged .onnx raises onnxruntime's error; catch it (as predict._session)",
-    "empty_onnx": "bench: as truncated_onnx",
-    "png_as_onnx": "bench: as truncated_onnx",
-    "teacher_truncated": "bench: as truncated_onnx",
-}
+KNOWN_GAPS_BENCH: Dict[str, str] = {}  # bench validates its manifest and its files since 2026-12-01
 KNOWN_GAPS_PREDICT: Dict[str, str] = {}
 
 
