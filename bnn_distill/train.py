@@ -503,11 +503,11 @@ class Trainer:
 
     def _save(self, complete: bool, best: bool) -> None:
         state = self.state(complete)
-        atomic_save(state, self.ckpt_dir / "last.pt")
-        if best:
+        if best:  # before last.pt: a last.pt that names a best epoch always has its best.pt on disk
             atomic_save({k: state[k] for k in ("format", "stage", "stage_index", "recipe", "fingerprint", "model_spec",
                                                "model", "epoch", "best_top1")} | {"kind": "best"},
                         self.ckpt_dir / "best.pt")
+        atomic_save(state, self.ckpt_dir / "last.pt")
         write_metrics(self.run_dir, self.prior_history + self.history)
 
     def _log(self, r: Dict[str, Any]) -> None:
