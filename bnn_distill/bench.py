@@ -3,8 +3,9 @@
 Latency is measured interleaved: after a warm-up, every measurement round runs each model once,
 in an order that rotates from round to round, so load from other processes and frequency changes
 hit every model alike. Intra-op threads do not spin-wait (with spinning, the idle pool of one
-session keeps a core busy while the next session runs: 2-3x slower multi-thread numbers here). Reported per (batch size, thread count): p50 and p90 in ms, and each model's
-p50 speed-up over the teacher. Also: which nodes onnxruntime fused (op counts of its optimized
+session keeps a core busy while the next session runs: 2-3x slower multi-thread numbers here).
+Reported per (batch size, thread count): p50 and p90 in ms, and each model's p50 speed-up over the
+teacher. Also: which nodes onnxruntime fused (op counts of its optimized
 graph), the machine (CPU model and the SIMD flags that matter for integer kernels), and the
 top-1 accuracy of every exported model on the test split, run through onnxruntime.
 
@@ -22,9 +23,16 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
+import onnx
+import onnxruntime as ort
+from tqdm import tqdm
 
+from . import native
 from .checkpoint import atomic_write_bytes
+from .data import build_datasets
 from .errors import UserError
+from .manifest import EXPORT_FORMAT, INPUT_NAME, MANIFEST, OUTPUT_NAME, read_manifest
+from .onnxrt import fused_integer_matmuls, iter_batches, optimized_op_counts, ort_session
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +45,6 @@ BENCH_JSON, BENCH_MD, BENCH_PNG = "bench.json", "bench.md", "bench.png"
 
 def machine() -> Dict[str, Any]:
     """CPU model, core count, the SIMD flags integer kernels use, onnxruntime version, load."""
-    import onnxruntime as ort
-
     cpu, flags = "", set()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -60,17 +66,8 @@ def machine() -> Dict[str, Any]:
 
 
 def load_manifest(export_dir: Path) -> Dict[str, Any]:
-    from .export import EXPORT_FORMAT, MANIFEST
-
     path = export_dir / MANIFEST
-    if not export_dir.is_dir():
-        raise UserError(f"'{export_dir}' is not a folder; give an export folder (bnn-distill export writes export/<run>/)")
-    if not path.is_file():
-        raise UserError(f"'{export_dir}' holds no {MANIFEST}: not a finished export; run 'bnn-distill export RUN --out {export_dir}'")
-    try:
-        manifest = json.loads(path.read_text())
-    except ValueError:
-        raise UserError(f"'{path}' is not valid JSON; re-run the export") from None
+    manifest = read_manifest(export_dir)
     if not isinstance(manifest, dict) or manifest.get("format") != EXPORT_FORMAT:
         found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
         raise UserError(f"'{path}' is not a bnn-distill export manifest (format {found!r})")
@@ -89,8 +86,6 @@ def load_manifest(export_dir: Path) -> Dict[str, Any]:
 
 def _check_files(export_dir: Path, files: Sequence[str]) -> None:
     """Every listed model file parses as ONNX, else one line naming it (a truncated or foreign file)."""
-    import onnx
-
     for name in files:
         try:
             model = onnx.load(str(export_dir / name), load_external_data=False)
@@ -103,8 +98,6 @@ def _check_files(export_dir: Path, files: Sequence[str]) -> None:
 
 def _session(path: Path, **kw):
     """:func:`ort_session` of an exported file, with onnxruntime's error for a damaged one as one line."""
-    from .export import ort_session
-
     try:
         return ort_session(path, **kw)
     except UserError:
@@ -128,8 +121,6 @@ def time_interleaved(sessions: Dict[str, Any], x: np.ndarray, repeats: Optional[
     ``repeats=None`` picks the number of rounds from ``budget_s`` and the warm-up time (10..200).
     See :func:`split_burst` for the first (cold) and later (warm) calls of each burst.
     """
-    from .export import INPUT_NAME
-
     names = list(sessions)
     feed = {INPUT_NAME: x}
     t0 = time.perf_counter()
@@ -163,9 +154,6 @@ def split_burst(ms: Sequence[float], burst: int):
 def onnx_accuracy(export_dir: Path, manifest: Dict[str, Any], data_root: Optional[str],
                   roles: Optional[Sequence[str]] = None, progress: bool = False) -> Dict[str, Any]:
     """Top-1 of every exported model on the manifest's test split, through onnxruntime."""
-    from .data import build_datasets
-    from .export import INPUT_NAME, OUTPUT_NAME, iter_batches
-
     ds = manifest.get("dataset") or {}
     if not ds.get("name"):
         return {"skipped": "the export records no dataset (exported without a run)"}
@@ -179,8 +167,6 @@ def onnx_accuracy(export_dir: Path, manifest: Dict[str, Any], data_root: Optiona
     sessions = {role: _session(export_dir / entry["file"]) for role, entry in models.items()}
     right = {role: 0 for role in sessions}
     n = 0
-    from tqdm import tqdm
-
     for x, y in tqdm(iter_batches(test_set), total=-(-len(test_set) // 256), desc="bench accuracy", unit="batch",
                      leave=False, disable=not progress):
         for role, sess in sessions.items():
@@ -199,10 +185,6 @@ def run_bench(export_dir, batches: Sequence[int] = (1, 32), threads: Optional[Se
               data_root: Optional[str] = None, seed: int = 0, burst: int = 3, progress: bool = False) -> Dict[str, Any]:
     """Benchmark an export folder; writes bench.json, bench.md and bench.png there (the plot is skipped,
     with a one-line note, without matplotlib). ``progress``: a tqdm bar over the settings. Returns the JSON."""
-    from tqdm import tqdm
-
-    from .export import fused_integer_matmuls, optimized_op_counts
-
     export_dir = Path(export_dir)
     manifest = load_manifest(export_dir)
     roles = [r for r in ROLES if r in manifest["models"]]
@@ -211,17 +193,14 @@ def run_bench(export_dir, batches: Sequence[int] = (1, 32), threads: Optional[Se
     _check_files(export_dir, [manifest["models"][r]["file"] for r in roles])
     native_info: Dict[str, Any] = {}
     if "student_native" in roles:
-        from . import native
-
         try:
             lib = native.library_path()
             native_info = native.info(lib)
             family = {"avx512_vpopcntdq": "avx512", "avx2": "avx2"}.get(native_info.get("isa", ""))
             peak = native.peak_ns_per_step_isa(lib, family) if family else None  # the kernels this session runs
             if peak is not None:
-                import onnx
-
-                steps = native.vector_steps(onnx.load(str(export_dir / manifest["models"]["student_native"]["file"])))
+                native_file = export_dir / manifest["models"]["student_native"]["file"]
+                steps = native.vector_steps(onnx.load(str(native_file)))
                 # the minimum of several runs: on a shared machine single readings vary by 2x
                 peak = min([peak] + [native.peak_ns_per_step_isa(lib, family) for _ in range(5)])
                 native_info.update(vector_steps_per_image=steps, peak_ns_per_step=peak,
@@ -318,14 +297,16 @@ def markdown(r: Dict[str, Any]) -> str:
              f"p50/p90 over the calls after the first of each burst (warm: the model's weights still cached, "
              f"as in a process serving one model); 'cold' is the first call of each burst, right after the other "
              f"models ran. {r['method']['graph_optimization']}; intra-op threads do not spin.", "",
-             "| batch | threads | model | p50 ms | p90 ms | images/s | speed-up vs teacher (p50) | cold p50 ms | cold speed-up |",
+             "| batch | threads | model | p50 ms | p90 ms | images/s | speed-up vs teacher (p50) | cold p50 ms "
+             "| cold speed-up |",
              "|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
     for row in r["latency"]:
         for role, s in row["models"].items():
             sp, csp = s.get("speedup_vs_teacher"), s.get("cold_speedup_vs_teacher")
             cold = s.get("cold_p50_ms")
-            lines.append(f"| {row['batch']} | {row['threads']} | {LABELS[role]} | {s['p50_ms']:.3f} | {s['p90_ms']:.3f} | "
-                         f"{1e3 * row['batch'] / s['p50_ms']:.0f} | {'' if sp is None else f'{sp:.2f}x'} | "
+            lines.append(f"| {row['batch']} | {row['threads']} | {LABELS[role]} | {s['p50_ms']:.3f} "
+                         f"| {s['p90_ms']:.3f} | {1e3 * row['batch'] / s['p50_ms']:.0f} "
+                         f"| {'' if sp is None else f'{sp:.2f}x'} | "
                          f"{'' if cold is None else f'{cold:.3f}'} | {'' if csp is None else f'{csp:.2f}x'} |")
     lines += ["", "## Fused nodes in onnxruntime's optimized graph", ""]
     for role, f in r["fusion"].items():
@@ -339,9 +320,8 @@ def markdown(r: Dict[str, Any]) -> str:
         if "skipped" in nat:
             lines += ["", f"Native row skipped: {nat['skipped']}"]
         else:
-            lines += ["", f"Native library: {nat['library']} ({nat['isa']} kernels"
-                      + (f", forced by BNN_DISTILL_NATIVE_ISA={nat['isa_override']}" if nat.get("isa_override") else "")
-                      + ")."]
+            forced = f", forced by BNN_DISTILL_NATIVE_ISA={nat['isa_override']}" if nat.get("isa_override") else ""
+            lines += ["", f"Native library: {nat['library']} ({nat['isa']} kernels{forced})."]
             if nat.get("floor_ms_per_image"):
                 lines += ["", f"Instruction-throughput floor of the native convs: {nat['vector_steps_per_image']:,} "
                           f"steps (8 output channels x 64 input bits) per image x {nat['peak_ns_per_step']:.3f} ns "
@@ -350,16 +330,17 @@ def markdown(r: Dict[str, Any]) -> str:
                 for row in r["latency"]:
                     s = row["models"].get("student_native", {})
                     if "fraction_of_floor" in s:
-                        lines.append(f"- batch {row['batch']}, {row['threads']} thread(s): p50 {s['p50_ms']:.3f} ms against a "
-                                     f"floor of {s['floor_ms']:.3f} ms: {100 * s['fraction_of_floor']:.0f}% of the floor")
+                        lines.append(f"- batch {row['batch']}, {row['threads']} thread(s): p50 {s['p50_ms']:.3f} "
+                                     f"ms against a floor of {s['floor_ms']:.3f} ms: "
+                                     f"{100 * s['fraction_of_floor']:.0f}% of the floor")
     acc = r.get("accuracy")
     if acc:
         lines += ["", "## Test accuracy through onnxruntime", ""]
         if "skipped" in acc:
             lines.append(f"Skipped: {acc['skipped']}.")
         else:
-            lines += [f"{acc['images']} test images.", "", "| model | top-1 % (onnxruntime) | top-1 % (PyTorch, at export) |",
-                      "|---|---:|---:|"]
+            lines += [f"{acc['images']} test images.", "",
+                      "| model | top-1 % (onnxruntime) | top-1 % (PyTorch, at export) |", "|---|---:|---:|"]
             for role in ROLES:
                 if role in acc:
                     t = acc[role].get("torch_top1")

@@ -1,7 +1,8 @@
 """Classify images with an exported model: ``bnn-distill predict EXPORT_DIR IMAGE...``.
 
-Needs only onnxruntime, numpy and Pillow (no torch): this module imports nothing else at module
-level, and the native library's loader (:mod:`bnn_distill.native`) uses only the standard library.
+Needs only onnxruntime, numpy and Pillow (no torch): this module imports nothing else, and the
+modules it uses (:mod:`bnn_distill.manifest`, the native library's loader :mod:`bnn_distill.native`)
+only the standard library.
 
 * Images are PNG/JPEG (anything Pillow reads), converted to the model's channels (``L`` or
   ``RGB``), resized so that the shorter side fits and centre-cropped to the model's height and
@@ -21,22 +22,21 @@ image, an array of the wrong shape) raises :class:`PredictError`: one line, exit
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
+import onnxruntime as ort
+from PIL import Image, UnidentifiedImageError
 
+from . import native
 from .errors import UserError, choices
+from .manifest import EXPORT_FORMAT, INPUT_NAME, MANIFEST, OUTPUT_NAME, read_manifest
 
 log = logging.getLogger(__name__)
 
-#: The manifest format :mod:`bnn_distill.export` writes (``EXPORT_FORMAT`` there; a test keeps them equal).
-EXPORT_FORMAT = "bnn-distill-export/1"
-MANIFEST = "manifest.json"
-INPUT_NAME, OUTPUT_NAME = "input", "logits"
 RUNTIMES = ("auto", "standard", "native")
 ROLES = ("student_binary", "student_fp32", "teacher")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -56,17 +56,11 @@ def load_export(export_dir) -> Dict[str, Any]:
     """The manifest of a finished export folder, checked: format, input, normalisation, model files."""
     d = Path(export_dir)
     path = d / MANIFEST
-    if not d.is_dir():
-        raise PredictError(f"'{d}' is not a folder; give an export folder (bnn-distill export writes export/<run>/)")
-    if not path.is_file():
-        raise PredictError(f"'{d}' holds no {MANIFEST}: not a finished export; run 'bnn-distill export RUN --out {d}'")
-    try:
-        m = json.loads(path.read_text())
-    except (OSError, ValueError, UnicodeDecodeError):
-        raise PredictError(f"'{path}' is not valid JSON; re-run the export") from None
+    m = read_manifest(d, PredictError)
     if not isinstance(m, dict) or m.get("format") != EXPORT_FORMAT:
         got = m.get("format") if isinstance(m, dict) else None
-        raise PredictError(f"'{path}' is not a bnn-distill export manifest (format {got!r}, expected {EXPORT_FORMAT!r})")
+        raise PredictError(f"'{path}' is not a bnn-distill export manifest (format {got!r}, "
+                           f"expected {EXPORT_FORMAT!r})")
     try:
         shape = m["input"]["shape"]
         c, h, w = (int(v) for v in shape[1:])
@@ -74,7 +68,8 @@ def load_export(export_dir) -> Dict[str, Any]:
         std = [float(v) for v in m["normalization"]["std"]]
         models = dict(m["models"])
     except (KeyError, TypeError, ValueError):
-        raise PredictError(f"'{path}' lacks the input shape, normalisation or model list; re-run the export") from None
+        raise PredictError(f"'{path}' lacks the input shape, normalisation or model list; "
+                           "re-run the export") from None
     if len(shape) != 4 or min(c, h, w) < 1:
         raise PredictError(f"'{path}': input shape {shape} is not [batch, C, H, W]; re-run the export")
     if len(mean) != c or len(std) != c or not all(s > 0 for s in std):
@@ -83,7 +78,8 @@ def load_export(export_dir) -> Dict[str, Any]:
     for role, entry in models.items():
         f = d / entry["file"]
         if not f.is_file():
-            raise PredictError(f"'{d}' lacks {entry['file']} listed in its manifest: an incomplete export; re-run the export")
+            raise PredictError(f"'{d}' lacks {entry['file']} listed in its manifest: an incomplete export; "
+                               "re-run the export")
         if entry.get("bytes") is not None and f.stat().st_size != int(entry["bytes"]):
             raise PredictError(f"'{f}' is {f.stat().st_size} bytes, its manifest says {entry['bytes']}: a partial or "
                                "replaced file; re-run the export")
@@ -101,8 +97,6 @@ def class_names(manifest: Dict[str, Any], n: int) -> List[str]:
 
 
 def _resample():
-    from PIL import Image
-
     return Image.Resampling.BILINEAR if hasattr(Image, "Resampling") else Image.BILINEAR
 
 
@@ -121,14 +115,13 @@ def fit_image(img, h: int, w: int, crop_ratio: float = 1.0):
 
 def read_pixels(path, c: int, h: int, w: int, crop_ratio: float = 1.0) -> np.ndarray:
     """A PNG/JPEG (anything Pillow opens) as uint8 ``(C, H, W)``: converted, resized, cropped."""
-    from PIL import Image, UnidentifiedImageError
-
     p = Path(path)
     try:
         with Image.open(p) as img:
             img.load()
             if c not in (1, 3):
-                raise PredictError(f"'{p}': the model takes {c} channels; give a .npy array (C, H, W) instead of an image")
+                raise PredictError(f"'{p}': the model takes {c} channels; give a .npy array (C, H, W) "
+                                   "instead of an image")
             img = img.convert("L" if c == 1 else "RGB")
             img = fit_image(img, h, w, crop_ratio)
             arr = np.asarray(img, dtype=np.uint8)
@@ -199,8 +192,6 @@ def _native_library(required: bool) -> Optional[str]:
 
     Unless required, nothing is downloaded: without cached headers or ``BNN_DISTILL_NATIVE_LIB``
     the standard graph is used."""
-    from . import native
-
     try:
         if not required and not os.environ.get("BNN_DISTILL_NATIVE_LIB"):
             native.find_headers(download=False)
@@ -215,8 +206,6 @@ def _native_library(required: bool) -> Optional[str]:
 
 
 def _session(path: Path, threads: Optional[int], lib: Optional[str]):
-    import onnxruntime as ort
-
     so = ort.SessionOptions()
     so.log_severity_level = 3
     if threads is not None:

@@ -285,7 +285,7 @@ def test_failed_parity_stops_the_export(tiny_run, tiny_export, tmp_path, monkeyp
     """A lowering bug: the error names the layer; the folder keeps nothing but parity.json."""
     import shutil
 
-    import bnn_distill.export as ex
+    import bnn_distill.export.lower_int as ex  # where the integer lowering looks bn_affine up
 
     real = ex.bn_affine
 
@@ -349,7 +349,7 @@ def test_interrupted_export_leaves_no_partial_file(tiny_run, tiny_export, tmp_pa
     """Killed while writing the teacher: no torn file, no temp file, no manifest (so not 'an export')."""
     import shutil
 
-    import bnn_distill.export as export_mod
+    import bnn_distill.export.write as export_mod  # export_run and the atomic_write_bytes it calls
     from bnn_distill.checkpoint import atomic_write_bytes
 
     out = tmp_path / "again"
@@ -377,7 +377,7 @@ def test_interrupted_export_leaves_no_partial_file(tiny_run, tiny_export, tmp_pa
 def test_a_top1_change_explained_by_a_near_zero_flip_passes_unless_strict(monkeypatch):
     """On a trained model and 10,000 images, a sign taken of a value within float32 rounding of 0
     can change a near-tied prediction; such images pass (listed) unless strict_top1."""
-    import bnn_distill.export as ex
+    import bnn_distill.export.parity as ex  # check_parity calls diagnose there
     from bnn_distill.export import parity_message
 
     shape = (3, 16, 16)
@@ -431,7 +431,7 @@ def test_the_standard_file_is_at_most_twice_the_native_one():
 def test_packed_sign_matrix_unpacks_exactly(shape):
     from onnx import TensorProto, helper
 
-    from bnn_distill.export import _Graph
+    from bnn_distill.export.graph import _Graph
 
     q = np.where(np.random.default_rng(len(shape)).random(shape) < 0.5, -1, 1).astype(np.int8)
     g = _Graph()
@@ -447,7 +447,7 @@ def test_packed_sign_matrix_unpacks_exactly(shape):
 
 
 def test_index_type_is_the_smallest_that_holds_them():
-    from bnn_distill.export import _Graph
+    from bnn_distill.export.graph import _Graph
 
     g = _Graph()
     for top, want in ((255, np.uint8), (256, np.uint16), (65535, np.uint16), (65536, np.int32)):
