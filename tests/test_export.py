@@ -485,3 +485,35 @@ def test_manifest_and_summary_report_file_sizes(tiny_run, tiny_export, capsys, m
     shutil.copytree(tiny_export, Path("export") / "tiny", dirs_exist_ok=True)
     assert main(["summary", str(tiny_run)]) == 0
     assert "== ONNX files in export/tiny" in capsys.readouterr().out
+
+
+def test_a_differing_image_is_diagnosed_inside_the_batch_it_was_run_in(monkeypatch):
+    """Float kernels may round differently at another batch size, so a near-zero sign flip seen in
+    a parity batch need not recur when the image is rerun alone: diagnose gets the whole batch."""
+    import bnn_distill.export.parity as ex
+
+    shape = (3, 16, 16)
+    model = _randomize(create_model("cifar_resnet20", 10, quant="W1A1", width_mult=0.25), seed=0)
+    other = _randomize(create_model("cifar_resnet20", 10, quant="W1A1", width_mult=0.25), seed=7)
+    proto, probes = lower(other, shape)
+    x = parity_inputs(shape, 10, seed=1)
+    with torch.no_grad():
+        differ = set((model(x) - other(x)).abs().amax(1).gt(1e-3).nonzero().flatten().tolist())
+    assert differ
+    calls = []
+
+    def fake(m, o, p, imgs, rtol):
+        calls.append(imgs.clone())
+        # a flip only for the rows that really differ: the row index must map back to the image
+        return {"local": None, "drift": None,
+                "flips": [{"layer": "l", "signs_differing": 1, "value": 1e-8, "rel": 1e-8} for _ in imgs]}
+
+    monkeypatch.setattr(ex, "diagnose", fake)
+    res = ex.check_parity("student_binary", model, proto, probes, x, batch=4)
+    assert res.passed and sorted(f["image"] for f in res.sign_flips) == sorted(differ)
+    starts = sorted({j // 4 * 4 for j in differ})
+    assert len(calls) == len(starts)
+    for start, imgs in zip(starts, calls):
+        assert torch.equal(imgs, x[start:start + 4])  # the parity batch itself, last one short
+    assert ex.parity_batch((3, 32, 32)) == 256 and ex.parity_batch((3, 224, 224)) == 5
+    assert ex.parity_batch((1, 28, 28)) == 256 and ex.parity_batch((3, 4096, 4096)) == 1
