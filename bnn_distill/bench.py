@@ -27,7 +27,7 @@ import onnx
 import onnxruntime as ort
 from tqdm import tqdm
 
-from . import native
+from . import native, openvino_rt
 from .checkpoint import atomic_write_bytes
 from .data import build_datasets
 from .errors import UserError
@@ -37,8 +37,10 @@ from .onnxrt import fused_integer_matmuls, iter_batches, optimized_op_counts, or
 log = logging.getLogger(__name__)
 
 ROLES = ("teacher", "student_fp32", "student_binary", "student_native")
+#: The teacher's FP32 file again, run by OpenVINO (with the [peers] extra): the latency rows only.
+OPENVINO_ROLE = "teacher_openvino"
 LABELS = {"teacher": "teacher FP32", "student_fp32": "student FP32", "student_binary": "binary student",
-          "student_native": "binary student, native"}
+          "student_native": "binary student, native", OPENVINO_ROLE: "teacher FP32, OpenVINO"}
 FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_vpopcntdq", "avx_vnni", "amx_int8")
 BENCH_JSON, BENCH_MD, BENCH_PNG = "bench.json", "bench.md", "bench.png"
 
@@ -182,9 +184,13 @@ def onnx_accuracy(export_dir: Path, manifest: Dict[str, Any], data_root: Optiona
 
 def run_bench(export_dir, batches: Sequence[int] = (1, 32), threads: Optional[Sequence[int]] = None,
               repeats: Optional[int] = None, warmup: int = 3, budget_s: float = 3.0, accuracy: bool = True,
-              data_root: Optional[str] = None, seed: int = 0, burst: int = 3, progress: bool = False) -> Dict[str, Any]:
+              data_root: Optional[str] = None, seed: int = 0, burst: int = 3, progress: bool = False,
+              openvino: Optional[bool] = None) -> Dict[str, Any]:
     """Benchmark an export folder; writes bench.json, bench.md and bench.png there (the plot is skipped,
-    with a one-line note, without matplotlib). ``progress``: a tqdm bar over the settings. Returns the JSON."""
+    with a one-line note, without matplotlib). ``progress``: a tqdm bar over the settings.
+
+    ``openvino``: also time the teacher's FP32 file in OpenVINO, interleaved with the rest (latency
+    rows only); ``None`` does so when OpenVINO is installed, ``True`` requires it. Returns the JSON."""
     export_dir = Path(export_dir)
     manifest = load_manifest(export_dir)
     roles = [r for r in ROLES if r in manifest["models"]]
@@ -209,6 +215,17 @@ def run_bench(export_dir, batches: Sequence[int] = (1, 32), threads: Optional[Se
             roles.remove("student_native")
             native_info = {"skipped": str(e)}
             log.warning("native row skipped: %s", e)
+    ov_info: Dict[str, Any] = {}
+    want_ov = openvino_rt.available() if openvino is None else bool(openvino)
+    if want_ov and "teacher" not in roles:
+        if openvino:
+            raise UserError(f"--openvino: '{export_dir}' has no teacher file to run in OpenVINO")
+        want_ov = False
+    if want_ov:
+        if not openvino_rt.available():
+            raise UserError("--openvino: OpenVINO is not installed; pip install 'bnn-distill[peers]'")
+        ov_info = {"version": openvino_rt.version(), "file": manifest["models"]["teacher"]["file"],
+                   "config": dict(openvino_rt.CONFIG)}
     threads = list(dict.fromkeys(threads or [1, os.cpu_count() or 1]))
     batches = list(dict.fromkeys(batches))
     for name, vals in (("--batch", batches), ("--threads", threads)):
@@ -235,15 +252,20 @@ def run_bench(export_dir, batches: Sequence[int] = (1, 32), threads: Optional[Se
         for b in batches:
             bar.set_postfix_str(f"batch {b}, {t} thread(s)")
             x = rng.standard_normal((int(b), c, h, w)).astype(np.float32)
-            times = time_interleaved(sessions, x, repeats, warmup, budget_s, burst=burst)
+            timed = dict(sessions)
+            if ov_info:
+                ov_sess = openvino_rt.openvino_session(export_dir / ov_info["file"], x.shape, int(t))
+                ov_info.setdefault("compiled", {})[f"{t} threads"] = ov_sess.properties()
+                timed[OPENVINO_ROLE] = ov_sess
+            times = time_interleaved(timed, x, repeats, warmup, budget_s, burst=burst)
             row: Dict[str, Any] = {"batch": int(b), "threads": int(t), "models": {}}
-            for role in roles:
+            for role in timed:
                 warm, cold = split_burst(times[role], burst)
                 row["models"][role] = {**_percentiles(warm), "cold_p50_ms": _percentiles(cold)["p50_ms"]}
             if "teacher" in row["models"]:
                 base = row["models"]["teacher"]["p50_ms"]
                 cold_base = row["models"]["teacher"]["cold_p50_ms"]
-                for role in roles:
+                for role in timed:
                     row["models"][role]["speedup_vs_teacher"] = base / row["models"][role]["p50_ms"]
                     row["models"][role]["cold_speedup_vs_teacher"] = cold_base / row["models"][role]["cold_p50_ms"]
             if "student_native" in roles and native_info.get("floor_ms_per_image"):
@@ -253,7 +275,7 @@ def run_bench(export_dir, batches: Sequence[int] = (1, 32), threads: Optional[Se
             results.append(row)
             bar.update(1)
             log.info("batch %d, %d threads: %s", b, t, ", ".join(
-                f"{role} {row['models'][role]['p50_ms']:.2f} ms" for role in roles))
+                f"{role} {row['models'][role]['p50_ms']:.2f} ms" for role in timed))
     bar.close()
     mach_end = machine().get("load_average")
     report: Dict[str, Any] = {
@@ -267,6 +289,8 @@ def run_bench(export_dir, batches: Sequence[int] = (1, 32), threads: Optional[Se
     }
     if native_info:
         report["native"] = native_info
+    if ov_info:
+        report["openvino"] = ov_info
     if accuracy:
         report["accuracy"] = onnx_accuracy(export_dir, manifest, data_root, roles, progress=progress)
     from .plots import PlotsUnavailable
@@ -333,6 +357,12 @@ def markdown(r: Dict[str, Any]) -> str:
                         lines.append(f"- batch {row['batch']}, {row['threads']} thread(s): p50 {s['p50_ms']:.3f} "
                                      f"ms against a floor of {s['floor_ms']:.3f} ms: "
                                      f"{100 * s['fraction_of_floor']:.0f}% of the floor")
+    ov = r.get("openvino")
+    if ov:
+        comp = "; ".join(f"{k}: " + ", ".join(f"{a}={b}" for a, b in v.items())
+                         for k, v in ov.get("compiled", {}).items())
+        lines += ["", f"OpenVINO {ov['version']} ran the teacher's {ov['file']} on the CPU, compiled per batch size "
+                  f"with a fixed shape ({comp or ov['config']})."]
     acc = r.get("accuracy")
     if acc:
         lines += ["", "## Test accuracy through onnxruntime", ""]
@@ -356,7 +386,7 @@ def bench_figure(r: Dict[str, Any]):
 
     plt = pyplot()
     rows = r["latency"]
-    roles = [role for role in ROLES if rows and role in rows[0]["models"]]
+    roles = [role for role in ROLES + (OPENVINO_ROLE,) if rows and role in rows[0]["models"]]
     fig, ax = plt.subplots(figsize=(max(5.0, 1.6 * len(rows) + 2), 4.2))
     width = 0.8 / max(1, len(roles))
     xs = np.arange(len(rows))
@@ -369,7 +399,7 @@ def bench_figure(r: Dict[str, Any]):
                       yerr=[np.zeros_like(p50), p90 - p50], capsize=3)
         for bar, row, whisker in zip(bars, rows, p90):
             sp = row["models"][role].get("speedup_vs_teacher")
-            if sp is not None and role != "teacher":
+            if sp is not None and role != "teacher":  # the OpenVINO teacher too: its ratio to onnxruntime
                 ax.annotate(f"{sp:.2f}x", (bar.get_x() + bar.get_width() / 2, float(whisker)), ha="center",
                             va="bottom", rotation=90, fontsize=7, xytext=(0, 3), textcoords="offset points")
     ax.set_xticks(xs, [f"batch {row['batch']}\n{row['threads']} thr" for row in rows])

@@ -10,6 +10,7 @@ import torch
 
 from bnn_distill.bench import split_burst, machine, run_bench, time_interleaved
 from bnn_distill.cli import main
+from bnn_distill.errors import UserError
 from bnn_distill.export import ExportInfo, export_models
 from bnn_distill.models import create_model
 
@@ -34,7 +35,7 @@ def export_dir(tmp_path_factory):
 
 
 def test_bench_writes_json_markdown_and_plot(export_dir):
-    r = run_bench(export_dir, batches=[1, 2], threads=[1], repeats=2, warmup=1)
+    r = run_bench(export_dir, batches=[1, 2], threads=[1], repeats=2, warmup=1, openvino=False)
     for name in ("bench.json", "bench.md", "bench.png"):
         assert (export_dir / name).stat().st_size > 0
     assert (export_dir / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -191,3 +192,70 @@ def test_parity_progress_bar(capsys):
     proto, probes = lower(model, (3, 16, 16))
     assert check_parity("student_binary", model, proto, probes, parity_inputs((3, 16, 16), 4), progress=True).passed
     assert "parity student_binary" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- the OpenVINO teacher row
+
+
+def test_openvino_row_runs_the_teacher_file_interleaved(export_dir):
+    """With OpenVINO installed: a fourth row, the teacher's own FP32 file compiled by OpenVINO in FP32."""
+    ov = pytest.importorskip("openvino")
+    import onnxruntime as ort
+
+    from bnn_distill import openvino_rt
+
+    r = run_bench(export_dir, batches=[1, 3], threads=[1], repeats=2, warmup=1, accuracy=False, openvino=True)
+    for row in r["latency"]:
+        s = row["models"]["teacher_openvino"]
+        assert s["n"] == 2 * 2 and 0 < s["p50_ms"] <= s["p90_ms"] and s["speedup_vs_teacher"] > 0
+    assert r["openvino"]["version"] == ov.__version__ and r["openvino"]["file"] == "teacher_fp32.onnx"
+    compiled = r["openvino"]["compiled"]["1 threads"]
+    assert compiled["INFERENCE_NUM_THREADS"] == "1" and compiled["INFERENCE_PRECISION_HINT"] == "f32"
+    md = (export_dir / "bench.md").read_text()
+    assert "| 3 | 1 | teacher FP32, OpenVINO |" in md and f"OpenVINO {ov.__version__}" in md
+    # the same model: OpenVINO's logits are onnxruntime's within FP32 summation-order rounding
+    x = np.random.default_rng(1).standard_normal((3, 3, 16, 16)).astype(np.float32)
+    ref = ort.InferenceSession(str(export_dir / "teacher_fp32.onnx")).run(None, {"input": x})[0]
+    got = openvino_rt.openvino_session(export_dir / "teacher_fp32.onnx", x.shape, 1).run(None, {"input": x})[0]
+    assert got.shape == ref.shape and np.allclose(got, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_openvino_row_wiring_without_openvino(export_dir, tmp_path, monkeypatch):
+    """The row's place in the interleaved loop, the ratio to onnxruntime and the report, with a stand-in."""
+    import shutil
+
+    from bnn_distill import openvino_rt
+
+    class Fake:
+        def __init__(self, path, shape, threads):
+            self.shape, self.threads = tuple(shape), threads
+            made.append(self)
+
+        def run(self, names, feed):
+            (x,) = feed.values()
+            assert x.shape == self.shape  # compiled for the batch it is fed
+            return [np.zeros((x.shape[0], 10), np.float32)]
+
+        def properties(self):
+            return {"INFERENCE_NUM_THREADS": str(self.threads)}
+
+    made = []
+    out = tmp_path / "e"
+    shutil.copytree(export_dir, out)
+    monkeypatch.setattr(openvino_rt, "available", lambda: True)
+    monkeypatch.setattr(openvino_rt, "version", lambda: "0.test")
+    monkeypatch.setattr(openvino_rt, "openvino_session", Fake)
+    r = run_bench(out, batches=[1, 2], threads=[1, 2], repeats=1, warmup=1, accuracy=False, burst=2)
+    assert [(m.shape[0], m.threads) for m in made] == [(1, 1), (2, 1), (1, 2), (2, 2)]
+    for row in r["latency"]:
+        s, t = row["models"]["teacher_openvino"], row["models"]["teacher"]
+        assert s["n"] == 1 and abs(s["speedup_vs_teacher"] - t["p50_ms"] / s["p50_ms"]) < 1e-12
+    assert r["openvino"]["compiled"] == {"1 threads": {"INFERENCE_NUM_THREADS": "1"},
+                                         "2 threads": {"INFERENCE_NUM_THREADS": "2"}}
+    assert "teacher_openvino" not in r["fusion"]  # onnxruntime's op counts are for onnxruntime's sessions
+    # asked for but absent: one line naming the extra
+    monkeypatch.setattr(openvino_rt, "available", lambda: False)
+    with pytest.raises(UserError, match=r"OpenVINO is not installed; pip install 'bnn-distill\[peers\]'"):
+        run_bench(out, batches=[1], threads=[1], repeats=1, warmup=1, accuracy=False, openvino=True)
+    r = run_bench(out, batches=[1], threads=[1], repeats=1, warmup=1, accuracy=False)  # auto: no row
+    assert "teacher_openvino" not in r["latency"][0]["models"] and "openvino" not in r
