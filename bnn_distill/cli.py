@@ -13,7 +13,11 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-from .errors import WRITE_ERRNOS, CheckpointError, UserError, one_line, write_error
+from .errors import WRITE_ERRNOS, Interrupted, UserError, one_line, write_error
+from .rundir import RunDir, model_from_checkpoint
+
+# Only light modules are imported here: torch, Brevitas and the data stack are imported inside the
+# commands that need them, so that ``bnn-distill --help`` and argument errors answer at once.
 
 log = logging.getLogger("bnn_distill")
 
@@ -127,8 +131,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except UserError as e:
         if args.debug:
             raise
-        from .train import Interrupted
-
         if isinstance(e, Interrupted):
             hint = f"; resume with: bnn-distill train {args.recipe} --resume" if args.command == "train" else ""
             print(f"interrupted: {e}{hint}", file=sys.stderr)
@@ -206,7 +208,7 @@ def _print_summary(summary: Dict[str, Any], run_dir: Path) -> None:
 
 def _recipe_models(recipe, only_stage: Optional[str] = None):
     from .data import dataset_info
-    from .train import build_model, model_spec
+    from .train import build_model, model_spec_dict
 
     info = dataset_info(recipe.data.dataset, recipe.data.root) if _takes_root() else dataset_info(recipe.data.dataset)
     if info.num_classes <= 0:
@@ -217,7 +219,7 @@ def _recipe_models(recipe, only_stage: Optional[str] = None):
     if only_stage is not None and not wanted:
         raise UserError(f"--stage: no stage named '{only_stage}'; valid: {', '.join(s.name for s in recipe.stages)}")
     if only_stage is None and (recipe.teacher.checkpoint or not any(s.kind == "teacher" for s in recipe.stages)):
-        spec = model_spec(recipe, recipe.teacher, "FP", info.num_classes, info.in_chans)
+        spec = model_spec_dict(recipe, recipe.teacher, "FP", info.num_classes, info.in_chans)
         seen.add(("teacher", "FP"))
         yield f"teacher: {recipe.teacher.arch} FP", build_model(spec), shape
     for st in wanted:
@@ -226,7 +228,7 @@ def _recipe_models(recipe, only_stage: Optional[str] = None):
         if key in seen:
             continue
         seen.add(key)
-        spec = model_spec(recipe, cfg, st.quant, info.num_classes, info.in_chans)
+        spec = model_spec_dict(recipe, cfg, st.quant, info.num_classes, info.in_chans)
         yield f"stage {st.name}: {cfg.arch} {st.quant}", build_model(spec), shape
 
 
@@ -245,36 +247,14 @@ def _summarize(model, shape):
 
 
 def _resolve_checkpoint(target: str, stage: Optional[str]) -> Path:
+    """The checkpoint a target names: a ``.pt`` file itself, or a run folder's stage (default: the last)."""
     p = Path(target)
     if p.is_dir():
-        from .recipe import load_recipe
-        from .train import RECIPE_FILE
-
-        if not (p / RECIPE_FILE).exists():
-            raise UserError(f"'{p}' is not a run folder (no {RECIPE_FILE}); give runs/NAME or a checkpoint .pt file")
-        recipe = load_recipe(p / RECIPE_FILE)
-        names = [s.name for s in recipe.stages]
-        name = stage or names[-1]
-        if name not in names:
-            raise UserError(f"--stage: no stage named '{name}' in {p}; valid: {', '.join(names)}")
-        ck = p / "checkpoints" / name / "last.pt"
-        if not ck.exists():
-            raise CheckpointError(f"stage '{name}' of {p} has no checkpoint yet ({ck}); train it first")
-        return ck
+        run = RunDir(p).require("give runs/NAME or a checkpoint .pt file")
+        return run.checkpoint(run.stage(run.recipe(), stage).name)
     if not p.exists():
         raise UserError(f"'{target}' does not exist; give a run folder (runs/NAME) or a checkpoint file")
     return p
-
-
-def _checkpoint_model(ck: Dict[str, Any], path: Path):
-    from .checkpoint import is_bnn_checkpoint, load_model_state
-    from .train import build_model
-
-    if not is_bnn_checkpoint(ck):
-        raise CheckpointError(f"'{path}' is not a bnn-distill checkpoint (no model spec); plain state dicts load as teacher.checkpoint in a recipe")
-    model = build_model(ck["model_spec"])
-    load_model_state(model, ck["model"], f"checkpoint '{path}'")
-    return model
 
 
 # ---------------------------------------------------------------- eval
@@ -290,8 +270,7 @@ def cmd_eval(args) -> int:
     from .recipe import recipe_from_dict
 
     path = _resolve_checkpoint(args.target, args.stage)
-    ck = load_checkpoint(path)
-    model = _checkpoint_model(ck, path)
+    model, ck = model_from_checkpoint(path, load_checkpoint(path))
     raw = dict(ck["recipe"])
     if args.data_root:
         raw["data"] = {**raw["data"], "root": args.data_root}
@@ -321,7 +300,7 @@ def cmd_summary(args) -> int:
     p = Path(args.target)
     items: List[Any] = []
     sizes = None  # the ONNX files of this run's export, next to the deployed size
-    if p.is_dir() and (p / "manifest.json").is_file() and not (p / "recipe.yaml").is_file():
+    if p.is_dir() and (p / "manifest.json").is_file() and not RunDir(p).is_run():
         from .predict import load_export
 
         manifest = load_export(p)  # an export folder: its files' sizes
@@ -335,8 +314,7 @@ def cmd_summary(args) -> int:
         items = list(_recipe_models(recipe, args.stage))
     else:
         path = _resolve_checkpoint(args.target, args.stage)
-        ck = load_checkpoint(path)
-        model = _checkpoint_model(ck, path)
+        model, ck = model_from_checkpoint(path, load_checkpoint(path))
         from .recipe import recipe_from_dict
         from .data import dataset_info
 
@@ -421,11 +399,8 @@ def cmd_export(args) -> int:
 
 def _default_export_dir(run: str) -> Optional[Path]:
     """export/<run name>, or None when ``run`` is not a readable run folder (export_run then says why)."""
-    from .recipe import load_recipe
-    from .train import RECIPE_FILE
-
     try:
-        return Path("export") / load_recipe(Path(run) / RECIPE_FILE).name
+        return Path("export") / RunDir(run).recipe().name
     except (UserError, OSError):
         return None
 
