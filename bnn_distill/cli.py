@@ -27,7 +27,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="bnn-distill", description="Distil binary ResNets with ITRD, export and benchmark them.")
+    ap = argparse.ArgumentParser(prog="bnn-distill",
+                                 description="Distil binary ResNets with ITRD, export and benchmark them.")
     ap.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = ap.add_subparsers(dest="command", metavar="COMMAND")
 
@@ -37,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a recipe value, e.g. --set stages.stage1.epochs=2 (repeatable)")
     t.add_argument("--resume", action="store_true", help="continue the run in the recipe's run folder")
     t.add_argument("--force", action="store_true", help="with --resume: continue even if the recipe changed")
-    t.add_argument("--dry-run", action="store_true", help="validate, print the resolved recipe and model summary; train nothing")
+    t.add_argument("--dry-run", action="store_true",
+                   help="validate, print the resolved recipe and model summary; train nothing")
     t.add_argument("--no-progress", action="store_true", help="no progress bars (one log line per epoch)")
     _add_common(t)
 
@@ -56,31 +58,38 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="print JSON")
     _add_common(s)
 
-    x = sub.add_parser("export", help="export a run's binary student, FP32 student and teacher to ONNX, with a parity check")
+    x = sub.add_parser("export",
+                       help="export a run's binary student, FP32 student and teacher to ONNX, with a parity check")
     x.add_argument("run", help="run folder (runs/NAME)")
     x.add_argument("--out", help="export folder (default: export/<run-name>)")
     x.add_argument("--stage", help="binary student stage to export (default: the last stage)")
     x.add_argument("--force", action="store_true", help="overwrite an export folder that holds another run's export")
     x.add_argument("--data-root", help="dataset folder, if not where the run found it")
-    x.add_argument("--limit-test", type=int, metavar="N", help="check parity on the first N test images only (default: all)")
+    x.add_argument("--limit-test", type=int, metavar="N",
+                   help="check parity on the first N test images only (default: all)")
     x.add_argument("--strict-top1", action="store_true",
                    help="fail if any image's top-1 differs, even when explained by a sign of a value within float32 "
                         "rounding of 0 (default: such images pass and are listed in parity.json)")
     x.add_argument("--runtime", choices=("standard", "native"), default="standard",
                    help="native: also write student_binary_native.onnx for the bit-packed custom-op library "
                         "(built on first use; see 'bnn-distill build-native')")
-    x.add_argument("--no-progress", action="store_true", help="no progress bars for the parity check (shown only on a terminal)")
+    x.add_argument("--no-progress", action="store_true",
+                   help="no progress bars for the parity check (shown only on a terminal)")
     _add_common(x)
 
     b = sub.add_parser("bench", help="onnxruntime latency and accuracy of an export folder, models side by side")
     b.add_argument("export_dir", help="export folder written by 'bnn-distill export'")
     b.add_argument("--batch", type=int, nargs="+", default=[1, 32], metavar="N", help="batch sizes (default: 1 32)")
-    b.add_argument("--threads", type=int, nargs="+", metavar="N", help="intra-op thread counts (default: 1 and all cores)")
-    b.add_argument("--repeats", type=int, metavar="N", help="measurement rounds per setting (default: from --budget, 10..200)")
+    b.add_argument("--threads", type=int, nargs="+", metavar="N",
+                   help="intra-op thread counts (default: 1 and all cores)")
+    b.add_argument("--repeats", type=int, metavar="N",
+                   help="measurement rounds per setting (default: from --budget, 10..200)")
     b.add_argument("--warmup", type=int, default=3, metavar="N", help="warm-up rounds per setting (default: 3)")
-    b.add_argument("--budget", type=float, default=3.0, metavar="S", help="seconds of rounds per setting when --repeats is not given")
+    b.add_argument("--budget", type=float, default=3.0, metavar="S",
+                   help="seconds of rounds per setting when --repeats is not given")
     b.add_argument("--burst", type=int, default=3, metavar="N",
-                   help="calls of each model back to back per round; the first of each is reported as 'cold' (default: 3)")
+                   help="calls of each model back to back per round; the first of each is reported as 'cold' "
+                        "(default: 3)")
     b.add_argument("--no-accuracy", action="store_true", help="skip the test-split accuracy")
     b.add_argument("--data-root", help="dataset folder, if not where the run found it")
     b.add_argument("--no-progress", action="store_true", help="no progress bars (shown only on a terminal)")
@@ -99,7 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, metavar="N", help="onnxruntime intra-op threads (default: onnxruntime's)")
     _add_common(p)
 
-    n = sub.add_parser("build-native", help="build the native onnxruntime custom-op library (XNOR-popcount binary conv)")
+    n = sub.add_parser("build-native",
+                       help="build the native onnxruntime custom-op library (XNOR-popcount binary conv)")
     n.add_argument("--headers", help="folder with the onnxruntime C/C++ API headers (default: cached, else "
                                      "downloaded from Debian trixie's libonnxruntime-dev)")
     n.add_argument("--out", help="write the library here instead of the cache folder")
@@ -305,7 +315,8 @@ def cmd_summary(args) -> int:
 
         manifest = load_export(p)  # an export folder: its files' sizes
         if args.json:
-            print(json.dumps({"export": str(p), "sizes": manifest.get("sizes"), "models": manifest["models"]}, indent=2))
+            out = {"export": str(p), "sizes": manifest.get("sizes"), "models": manifest["models"]}
+            print(json.dumps(out, indent=2))
         else:
             print(_sizes_text(manifest, p))
         return 0
@@ -385,7 +396,8 @@ def cmd_export(args) -> int:
         acc = "" if r["onnx_top1"] is None else f", test top-1 {r['onnx_top1']:.2f}%"
         print(f"{role}: top-1 agrees on {r['top1_agree']}/{r['n']} images, {r['within_tol']} within |logit diff| "
               f"{r['atol']:.2g} (max {r['max_abs_diff']:.2g}){flips}{acc}")
-    print(f"binary convs fused into MatMulIntegerToFloat: {parity['fused_matmul_integer_to_float']}/{parity['binary_convs']}")
+    print(f"binary convs fused into MatMulIntegerToFloat: "
+          f"{parity['fused_matmul_integer_to_float']}/{parity['binary_convs']}")
     if parity.get("native_vs_standard"):
         c = parity["native_vs_standard"]
         print(f"native vs standard integer graph: top-1 identical on {c['top1_agree']}/{c['n']} images, "

@@ -87,5 +87,6 @@ def one_line(text: str) -> str:
         return text
     out = []
     for ch in text:
-        out.append(ch.encode("unicode_escape").decode("ascii") if ("a" + ch + "b").splitlines() != ["a" + ch + "b"] else ch)
+        breaks = ("a" + ch + "b").splitlines() != ["a" + ch + "b"]
+        out.append(ch.encode("unicode_escape").decode("ascii") if breaks else ch)
     return "".join(out)

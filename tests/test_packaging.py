@@ -35,7 +35,8 @@ def test_py_typed_and_classifiers():
     p = _project()
     assert (ROOT / "bnn_distill" / "py.typed").is_file()
     assert "py.typed" in p["tool"]["setuptools"]["package-data"]["bnn_distill"]
-    versions = {c.rsplit(" ", 1)[-1] for c in p["project"]["classifiers"] if c.startswith("Programming Language :: Python :: 3.")}
+    versions = {c.rsplit(" ", 1)[-1] for c in p["project"]["classifiers"]
+                if c.startswith("Programming Language :: Python :: 3.")}
     assert versions == {"3.10", "3.11", "3.12", "3.13"}
 
 
