@@ -132,8 +132,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,
                         format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("matplotlib", "PIL", "torch.utils.cpp_extension"):
+    for noisy in ("matplotlib", "PIL"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # Brevitas is imported by the commands now, after this line: keep its import-time "no CUDA runtime"
+    # warning as quiet as when the package imported it eagerly (bnn_distill/__init__.py sets ERROR)
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     try:
         return {"train": cmd_train, "eval": cmd_eval, "summary": cmd_summary, "export": cmd_export,
                 "bench": cmd_bench, "predict": cmd_predict,
