@@ -17,11 +17,10 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import itrd_probe as probe  # noqa: E402  (benchmarks/ is not a package)
-
-from bnn_distill.checkpoint import load_checkpoint  # noqa: E402
-from bnn_distill.data import build_datasets  # noqa: E402
+from bnn_distill.data import build_datasets
+from bnn_distill.hooks import forward_features
+from bnn_distill.models import default_feature_layer
+from bnn_distill.rundir import RunDir, model_from_checkpoint
 
 
 def batch_variance(z: torch.Tensor, batch: int) -> torch.Tensor:
@@ -41,15 +40,16 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     _, test, _ = build_datasets(args.dataset, None, False, False, None, args.limit_test)
     x = torch.stack([test[i][0] for i in range(len(test))])
-    stage = sorted((Path(args.run) / "checkpoints").iterdir())[-1] / "last.pt"
-    for name, path, layer in [("teacher", Path(args.runs) / "teacher/checkpoints/teacher/last.pt", None),
-                              (f"{Path(args.run).name} ({stage.parent.name})", stage, None)]:
-        model, ck = probe.load(path)
-        layer = probe.default_feature_layer(ck["model_spec"]["name"])
-        _, feat = probe.features(model, x, layer, args.batch_size)
+    run = RunDir(args.run)
+    stage = run.stages_with_checkpoints()[-1]  # the last stage by name
+    for name, path in [("teacher", RunDir(Path(args.runs) / "teacher").last("teacher")),
+                       (f"{run.path.name} ({stage})", run.last(stage))]:
+        model, ck = model_from_checkpoint(path)
+        layer = default_feature_layer(ck["model_spec"]["name"])
+        _, feat = forward_features(model, x, layer, args.batch_size)
         what = f"{layer} feature"
         if name != "teacher":
-            state = load_checkpoint(path)["criterion"]
+            state = ck["criterion"]
             if "embed.weight" not in state:
                 print(f"error: {path} has no trained embed projection (not an ITRD run)", file=sys.stderr)
                 return 2

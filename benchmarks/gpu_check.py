@@ -30,7 +30,7 @@ budget (``--budget``, default 450 s) that caps every section by what is left:
   (teacher FP CE; W32A1 ITRD and W1A1 ITRD with the teacher forward; the same network in FP with the
   same ITRD loss; W1A1 CE only; W1A1 ITRD in fp32; W1A1 ITRD with the ReCU tau read without a host
   sync), built with the library's own model/criterion/optimiser code, stepped exactly as
-  ``Trainer._train_epoch`` does (autocast from ``Runtime``, teacher under no_grad, ``.item()`` finite
+  ``Trainer._train_epoch`` does (autocast from ``Execution``, teacher under no_grad, ``.item()`` finite
   check, GradScaler), interleaved round after round after warm-up; medians, images/s, the step's
   transient GPU memory and the static memory of each configuration, CUDA syncs per step
   (``torch.cuda.set_sync_debug_mode``), the dtype of every loss term under autocast, and the
@@ -325,11 +325,11 @@ class StepConfig:
         import torch
 
         from bnn_distill.losses import Criterion
-        from bnn_distill.train import DistillStep, _make_optimizer, build_model, feature_layer, model_spec
+        from bnn_distill.train import DistillStep, _make_optimizer, build_model, feature_layer, model_spec_dict
 
         self.key, self.rt, self.stage = key, rt, stage
         mcfg = recipe.teacher if kind == "teacher" else recipe.student
-        spec = model_spec(recipe, mcfg, quant, 10, 3)
+        spec = model_spec_dict(recipe, mcfg, quant, 10, 3)
         torch.manual_seed(0)
         self.model = build_model(spec).to(rt.device)
         path = feature_layer(mcfg)
@@ -392,14 +392,15 @@ def _make_configs(cfg, recipe, rt, wanted: Optional[List[str]] = None, compile_b
 
     from bnn_distill.hooks import FeatureHook
     from bnn_distill.losses import Term
-    from bnn_distill.train import build_model, feature_layer, model_spec
+    from bnn_distill.train import build_model, feature_layer, model_spec_dict
 
     stages = {s.name: s for s in recipe.stages}
     tst, s1, s2 = stages["teacher"], stages["stage1"], stages["stage2"]
     itrd = [Term(t.name, t.weight, dict(t.params)) for t in s2.losses]
     ce = [Term("ce", 1.0, {})]
     torch.manual_seed(1)
-    teacher = build_model(model_spec(recipe, recipe.teacher, "FP", 10, 3)).to(rt.device).eval().requires_grad_(False)
+    teacher = build_model(model_spec_dict(recipe, recipe.teacher, "FP", 10, 3))
+    teacher = teacher.to(rt.device).eval().requires_grad_(False)
     thook = FeatureHook(teacher, feature_layer(recipe.teacher))
     fp32 = dataclasses.replace(rt, amp_dtype=None)
     plan = [
@@ -459,12 +460,12 @@ def _sync(device) -> None:
 def sec_steps(cfg, rec: Rec) -> None:
     import torch
 
-    from bnn_distill.train import Runtime
+    from bnn_distill.train import Execution
 
     d = rec.data
     work = Path(cfg["work"])
     recipe = _load_recipe(cfg, work, "gpu_check_steps", 1, cfg["step_batch"], 0)
-    rt = Runtime.create(recipe, progress=False)
+    rt = Execution.create(recipe, progress=False)
     cuda = rt.device.type == "cuda"
     B = cfg["step_batch"]
     d.update(device=str(rt.device), amp_dtype=str(rt.amp_dtype), batch=B, width_mult=cfg["width_mult"],
@@ -582,7 +583,8 @@ def _eval_throughput(model, rt, batch: int, iters: int) -> float:
 def sec_itrd_run(cfg, rec: Rec) -> None:
     import torch
 
-    from bnn_distill.train import read_metrics, run_recipe
+    from bnn_distill.rundir import RunDir
+    from bnn_distill.train import run_recipe
 
     d = rec.data
     work = Path(cfg["work"])
@@ -604,7 +606,7 @@ def sec_itrd_run(cfg, rec: Rec) -> None:
         if cuda:
             d["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
             d["peak_gpu_reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 2)
-        d["metrics"] = _stage_metrics(recipe, read_metrics(recipe.run_dir))
+        d["metrics"] = _stage_metrics(recipe, RunDir.of(recipe).read_metrics())
         rec.save()
     d["summary_stages"] = [{k: s[k] for k in ("name", "quant", "epochs", "wall_s", "images_per_s", "final")} for s in summary["stages"]]
     d["machine"] = summary.get("machine")
@@ -679,8 +681,11 @@ def _wait(p: subprocess.Popen, timeout: float) -> Optional[int]:
 def _checkpoints(run_dir: Path) -> Dict[str, Any]:
     import torch
 
+    from bnn_distill.rundir import RunDir
+
     out = {}
-    for ck in sorted((run_dir / "checkpoints").glob("*/last.pt")):
+    run = RunDir(run_dir)
+    for ck in [run.last(stage) for stage in run.stages_with_checkpoints()]:
         try:
             s = torch.load(ck, map_location="cpu", weights_only=True)
             part = s.get("partial")
@@ -692,6 +697,8 @@ def _checkpoints(run_dir: Path) -> Dict[str, Any]:
 
 
 def _torchrun_variant(cfg, rec: Rec, variant: str, cap: float) -> Dict[str, Any]:
+    from bnn_distill.rundir import RunDir
+
     work = Path(cfg["work"])
     name = f"gpu_check_tr_{variant}"
     overrides = recipe_overrides(cfg, name, 1, cfg["torchrun_batch"], cfg["torchrun_workers"], work, cfg["torchrun_limit_train"])
@@ -700,7 +707,7 @@ def _torchrun_variant(cfg, rec: Rec, variant: str, cap: float) -> Dict[str, Any]
     t_end = now() + cap
     log1 = work / f"torchrun_{variant}_1.log"
     p = _launch(_torchrun_cmd(cfg, variant, overrides, False), log1)
-    trigger = run_dir / "checkpoints" / "teacher" / "last.pt"
+    trigger = RunDir(run_dir).last("teacher")
     t0 = now()
     while p.poll() is None and not trigger.exists() and now() < t_end - 20:
         time.sleep(0.02)
@@ -723,15 +730,13 @@ def _torchrun_variant(cfg, rec: Rec, variant: str, cap: float) -> Dict[str, Any]
     log_text2 = tail(log2, 20000)
     res["resume"] = {"rc": rc2, "log_tail": log_text2[-2500:], "checkpoints": _checkpoints(run_dir),
                      "resuming_lines": [ln for ln in log_text2.splitlines() if "resuming" in ln][:3]}
-    summary = run_dir / "summary.json"
+    summary = RunDir(run_dir).summary_file
     if summary.exists():
         s = json.loads(summary.read_text())
         res["resume"]["summary_stages"] = [{k: st.get(k) for k in ("name", "epochs", "wall_s", "images_per_s", "final")} for st in s["stages"]]
         res["resume"]["device"] = s.get("machine", {}).get("device")
         res["resume"]["world_size"] = s.get("machine", {}).get("world_size")
-        from bnn_distill.train import read_metrics
-
-        m = read_metrics(run_dir)
+        m = RunDir(run_dir).read_metrics()
         res["resume"]["epochs_logged"] = {st: [r["epoch"] for r in m if r["stage"] == st] for st in ("teacher", "stage1", "stage2")}
     ok = rc2 == 0 and summary.exists() and all(v == [1] for v in res["resume"].get("epochs_logged", {"x": []}).values())
     res["interrupted_by_sigterm"] = bool(res["sigterm_after_s"] is not None and rc1 not in (0, None))
@@ -805,16 +810,17 @@ def sec_export(cfg, rec: Rec) -> None:
     import torch
 
     from bnn_distill.cli import main as cli_main
+    from bnn_distill.rundir import RunDir
 
     d = rec.data
     work = Path(cfg["work"])
     d["cuda_visible_here"] = torch.cuda.is_available()
     candidates = [work / "runs" / f"gpu_check_tr_{v}" for v in cfg["torchrun_variants"]] + [work / "runs" / "gpu_check_itrd"]
-    run = next((c for c in candidates if (c / "summary.json").exists()), None)
+    run = next((c for c in candidates if RunDir(c).summary_file.exists()), None)
     if run is None:
         raise RuntimeError(f"no finished run to export among {[c.name for c in candidates]}")
     d["run"] = str(run)
-    ck = run / "checkpoints" / "stage2" / "last.pt"
+    ck = RunDir(run).last("stage2")
     try:  # what the file holds: CUDA tensors need map_location on a CPU-only process (the library passes 'cpu')
         s = torch.load(ck, weights_only=True)
         dev = {str(v.device) for v in s["model"].values()}
@@ -860,16 +866,13 @@ def _batch_dependence_probe(run: Path, max_images: int = 8) -> Dict[str, Any]:
     import numpy as np
     import torch
 
-    from bnn_distill.checkpoint import load_checkpoint, load_model_state
     from bnn_distill.data import build_datasets
     from bnn_distill.export import INPUT_NAME, OUTPUT_NAME, lower, ort_session
-    from bnn_distill.recipe import load_recipe
-    from bnn_distill.train import build_model
+    from bnn_distill.rundir import RunDir, model_from_checkpoint
 
-    recipe = load_recipe(run / "recipe.yaml")
-    ck = load_checkpoint(run / "checkpoints" / recipe.stages[-1].name / "last.pt")
-    model = build_model(ck["model_spec"])
-    load_model_state(model, ck["model"], "probe")
+    rd = RunDir(run)
+    recipe = rd.recipe()
+    model, _ = model_from_checkpoint(rd.last(recipe.stages[-1].name))
     model.eval()
     d = recipe.data
     _, test, _ = build_datasets(d.dataset, d.root, False, False, d.limit_train, d.limit_test, seed=recipe.seed)
@@ -896,12 +899,12 @@ def _batch_dependence_probe(run: Path, max_images: int = 8) -> Dict[str, Any]:
 def sec_compile(cfg, rec: Rec) -> None:
     import torch
 
-    from bnn_distill.train import Runtime
+    from bnn_distill.train import Execution
 
     d = rec.data
     work = Path(cfg["work"])
     recipe = _load_recipe(cfg, work, "gpu_check_compile", 1, cfg["step_batch"], 0)
-    rt = Runtime.create(recipe, progress=False)
+    rt = Execution.create(recipe, progress=False)
     B = cfg["step_batch"]
     batches = _synthetic_batches(cfg, 4, B, rt.device)
     d.update(backend=cfg["compile_backend"], device=str(rt.device), amp_dtype=str(rt.amp_dtype), batch=B, torch=torch.__version__)

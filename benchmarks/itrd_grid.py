@@ -50,7 +50,8 @@ from typing import Any, Dict, List, Optional
 from bnn_distill.errors import UserError
 from bnn_distill.evaluate import mcnemar_p
 from bnn_distill.recipe import recipe_from_dict
-from bnn_distill.train import METRICS_FILE, SUMMARY_FILE, read_metrics, run_recipe
+from bnn_distill.rundir import RunDir
+from bnn_distill.train import run_recipe
 
 log = logging.getLogger("itrd_grid")
 
@@ -155,16 +156,12 @@ def step_cost(args, rounds: int = 7, warmup: int = 2) -> Dict[str, Any]:
     """Images/s of one W1A1 student optimiser step per method (teacher forward included where the
     loss needs it), all methods interleaved round after round: the side-by-side cost comparison.
     Cached in ``<runs>/step_cost.json`` for the same architecture, batch and input shape."""
-    import time
-
     import torch
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from train_cost import Config  # noqa: E402 - the step definition of benchmarks/train_cost.py
 
     from bnn_distill.data import build_datasets
     from bnn_distill.losses import Term
     from bnn_distill.models import create_model
+    from bnn_distill.stepcost import TimedStep, interleaved_times  # the step benchmarks/train_cost.py times
 
     train, _, _ = build_datasets(args.dataset, args.root, False, False, 1, 1)
     shape = tuple(train[0][0].shape)
@@ -178,22 +175,12 @@ def step_cost(args, rounds: int = 7, warmup: int = 2) -> Dict[str, Any]:
     y = torch.randint(0, 10, (args.batch_size,))
     torch.manual_seed(1)
     teacher = create_model(args.arch, 10, in_chans=shape[0], width_mult=args.width_mult).eval()
-    cfg_args = argparse.Namespace(arch=args.arch, width_mult=args.width_mult)
     configs = {}
     for row, losses in METHODS.items():
-        terms = [Term(d["name"], float(d.get("weight", 1.0)), {k: v for k, v in d.items() if k not in ("name", "weight")})
-                 for d in losses]
-        configs[row] = Config(row, "W1A1", terms, True, cfg_args, teacher, x, y)
-    times: Dict[str, List[float]] = {row: [] for row in configs}
-    for c in configs.values():
-        for _ in range(warmup):
-            c.step()
-    for r in range(rounds):
-        order = list(configs)[r % len(configs):] + list(configs)[:r % len(configs)]
-        for row in order:
-            t0 = time.perf_counter()
-            configs[row].step()
-            times[row].append(time.perf_counter() - t0)
+        terms = [Term(d["name"], float(d.get("weight", 1.0)),
+                      {k: v for k, v in d.items() if k not in ("name", "weight")}) for d in losses]
+        configs[row] = TimedStep(row, "W1A1", terms, True, args.arch, args.width_mult, teacher, x, y)
+    times = interleaved_times({row: c.step for row, c in configs.items()}, rounds, warmup)
     med = {row: statistics.median(v) for row, v in times.items()}
     out = {"key": key, "rounds": rounds, "threads": torch.get_num_threads(),
            "images_per_s": {row: args.batch_size / med[row] for row in med},
@@ -209,7 +196,7 @@ def kept_dir(args) -> Path:
 
 
 def _last_checkpoint(recipe) -> Path:
-    return recipe.run_dir / "checkpoints" / recipe.stages[-1].name / "last.pt"
+    return RunDir.of(recipe).last(recipe.stages[-1].name)
 
 
 def _keep(args, recipe, summary: Dict[str, Any]) -> None:
@@ -217,15 +204,13 @@ def _keep(args, recipe, summary: Dict[str, Any]) -> None:
     import torch
     from torch.utils.data import DataLoader
 
-    from bnn_distill.checkpoint import atomic_write_bytes, load_checkpoint, load_model_state
+    from bnn_distill.checkpoint import atomic_write_bytes
     from bnn_distill.data import build_splits
     from bnn_distill.evaluate import evaluate
-    from bnn_distill.train import build_model
+    from bnn_distill.rundir import model_from_checkpoint
 
     dest = kept_dir(args) / recipe.name
-    ck = load_checkpoint(_last_checkpoint(recipe))
-    model = build_model(ck["model_spec"])
-    load_model_state(model, ck["model"], f"checkpoint of {recipe.name}")
+    model, ck = model_from_checkpoint(_last_checkpoint(recipe))
     d = recipe.data
     test = build_splits(d.dataset, d.root, False, False, None, d.limit_test, seed=recipe.seed).test
     ev = evaluate(model, DataLoader(test, batch_size=500), torch.device("cpu"), keep_predictions=True)
@@ -233,7 +218,7 @@ def _keep(args, recipe, summary: Dict[str, Any]) -> None:
     if final is not None and abs(ev["top1"] - final) > 1e-6:  # the same weights, the same images
         raise UserError(f"{recipe.name}: its final checkpoint gives {ev['top1']:.3f}% on the test split, "
                         f"its summary says {final:.3f}%")
-    kept = {"summary": summary, "metrics": read_metrics(recipe.run_dir),
+    kept = {"summary": summary, "metrics": RunDir.of(recipe).read_metrics(),
             "test_predictions": ev["predictions"].tolist(),
             "test_labels": [int(y) for y in test.targets]}
     dest.mkdir(parents=True, exist_ok=True)
@@ -257,14 +242,14 @@ def run_cached(args, raw: Dict[str, Any], train: bool = True) -> Optional[Dict[s
     recipe = recipe_from_dict(raw)
     kept = load_kept(args, recipe.name)
     if kept is None:
-        done = recipe.run_dir / SUMMARY_FILE
-        if done.exists():
+        run = RunDir.of(recipe)
+        if run.summary_file.exists():
             log.info("%s: finished earlier, skipped", recipe.name)
-            summary = json.loads(done.read_text())
+            summary = json.loads(run.summary_file.read_text())
         elif not train:
             return None
         else:
-            resume = (recipe.run_dir / "recipe.yaml").exists()
+            resume = run.recipe_file.exists()
             log.info("%s: %s", recipe.name, "resuming" if resume else "training")
             summary = run_recipe(recipe, resume=resume, progress=sys.stderr.isatty())
         _keep(args, recipe, json.loads(json.dumps(summary)))
@@ -379,9 +364,10 @@ def report(args, teacher: Dict[str, Any], results: Dict[str, List[Dict[str, Any]
               "validation split (best.pt), then read once on the test split; '-' where there is no validation "
               "split. Step images/s side by side: one W1A1 student optimiser step per method, teacher "
               "forward included where the loss needs it, all methods interleaved"
-              + (f" ({cost['rounds']} rounds, batch {cost['key']['batch']}, {cost['threads']} threads, medians)" if cost else "")
-              + "; itrd_single and the itrd- variants have itrd's step (batch_256: not measured). vs itrd, same seeds: mean "
-              "over the seeds both rows have finished of (row top-1 - itrd top-1), in points, and on how many of "
+              + (f" ({cost['rounds']} rounds, batch {cost['key']['batch']}, {cost['threads']} threads, medians)"
+                 if cost else "")
+              + "; itrd_single and the itrd- variants have itrd's step (batch_256: not measured). vs itrd, same "
+              "seeds: mean over the seeds both rows have finished of (row top-1 - itrd top-1), in points, and on how many of "
               "those seeds the row was above itrd. McNemar: per seed, (row - itrd) in points over the same test "
               "images and the exact two-sided p."]
     path = Path(args.out)
@@ -419,7 +405,7 @@ def _plot(args, out: Dict[str, Any], results: Dict[str, List[Dict[str, Any]]], p
             ax_diff.plot([i] * len(diffs), diffs, "o", color=colour, ms=6)
             ax_diff.hlines(statistics.mean(diffs), i - 0.3, i + 0.3, color=colour, lw=2)
         for k, run in enumerate(results.get(row, [])):
-            metrics = run.get("_metrics") or read_metrics(Path(args.runs) / f"{row}_s{run['_seed']}")
+            metrics = run.get("_metrics") or RunDir(Path(args.runs) / f"{row}_s{run['_seed']}").read_metrics()
             key = "val_top1" if any("val_top1" in m for m in metrics) else "test_top1"
             ys = [m[key] for m in metrics if key in m]
             ax_curve.plot(range(1, len(ys) + 1), ys, color=colour, alpha=0.8, label=row if k == 0 else None)
@@ -438,7 +424,8 @@ def _plot(args, out: Dict[str, Any], results: Dict[str, List[Dict[str, Any]]], p
     if stage2_at is not None:
         ax_curve.axvline(stage2_at, color="grey", ls=":", label="stage 2 starts")
     key = "validation" if args.regime == "scratch" else "test"
-    ax_curve.set(xlabel="student epoch (all stages)", ylabel=f"{key} top-1 (%)", title=f"{key} accuracy during training")
+    ax_curve.set(xlabel="student epoch (all stages)", ylabel=f"{key} top-1 (%)",
+                 title=f"{key} accuracy during training")
     ax_curve.legend(fontsize=8)
     for ax in (ax_bar, ax_diff, ax_curve):
         ax.grid(alpha=0.3)

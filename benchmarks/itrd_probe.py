@@ -39,34 +39,22 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from bnn_distill.checkpoint import load_checkpoint, load_model_state
 from bnn_distill.data import build_datasets
 from bnn_distill.evaluate import mcnemar_p  # noqa: F401 - used by paired(), and tests import it from here
-from bnn_distill.hooks import FeatureHook
-from bnn_distill.losses import itrd_correlation, itrd_mutual_information, kd_loss
+from bnn_distill.hooks import forward_features
+from bnn_distill.losses import dimension_correlations, itrd_correlation, itrd_mutual_information, kd_loss
 from bnn_distill.models import default_feature_layer
-from bnn_distill.quant import init_binary_scales
-from bnn_distill.train import SUMMARY_FILE, build_model
+from bnn_distill.rundir import RunDir, model_from_checkpoint
+from bnn_distill.train import build_model, init_from_state
 
 log = logging.getLogger("itrd_probe")
 
 
-@torch.no_grad()
 def features(model: torch.nn.Module, x: Tensor, layer: str, batch: int) -> Tuple[Tensor, Tensor]:
     """(logits (N, classes), features (N, d)) of ``model`` in eval mode, in batches."""
-    model.eval()
-    hook = FeatureHook(model, layer)
-    logits, feats = [], []
-    try:
-        for i in range(0, len(x), batch):
-            logits.append(model(x[i:i + batch]).float())
-            feats.append(hook.pop().float())
-    finally:
-        hook.remove()
-    return torch.cat(logits), torch.cat(feats)
+    return forward_features(model, x, layer, batch)
 
 
 def linear_cka(a: Tensor, b: Tensor) -> float:
@@ -79,10 +67,7 @@ def linear_cka(a: Tensor, b: Tensor) -> float:
 
 def mean_corr(zs: Tensor, zt: Tensor, eps: float = 1e-5) -> float:
     """Mean over dimensions of the per-dimension correlation v_i of L_corr (same standardisation)."""
-    n = zs.shape[0]
-    s = (zs - zs.mean(0)) / torch.sqrt(zs.var(0, unbiased=True) + eps)
-    t = (zt - zt.mean(0)) / torch.sqrt(zt.var(0, unbiased=True) + eps)
-    return float(((s * t).sum(0) / n).mean())
+    return float(dimension_correlations(zs, zt, eps).mean())
 
 
 def fit_projection(zs: Tensor, zt: Tensor, ridge: float = 1e-3) -> Tuple[Tensor, Tensor]:
@@ -133,16 +118,13 @@ def binarised_teacher(teacher_ck: Dict[str, Any], student_spec: Dict[str, Any]) 
     """The common starting point: the teacher's weights in the W1A1 student, scales initialised as
     a stage with ``init_from: teacher`` does, before any training."""
     model = build_model(student_spec)
-    missing = load_model_state(model, teacher_ck["model"], "teacher weights", allow_quant_missing=True)
-    init_binary_scales(model, only_missing={k.split(".weight_quant.")[0] for k in missing if ".alpha" in k})
+    init_from_state(model, teacher_ck["model"], "teacher weights")
     return model
 
 
 def load(path: Path) -> Tuple[torch.nn.Module, Dict[str, Any]]:
-    ck = load_checkpoint(path)
-    model = build_model(ck["model_spec"])
-    load_model_state(model, ck["model"], f"checkpoint '{path}'")
-    return model, ck
+    """The model of a bnn-distill checkpoint, and the checkpoint."""
+    return model_from_checkpoint(path)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -157,7 +139,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     torch.manual_seed(0)
     runs = Path(args.runs)
-    t_path = runs / "teacher" / "checkpoints" / "teacher" / "last.pt"
+    t_path = RunDir(runs / "teacher").last("teacher")
     if not t_path.exists():
         print(f"error: no finished teacher at {t_path}; run benchmarks/itrd_grid.py first", file=sys.stderr)
         return 2
@@ -172,13 +154,14 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     results: Dict[str, Dict[str, List[Dict[str, float]]]] = {}
     correct: Dict[str, List[Tuple[Any, Tensor]]] = {}
-    finished = sorted(p.parent for p in runs.glob(f"*/{SUMMARY_FILE}") if p.parent.name != "teacher")
+    finished = [r for r in RunDir.finished_in(runs) if r.path.name != "teacher"]
     spec = None
-    for run in finished:
+    for rd in finished:
+        run = rd.path
         row = run.name.rsplit("_s", 1)[0]
-        summary = json.loads((run / SUMMARY_FILE).read_text())
+        summary = rd.read_summary()
         for st in summary["stages"]:
-            model, ck = load(run / "checkpoints" / st["name"] / "last.pt")
+            model, ck = load(rd.last(st["name"]))
             spec = spec or (ck["model_spec"] if ck["model_spec"]["quant"] == "W1A1" else None)
             logits, feat = features(model, x, default_feature_layer(ck["model_spec"]["name"]), args.batch_size)
             m = probe(logits, feat, t_logits, t_feat, y, args.batch_size)
@@ -191,7 +174,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     if spec is not None:
         model = binarised_teacher(t_ck, spec)
         logits, feat = features(model, x, layer, args.batch_size)
-        results = {"teacher weights binarised, untrained (W1A1)": {"runs": [probe(logits, feat, t_logits, t_feat, y, args.batch_size)]},
+        untrained = probe(logits, feat, t_logits, t_feat, y, args.batch_size)
+        results = {"teacher weights binarised, untrained (W1A1)": {"runs": [untrained]},
                    **results}
 
     keys = ["top1", "agree", "kd", "corr", "L_corr", "L_gram", "cka"]
@@ -204,18 +188,21 @@ def main(argv: Optional[List[str]] = None) -> int:
     lines = [f"Students of `{args.runs}` probed against the FP teacher ({t_top1:.2f}% top-1) on {len(y)} "
              f"{args.dataset} test images; means over the finished seeds (n). Higher is closer to the teacher "
              "for agree / corr / cka; lower for kd / L_corr / L_gram.", "",
-             "| student / stage | n | top-1 % | agrees with teacher % | KD loss (T=4) | feature corr | L_corr (fitted proj.) | L_gram | linear CKA |",
+             "| student / stage | n | top-1 % | agrees with teacher % | KD loss (T=4) | feature corr "
+             "| L_corr (fitted proj.) | L_gram | linear CKA |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for label, r in rows.items():
         lines.append(f"| {label} | {r['n']} | {r['top1']:.2f} | {r['agree']:.2f} | {r['kd']:.4f} | {r['corr']:.4f} | "
                      f"{r['L_corr']:.3f} | {r['L_gram']:.5f} | {r['cka']:.4f} |")
     if pairs:
-        lines += ["", "Final students against the `itrd` student of the same seed, image by image (McNemar's exact test):", "",
+        lines += ["", "Final students against the `itrd` student of the same seed, image by image "
+                  "(McNemar's exact test):", "",
                   "| row | seed | right only in row | right only in itrd | row - itrd (points) | p |",
                   "|---|---:|---:|---:|---:|---:|"]
         for row, ps in pairs.items():
             for q in ps:
-                lines.append(f"| {row} | {q['seed']} | {q['only_row']} | {q['only_ref']} | {q['diff_points']:+.2f} | {q['p']:.3g} |")
+                lines.append(f"| {row} | {q['seed']} | {q['only_row']} | {q['only_ref']} | {q['diff_points']:+.2f} "
+                             f"| {q['p']:.3g} |")
     path = Path(args.out)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.with_suffix(".json").write_text(json.dumps(out, indent=2) + "\n")

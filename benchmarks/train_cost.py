@@ -26,16 +26,14 @@ import json
 import logging
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
-import torch.nn as nn
 
 import bnn_distill.quant as quant_mod
-from bnn_distill.hooks import FeatureHook
-from bnn_distill.losses import Criterion, LossInputs, Term
+from bnn_distill.losses import Term
 from bnn_distill.models import create_model
+from bnn_distill.stepcost import TimedStep, interleaved_times
 from bnn_distill.train import machine_info
 
 ITRD = [Term("ce", 1.0, {}), Term("itrd_corr", 2.0, {"alpha": 1.01}), Term("itrd_mi", 1.0, {})]
@@ -46,7 +44,8 @@ CE = [Term("ce", 1.0, {})]
 def cpu_isa() -> str:
     """The widest SIMD level this x86 CPU has, from /proc/cpuinfo ("AVX-512", "AVX2" or other)."""
     try:
-        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")).split()
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        flags = next(line for line in lines if line.startswith("flags")).split()
     except (OSError, StopIteration):
         return "unknown"
     return "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
@@ -55,44 +54,6 @@ def cpu_isa() -> str:
 def where_sign(x: torch.Tensor) -> torch.Tensor:
     """The sign as bnn-distill wrote it before (same values, slower): for the 'before' row."""
     return torch.where(x >= 0, 1.0, -1.0).to(x.dtype)
-
-
-class Config:
-    def __init__(self, name, quant, terms, with_teacher, args, teacher, x, y, channels_last=False, sign=None):
-        self.name = name
-        torch.manual_seed(0)
-        self.student = create_model(args.arch, 10, in_chans=x.shape[1], quant=quant, width_mult=args.width_mult,
-                                    weight_scale="learned", recu=True)
-        self.sign = sign or quant_mod.binary_sign
-        if channels_last:
-            self.student = self.student.to(memory_format=torch.channels_last)
-            x = x.contiguous(memory_format=torch.channels_last)
-        self.feat = FeatureHook(self.student, "head_bn")
-        d = self.student.num_features
-        self.criterion = Criterion(terms, d, d)
-        self.teacher = teacher
-        self.t_feat = FeatureHook(teacher, "head_bn")
-        self.with_teacher = with_teacher
-        self.needs_teacher = self.criterion.needs_teacher
-        params = list(self.student.parameters()) + list(self.criterion.parameters())
-        self.opt = torch.optim.SGD(params, lr=0.01, momentum=0.9)
-        self.x, self.y = x, y
-        with torch.no_grad():
-            self.cached = (teacher(x), self.t_feat.pop()) if self.needs_teacher else (None, None)
-
-    def step(self) -> None:
-        quant_mod.binary_sign = self.sign  # _Sign looks it up at call time
-        t_logits, t_feat = self.cached
-        if self.needs_teacher and self.with_teacher:
-            with torch.no_grad():
-                t_logits = self.teacher(self.x)
-                t_feat = self.t_feat.pop()
-        logits = self.student(self.x)
-        feat = self.feat.pop()
-        out = self.criterion(LossInputs(logits, self.y, t_logits, feat, t_feat))
-        self.opt.zero_grad(set_to_none=True)
-        out["loss"].backward()
-        self.opt.step()
 
 
 def main(argv=None) -> int:
@@ -114,19 +75,22 @@ def main(argv=None) -> int:
     y = torch.randint(0, 10, (args.batch,))
     torch.manual_seed(1)
     teacher = create_model(args.arch, 10, in_chans=args.in_chans, width_mult=args.width_mult).eval()
+    def timed(name, quant, terms, with_teacher, **kw):
+        return TimedStep(name, quant, terms, with_teacher, args.arch, args.width_mult, teacher, x, y, **kw)
+
     configs = [
-        Config("W1A1 CE", "W1A1", CE, True, args, teacher, x, y),
-        Config("W1A1 KD (student side)", "W1A1", KD, False, args, teacher, x, y),
-        Config("W1A1 ITRD (student side)", "W1A1", ITRD, False, args, teacher, x, y),
-        Config("W1A1 KD (with teacher fwd)", "W1A1", KD, True, args, teacher, x, y),
-        Config("W1A1 ITRD (with teacher fwd)", "W1A1", ITRD, True, args, teacher, x, y),
-        Config("FP CE (same network)", "FP", CE, True, args, teacher, x, y),
+        timed("W1A1 CE", "W1A1", CE, True),
+        timed("W1A1 KD (student side)", "W1A1", KD, False),
+        timed("W1A1 ITRD (student side)", "W1A1", ITRD, False),
+        timed("W1A1 KD (with teacher fwd)", "W1A1", KD, True),
+        timed("W1A1 ITRD (with teacher fwd)", "W1A1", ITRD, True),
+        timed("FP CE (same network)", "FP", CE, True),
     ]
     new_sign = quant_mod.binary_sign
     configs += [
-        Config("W1A1 CE, torch.where sign (before)", "W1A1", CE, True, args, teacher, x, y, sign=where_sign),
-        Config("W1A1 CE channels_last", "W1A1", CE, True, args, teacher, x, y, channels_last=True),
-        Config("FP CE channels_last", "FP", CE, True, args, teacher, x, y, channels_last=True),
+        timed("W1A1 CE, torch.where sign (before)", "W1A1", CE, True, sign=where_sign),
+        timed("W1A1 CE channels_last", "W1A1", CE, True, channels_last=True),
+        timed("FP CE channels_last", "FP", CE, True, channels_last=True),
     ]
     steps = {c.name: c.step for c in configs}
     teacher_cl = copy.deepcopy(teacher).to(memory_format=torch.channels_last)
@@ -142,17 +106,8 @@ def main(argv=None) -> int:
     steps["teacher forward, no_grad (before)"] = forward(teacher, x, torch.no_grad)
     steps["teacher forward, inference_mode"] = forward(teacher, x, torch.inference_mode)
     steps["teacher forward, inference_mode channels_last"] = forward(teacher_cl, x_cl, torch.inference_mode)
-    times = {k: [] for k in steps}
-    for step in steps.values():
-        for _ in range(args.warmup):
-            step()
-    for r in range(args.rounds):
-        order = list(steps)[r % len(steps):] + list(steps)[:r % len(steps)]  # rotate: no fixed neighbour
-        for k in order:
-            t0 = time.perf_counter()
-            steps[k]()
-            times[k].append(time.perf_counter() - t0)
-        print(f"round {r + 1}/{args.rounds} done", file=sys.stderr)
+    times = interleaved_times(steps, args.rounds, args.warmup,
+                              on_round=lambda r: print(f"round {r + 1}/{args.rounds} done", file=sys.stderr))
     quant_mod.binary_sign = new_sign
     med = {k: statistics.median(v) for k, v in times.items()}
     base = med["W1A1 CE"]
@@ -174,7 +129,8 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    lines = [f"Training step cost: {args.arch} x{args.width_mult} on {args.in_chans}x{args.image_size}x{args.image_size}, "
+    lines = [f"Training step cost: {args.arch} x{args.width_mult} on "
+             f"{args.in_chans}x{args.image_size}x{args.image_size}, "
              f"batch {args.batch}, {torch.get_num_threads()} threads, {result['machine']['cpu']} ({result['isa']}), "
              f"{args.rounds} interleaved rounds, medians", "",
              "| configuration | median ms/step | images/s | vs W1A1 CE |", "|---|---:|---:|---:|"]

@@ -13,7 +13,11 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-from .errors import WRITE_ERRNOS, CheckpointError, UserError, one_line, write_error
+from .errors import WRITE_ERRNOS, Interrupted, UserError, one_line, write_error
+from .rundir import RunDir, model_from_checkpoint
+
+# Only light modules are imported here: torch, Brevitas and the data stack are imported inside the
+# commands that need them, so that ``bnn-distill --help`` and argument errors answer at once.
 
 log = logging.getLogger("bnn_distill")
 
@@ -23,7 +27,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="bnn-distill", description="Distil binary ResNets with ITRD, export and benchmark them.")
+    ap = argparse.ArgumentParser(prog="bnn-distill",
+                                 description="Distil binary ResNets with ITRD, export and benchmark them.")
     ap.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = ap.add_subparsers(dest="command", metavar="COMMAND")
 
@@ -33,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a recipe value, e.g. --set stages.stage1.epochs=2 (repeatable)")
     t.add_argument("--resume", action="store_true", help="continue the run in the recipe's run folder")
     t.add_argument("--force", action="store_true", help="with --resume: continue even if the recipe changed")
-    t.add_argument("--dry-run", action="store_true", help="validate, print the resolved recipe and model summary; train nothing")
+    t.add_argument("--dry-run", action="store_true",
+                   help="validate, print the resolved recipe and model summary; train nothing")
     t.add_argument("--no-progress", action="store_true", help="no progress bars (one log line per epoch)")
     _add_common(t)
 
@@ -52,31 +58,38 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="print JSON")
     _add_common(s)
 
-    x = sub.add_parser("export", help="export a run's binary student, FP32 student and teacher to ONNX, with a parity check")
+    x = sub.add_parser("export",
+                       help="export a run's binary student, FP32 student and teacher to ONNX, with a parity check")
     x.add_argument("run", help="run folder (runs/NAME)")
     x.add_argument("--out", help="export folder (default: export/<run-name>)")
     x.add_argument("--stage", help="binary student stage to export (default: the last stage)")
     x.add_argument("--force", action="store_true", help="overwrite an export folder that holds another run's export")
     x.add_argument("--data-root", help="dataset folder, if not where the run found it")
-    x.add_argument("--limit-test", type=int, metavar="N", help="check parity on the first N test images only (default: all)")
+    x.add_argument("--limit-test", type=int, metavar="N",
+                   help="check parity on the first N test images only (default: all)")
     x.add_argument("--strict-top1", action="store_true",
                    help="fail if any image's top-1 differs, even when explained by a sign of a value within float32 "
                         "rounding of 0 (default: such images pass and are listed in parity.json)")
     x.add_argument("--runtime", choices=("standard", "native"), default="standard",
                    help="native: also write student_binary_native.onnx for the bit-packed custom-op library "
                         "(built on first use; see 'bnn-distill build-native')")
-    x.add_argument("--no-progress", action="store_true", help="no progress bars for the parity check (shown only on a terminal)")
+    x.add_argument("--no-progress", action="store_true",
+                   help="no progress bars for the parity check (shown only on a terminal)")
     _add_common(x)
 
     b = sub.add_parser("bench", help="onnxruntime latency and accuracy of an export folder, models side by side")
     b.add_argument("export_dir", help="export folder written by 'bnn-distill export'")
     b.add_argument("--batch", type=int, nargs="+", default=[1, 32], metavar="N", help="batch sizes (default: 1 32)")
-    b.add_argument("--threads", type=int, nargs="+", metavar="N", help="intra-op thread counts (default: 1 and all cores)")
-    b.add_argument("--repeats", type=int, metavar="N", help="measurement rounds per setting (default: from --budget, 10..200)")
+    b.add_argument("--threads", type=int, nargs="+", metavar="N",
+                   help="intra-op thread counts (default: 1 and all cores)")
+    b.add_argument("--repeats", type=int, metavar="N",
+                   help="measurement rounds per setting (default: from --budget, 10..200)")
     b.add_argument("--warmup", type=int, default=3, metavar="N", help="warm-up rounds per setting (default: 3)")
-    b.add_argument("--budget", type=float, default=3.0, metavar="S", help="seconds of rounds per setting when --repeats is not given")
+    b.add_argument("--budget", type=float, default=3.0, metavar="S",
+                   help="seconds of rounds per setting when --repeats is not given")
     b.add_argument("--burst", type=int, default=3, metavar="N",
-                   help="calls of each model back to back per round; the first of each is reported as 'cold' (default: 3)")
+                   help="calls of each model back to back per round; the first of each is reported as 'cold' "
+                        "(default: 3)")
     b.add_argument("--no-accuracy", action="store_true", help="skip the test-split accuracy")
     b.add_argument("--data-root", help="dataset folder, if not where the run found it")
     b.add_argument("--no-progress", action="store_true", help="no progress bars (shown only on a terminal)")
@@ -95,7 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, metavar="N", help="onnxruntime intra-op threads (default: onnxruntime's)")
     _add_common(p)
 
-    n = sub.add_parser("build-native", help="build the native onnxruntime custom-op library (XNOR-popcount binary conv)")
+    n = sub.add_parser("build-native",
+                       help="build the native onnxruntime custom-op library (XNOR-popcount binary conv)")
     n.add_argument("--headers", help="folder with the onnxruntime C/C++ API headers (default: cached, else "
                                      "downloaded from Debian trixie's libonnxruntime-dev)")
     n.add_argument("--out", help="write the library here instead of the cache folder")
@@ -118,8 +132,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,
                         format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("matplotlib", "PIL", "torch.utils.cpp_extension"):
+    for noisy in ("matplotlib", "PIL"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # Brevitas is imported by the commands now, after this line: keep its import-time "no CUDA runtime"
+    # warning as quiet as when the package imported it eagerly (bnn_distill/__init__.py sets ERROR)
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     try:
         return {"train": cmd_train, "eval": cmd_eval, "summary": cmd_summary, "export": cmd_export,
                 "bench": cmd_bench, "predict": cmd_predict,
@@ -127,8 +144,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except UserError as e:
         if args.debug:
             raise
-        from .train import Interrupted
-
         if isinstance(e, Interrupted):
             hint = f"; resume with: bnn-distill train {args.recipe} --resume" if args.command == "train" else ""
             print(f"interrupted: {e}{hint}", file=sys.stderr)
@@ -206,7 +221,7 @@ def _print_summary(summary: Dict[str, Any], run_dir: Path) -> None:
 
 def _recipe_models(recipe, only_stage: Optional[str] = None):
     from .data import dataset_info
-    from .train import build_model, model_spec
+    from .train import build_model, model_spec_dict
 
     info = dataset_info(recipe.data.dataset, recipe.data.root) if _takes_root() else dataset_info(recipe.data.dataset)
     if info.num_classes <= 0:
@@ -217,7 +232,7 @@ def _recipe_models(recipe, only_stage: Optional[str] = None):
     if only_stage is not None and not wanted:
         raise UserError(f"--stage: no stage named '{only_stage}'; valid: {', '.join(s.name for s in recipe.stages)}")
     if only_stage is None and (recipe.teacher.checkpoint or not any(s.kind == "teacher" for s in recipe.stages)):
-        spec = model_spec(recipe, recipe.teacher, "FP", info.num_classes, info.in_chans)
+        spec = model_spec_dict(recipe, recipe.teacher, "FP", info.num_classes, info.in_chans)
         seen.add(("teacher", "FP"))
         yield f"teacher: {recipe.teacher.arch} FP", build_model(spec), shape
     for st in wanted:
@@ -226,7 +241,7 @@ def _recipe_models(recipe, only_stage: Optional[str] = None):
         if key in seen:
             continue
         seen.add(key)
-        spec = model_spec(recipe, cfg, st.quant, info.num_classes, info.in_chans)
+        spec = model_spec_dict(recipe, cfg, st.quant, info.num_classes, info.in_chans)
         yield f"stage {st.name}: {cfg.arch} {st.quant}", build_model(spec), shape
 
 
@@ -245,36 +260,14 @@ def _summarize(model, shape):
 
 
 def _resolve_checkpoint(target: str, stage: Optional[str]) -> Path:
+    """The checkpoint a target names: a ``.pt`` file itself, or a run folder's stage (default: the last)."""
     p = Path(target)
     if p.is_dir():
-        from .recipe import load_recipe
-        from .train import RECIPE_FILE
-
-        if not (p / RECIPE_FILE).exists():
-            raise UserError(f"'{p}' is not a run folder (no {RECIPE_FILE}); give runs/NAME or a checkpoint .pt file")
-        recipe = load_recipe(p / RECIPE_FILE)
-        names = [s.name for s in recipe.stages]
-        name = stage or names[-1]
-        if name not in names:
-            raise UserError(f"--stage: no stage named '{name}' in {p}; valid: {', '.join(names)}")
-        ck = p / "checkpoints" / name / "last.pt"
-        if not ck.exists():
-            raise CheckpointError(f"stage '{name}' of {p} has no checkpoint yet ({ck}); train it first")
-        return ck
+        run = RunDir(p).require("give runs/NAME or a checkpoint .pt file")
+        return run.checkpoint(run.stage(run.recipe(), stage).name)
     if not p.exists():
         raise UserError(f"'{target}' does not exist; give a run folder (runs/NAME) or a checkpoint file")
     return p
-
-
-def _checkpoint_model(ck: Dict[str, Any], path: Path):
-    from .checkpoint import is_bnn_checkpoint, load_model_state
-    from .train import build_model
-
-    if not is_bnn_checkpoint(ck):
-        raise CheckpointError(f"'{path}' is not a bnn-distill checkpoint (no model spec); plain state dicts load as teacher.checkpoint in a recipe")
-    model = build_model(ck["model_spec"])
-    load_model_state(model, ck["model"], f"checkpoint '{path}'")
-    return model
 
 
 # ---------------------------------------------------------------- eval
@@ -290,8 +283,7 @@ def cmd_eval(args) -> int:
     from .recipe import recipe_from_dict
 
     path = _resolve_checkpoint(args.target, args.stage)
-    ck = load_checkpoint(path)
-    model = _checkpoint_model(ck, path)
+    model, ck = model_from_checkpoint(path, load_checkpoint(path))
     raw = dict(ck["recipe"])
     if args.data_root:
         raw["data"] = {**raw["data"], "root": args.data_root}
@@ -321,12 +313,13 @@ def cmd_summary(args) -> int:
     p = Path(args.target)
     items: List[Any] = []
     sizes = None  # the ONNX files of this run's export, next to the deployed size
-    if p.is_dir() and (p / "manifest.json").is_file() and not (p / "recipe.yaml").is_file():
+    if p.is_dir() and (p / "manifest.json").is_file() and not RunDir(p).is_run():
         from .predict import load_export
 
         manifest = load_export(p)  # an export folder: its files' sizes
         if args.json:
-            print(json.dumps({"export": str(p), "sizes": manifest.get("sizes"), "models": manifest["models"]}, indent=2))
+            out = {"export": str(p), "sizes": manifest.get("sizes"), "models": manifest["models"]}
+            print(json.dumps(out, indent=2))
         else:
             print(_sizes_text(manifest, p))
         return 0
@@ -335,8 +328,7 @@ def cmd_summary(args) -> int:
         items = list(_recipe_models(recipe, args.stage))
     else:
         path = _resolve_checkpoint(args.target, args.stage)
-        ck = load_checkpoint(path)
-        model = _checkpoint_model(ck, path)
+        model, ck = model_from_checkpoint(path, load_checkpoint(path))
         from .recipe import recipe_from_dict
         from .data import dataset_info
 
@@ -407,7 +399,8 @@ def cmd_export(args) -> int:
         acc = "" if r["onnx_top1"] is None else f", test top-1 {r['onnx_top1']:.2f}%"
         print(f"{role}: top-1 agrees on {r['top1_agree']}/{r['n']} images, {r['within_tol']} within |logit diff| "
               f"{r['atol']:.2g} (max {r['max_abs_diff']:.2g}){flips}{acc}")
-    print(f"binary convs fused into MatMulIntegerToFloat: {parity['fused_matmul_integer_to_float']}/{parity['binary_convs']}")
+    print(f"binary convs fused into MatMulIntegerToFloat: "
+          f"{parity['fused_matmul_integer_to_float']}/{parity['binary_convs']}")
     if parity.get("native_vs_standard"):
         c = parity["native_vs_standard"]
         print(f"native vs standard integer graph: top-1 identical on {c['top1_agree']}/{c['n']} images, "
@@ -421,11 +414,8 @@ def cmd_export(args) -> int:
 
 def _default_export_dir(run: str) -> Optional[Path]:
     """export/<run name>, or None when ``run`` is not a readable run folder (export_run then says why)."""
-    from .recipe import load_recipe
-    from .train import RECIPE_FILE
-
     try:
-        return Path("export") / load_recipe(Path(run) / RECIPE_FILE).name
+        return Path("export") / RunDir(run).recipe().name
     except (UserError, OSError):
         return None
 

@@ -45,6 +45,17 @@ def choices(valid: Iterable[str]) -> str:
     return ", ".join(items[:-1]) + " or " + items[-1]
 
 
+class Interrupted(UserError):
+    """SIGINT or SIGTERM stopped training after saving its progress; ``--resume`` continues.
+
+    Defined here (and re-exported by :mod:`bnn_distill.train`) so the CLI can tell it apart
+    without importing torch."""
+
+    def __init__(self, message: str, exit_code: int = 130):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
 class FolderInUse(UserError):
     """A run or export folder that another process is writing (one writer per folder)."""
 
@@ -76,5 +87,6 @@ def one_line(text: str) -> str:
         return text
     out = []
     for ch in text:
-        out.append(ch.encode("unicode_escape").decode("ascii") if ("a" + ch + "b").splitlines() != ["a" + ch + "b"] else ch)
+        breaks = ("a" + ch + "b").splitlines() != ["a" + ch + "b"]
+        out.append(ch.encode("unicode_escape").decode("ascii") if breaks else ch)
     return "".join(out)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch.nn as nn
 from torch import Tensor
@@ -16,7 +16,8 @@ def get_module(model: nn.Module, path: str, what: str = "feature_layer") -> nn.M
     try:
         return model.get_submodule(path)
     except AttributeError:
-        raise RecipeError(f"{what}: the model has no module '{path}'{closest(path, names)}; e.g. 'head_bn', 'flatten' or 'layer4'") from None
+        raise RecipeError(f"{what}: the model has no module '{path}'{closest(path, names)}; "
+                          "e.g. 'head_bn', 'flatten' or 'layer4'") from None
 
 
 class FeatureHook:
@@ -38,3 +39,20 @@ class FeatureHook:
 
     def remove(self) -> None:
         self._handle.remove()
+
+
+def forward_features(model: nn.Module, x: Tensor, path: str, batch: int) -> Tuple[Tensor, Tensor]:
+    """(logits (N, classes), hooked features (N, d)) of ``model`` in eval mode, in batches, as float32."""
+    import torch
+
+    model.eval()
+    hook = FeatureHook(model, path)
+    logits, feats = [], []
+    try:
+        with torch.no_grad():
+            for i in range(0, len(x), batch):
+                logits.append(model(x[i:i + batch]).float())
+                feats.append(hook.pop().float())
+    finally:
+        hook.remove()
+    return torch.cat(logits), torch.cat(feats)

@@ -29,11 +29,17 @@ __all__ = [
 ]
 
 
-def _standardise(z: Tensor, eps: float) -> Tensor:
+def standardise(z: Tensor, eps: float) -> Tensor:
     """Per-column ``(z - mean) / sqrt(var_unbiased + eps)`` over the batch. ``z``: (n, d)."""
     mean = z.mean(dim=0, keepdim=True)
     var = z.var(dim=0, unbiased=True, keepdim=True)
     return (z - mean) / torch.sqrt(var + eps)
+
+
+def dimension_correlations(z_s: Tensor, z_t: Tensor, eps: float = 1e-5) -> Tensor:
+    """``v_i = (1/n) sum_b zs~[b, i] * zt~[b, i]`` of :func:`itrd_correlation`, with ``z~`` from
+    :func:`standardise`: the per-dimension correlation of two (n, d) feature batches, (d,)."""
+    return (standardise(z_s, eps) * standardise(z_t, eps)).sum(dim=0) / z_s.shape[0]
 
 
 def itrd_correlation(z_s: Tensor, z_t: Tensor, alpha: float = 1.01, eps: float = 1e-5) -> Tensor:
@@ -51,11 +57,9 @@ def itrd_correlation(z_s: Tensor, z_t: Tensor, alpha: float = 1.01, eps: float =
     so ``v_i = 0`` and the term contributes 1 to the sum, with finite gradients.
     """
     if z_s.dim() != 2 or z_s.shape != z_t.shape:
-        raise ValueError(f"itrd_correlation needs two (n, d) tensors of one shape, got {tuple(z_s.shape)} and {tuple(z_t.shape)}")
-    n = z_s.shape[0]
-    zs = _standardise(z_s.float(), eps)
-    zt = _standardise(z_t.float(), eps)
-    v = (zs * zt).sum(dim=0) / n  # (d,)
+        raise ValueError(f"itrd_correlation needs two (n, d) tensors of one shape, got {tuple(z_s.shape)} "
+                         f"and {tuple(z_t.shape)}")
+    v = dimension_correlations(z_s.float(), z_t.float(), eps)  # (d,)
     return torch.log2((v - 1).abs().pow(2 * alpha).sum())
 
 
@@ -70,7 +74,8 @@ def itrd_mutual_information(z_s: Tensor, z_t: Tensor) -> Tensor:
     With unit rows both traces are n, so ``L_gram = (1/n^2) sum_ij G_s[i,j]^2 (1 - G_t[i,j]^2) >= 0``.
     """
     if z_s.dim() != 2 or z_t.dim() != 2 or z_s.shape[0] != z_t.shape[0]:
-        raise ValueError(f"itrd_mutual_information needs (n, d_s) and (n, d_t), got {tuple(z_s.shape)} and {tuple(z_t.shape)}")
+        raise ValueError(f"itrd_mutual_information needs (n, d_s) and (n, d_t), got {tuple(z_s.shape)} "
+                         f"and {tuple(z_t.shape)}")
     zs = F.normalize(z_s.float(), dim=1)
     zt = F.normalize(z_t.float(), dim=1)
     g_s = zs @ zs.t()  # (n, n)
@@ -167,7 +172,8 @@ def validate_loss_term(name: str, params: Mapping[str, object], path: str) -> No
     for key, val in params.items():
         if key not in spec.params:
             valid = choices(spec.params) if spec.params else "none"
-            raise RecipeError(f"{path}.{key}: loss '{name}' has no parameter '{key}'{closest(key, spec.params)}; valid: {valid}")
+            raise RecipeError(f"{path}.{key}: loss '{name}' has no parameter '{key}'{closest(key, spec.params)}; "
+                              f"valid: {valid}")
         if isinstance(val, bool) or not isinstance(val, (int, float)):
             raise RecipeError(f"{path}.{key}: expected a number, got {val!r}")
         if key in PARAM_RANGES:

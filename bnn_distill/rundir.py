@@ -64,6 +64,11 @@ class RunDir:
     def __hash__(self) -> int:
         return hash(self.path)
 
+    @classmethod
+    def finished_in(cls, folder: Union[str, os.PathLike]) -> List["RunDir"]:
+        """The run folders directly inside ``folder`` whose last stage has ended (a summary), by path."""
+        return [cls(p.parent) for p in sorted(Path(folder).glob(f"*/{SUMMARY_FILE}"))]
+
     # ------------------------------------------------------------ paths
 
     @property

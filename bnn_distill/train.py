@@ -1,17 +1,16 @@
 """Training: one :class:`Trainer` for every stage, and :func:`run_recipe` for the whole pipeline.
 
-A run folder (``output_dir/name``) holds the resolved recipe, ``metrics.jsonl`` (one line per
-epoch with every loss term), ``checkpoints/<stage>/{last,best}.pt``, ``curves.png`` and, at the
-end, ``summary.json``. ``last.pt`` is written atomically after every epoch with everything needed
-to continue: resuming re-seeds every epoch from (seed, stage, epoch), so a resumed CPU run ends
-bit-identical to an uninterrupted one.
+A run folder (``output_dir/name``, laid out by :class:`~bnn_distill.rundir.RunDir`) holds the
+resolved recipe, the metrics of every epoch (with every loss term), each stage's last and best
+checkpoints, the curves and, at the end, the summary. The last checkpoint is written atomically
+after every epoch with everything needed to continue: resuming re-seeds every epoch from
+(seed, stage, epoch), so a resumed CPU run ends bit-identical to an uninterrupted one.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import platform
 import signal
 import sys
@@ -20,7 +19,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -29,33 +28,25 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from . import distributed as ddp
 from .checkpoint import (FORMAT, atomic_save, atomic_write_bytes, keep_quantizers, load_checkpoint, load_model_state,
                          state_dict_of)
-from .errors import CheckpointError, UserError
+from .errors import CheckpointError, Interrupted, UserError
 from .evaluate import evaluate
 from .hooks import FeatureHook, get_module
 from .losses import Criterion, LossInputs, Term
 from .models import create_model, default_feature_layer
 from .quant import init_binary_scales, set_tau, tau_at
 from .recipe import ModelConfig, Recipe, StageConfig
+from .rundir import CURVES_FILE, METRICS_FILE, RECIPE_FILE, SUMMARY_FILE, RunDir  # noqa: F401 - re-exported
 from .schedule import lr_at
 
 log = logging.getLogger(__name__)
 
-RECIPE_FILE = "recipe.yaml"
-METRICS_FILE = "metrics.jsonl"
-SUMMARY_FILE = "summary.json"
-CURVES_FILE = "curves.png"
+# RECIPE_FILE, METRICS_FILE, SUMMARY_FILE, CURVES_FILE, read_metrics and write_metrics stay importable
+# from here for older callers; the run folder's layout lives in :class:`~bnn_distill.rundir.RunDir`.
+# Interrupted lives in :mod:`bnn_distill.errors` (the CLI checks for it without importing torch).
 
 
 class TrainingDiverged(UserError):
     """A loss became NaN or Inf; the stage stops, the last good checkpoint stays."""
-
-
-class Interrupted(UserError):
-    """SIGINT or SIGTERM stopped training after saving its progress; ``--resume`` continues."""
-
-    def __init__(self, message: str, exit_code: int = 130):
-        super().__init__(message)
-        self.exit_code = exit_code
 
 
 class StopFlag:
@@ -89,12 +80,13 @@ class StopFlag:
         self._previous.clear()
 
 
-# ---------------------------------------------------------------- runtime
+# ---------------------------------------------------------------- execution: device, AMP, DDP
 
 
 @dataclass
-class Runtime:
-    """Where and how a run executes: device, mixed precision, process group, progress bars."""
+class Execution:
+    """Where and how a run executes: device, mixed precision (AMP), process group (DDP), memory
+    layout, progress bars. (Not the CLI's ``--runtime``, which chooses an exported ONNX graph.)"""
 
     device: torch.device
     amp_dtype: Optional[torch.dtype]
@@ -106,7 +98,7 @@ class Runtime:
     memory_format: torch.memory_format = torch.contiguous_format
 
     @staticmethod
-    def create(recipe: Recipe, progress: bool = True) -> "Runtime":
+    def create(recipe: Recipe, progress: bool = True) -> "Execution":
         want = recipe.device
         if want == "auto":
             want = "cuda" if torch.cuda.is_available() else "cpu"
@@ -121,23 +113,49 @@ class Runtime:
         if use_cuda:
             torch.backends.cudnn.benchmark = True
         fmt = torch.channels_last if device.type == "cpu" else torch.contiguous_format
-        return Runtime(device, amp_dtype, info, progress and info.is_main, fmt)
+        return Execution(device, amp_dtype, info, progress and info.is_main, fmt)
 
     def layout(self, module: nn.Module) -> nn.Module:
         """``module`` on this device, its 4-d parameters and buffers in :attr:`memory_format`."""
         return module.to(self.device, memory_format=self.memory_format)
+
+    def batch(self, x: torch.Tensor, y: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """A batch of images (B, C, H, W) in :attr:`memory_format` and labels (B,), on this device."""
+        return (x.to(self.device, non_blocking=True, memory_format=self.memory_format),
+                y.to(self.device, non_blocking=True))
 
     def autocast(self):
         if self.amp_dtype is None:
             return nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
+    def grad_scaler(self) -> torch.amp.GradScaler:
+        """Loss scaling for float16 autocast; a pass-through otherwise (bfloat16 and float32 need none)."""
+        return torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
+
+    def data_parallel(self, module: nn.Module) -> nn.Module:
+        """``module`` wrapped in DistributedDataParallel under torchrun, else ``module`` itself."""
+        if not self.dist.enabled:
+            return module
+        return nn.parallel.DistributedDataParallel(
+            module, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+
+    def all_agree(self, *flags: bool) -> Tuple[bool, ...]:
+        """Each flag true on every process (one collective under torchrun; as given otherwise)."""
+        if not self.dist.enabled:
+            return tuple(flags)
+        t = torch.tensor([int(f) for f in flags], device=self.device)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
+        return tuple(bool(v) for v in t)
+
 
 # ---------------------------------------------------------------- models from the recipe
 
 
-def model_spec(recipe: Recipe, cfg: ModelConfig, quant: str, num_classes: int, in_chans: int) -> Dict[str, Any]:
-    """Everything :func:`create_model` needs; stored in checkpoints so they can be rebuilt."""
+def model_spec_dict(recipe: Recipe, cfg: ModelConfig, quant: str, num_classes: int, in_chans: int) -> Dict[str, Any]:
+    """The keyword arguments of :func:`create_model` for one model of the recipe, as the plain dict
+    stored under ``"model_spec"`` in checkpoints (so they can be rebuilt). Not a
+    :class:`bnn_distill.models.ModelSpec`."""
     b = recipe.binary
     spec: Dict[str, Any] = dict(name=cfg.arch, num_classes=num_classes, in_chans=in_chans, quant=quant,
                                 width_mult=cfg.width_mult)
@@ -148,12 +166,24 @@ def model_spec(recipe: Recipe, cfg: ModelConfig, quant: str, num_classes: int, i
     return spec
 
 
+#: The former name of :func:`model_spec_dict` (still imported by callers outside this module).
+model_spec = model_spec_dict
+
+
 def build_model(spec: Dict[str, Any]) -> nn.Module:
     return create_model(**spec)
 
 
 def feature_layer(cfg: ModelConfig) -> str:
     return cfg.feature_layer or default_feature_layer(cfg.arch, cfg.head_norm)
+
+
+def init_from_state(model: nn.Module, state: Dict[str, torch.Tensor], what: str) -> None:
+    """Load real-valued weights (a teacher's or an earlier stage's) into ``model``; binary scales the
+    weights do not have start at mean |w| per output channel (what ``init_from`` does)."""
+    missing_q = load_model_state(model, state, what, allow_quant_missing=True)
+    convs = {k.split(".weight_quant.")[0] for k in missing_q if ".alpha" in k}
+    init_binary_scales(model, only_missing=convs)
 
 
 # ---------------------------------------------------------------- the training step module
@@ -178,6 +208,123 @@ class DistillStep(nn.Module):
         out = self.criterion(LossInputs(logits, labels, teacher_logits, feat, teacher_feat))
         out["logits"] = logits
         return out
+
+
+class OptimiserStep:
+    """Backward pass, optional gradient clipping and the update, through the AMP loss scaler."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, module: nn.Module,
+                 grad_clip: Optional[float]):
+        self.optimizer, self.scaler, self.module, self.grad_clip = optimizer, scaler, module, grad_clip
+
+    def __call__(self, loss: torch.Tensor) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if self.grad_clip is not None:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+
+
+class StepSchedule:
+    """The learning rate of every optimiser step and, for a ReCU W1A1 student, the tau of its
+    weight quantiser (from ``binary.tau_start`` to ``tau_end`` over the stage's steps)."""
+
+    def __init__(self, recipe: Recipe, st: StageConfig, steps_per_epoch: int):
+        self.stage = st
+        self.steps_per_epoch = steps_per_epoch
+        self.total_steps = steps_per_epoch * st.epochs
+        self.tau_start, self.tau_end = recipe.binary.tau_start, recipe.binary.tau_end
+        self.recu = st.quant == "W1A1" and recipe.binary.recu and st.kind == "student"
+
+    def lr(self, step: int) -> float:
+        st = self.stage
+        return lr_at(step, self.steps_per_epoch, st.epochs, st.optimizer.lr, st.schedule)
+
+    def tau(self, step: int) -> float:
+        return tau_at(step / max(1, self.total_steps - 1), self.tau_start, self.tau_end)
+
+    def apply(self, step: int, optimizer: torch.optim.Optimizer, model: nn.Module) -> float:
+        """Set step ``step``'s learning rate (and tau) before it; returns the learning rate."""
+        lr = self.lr(step)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        if self.recu:
+            set_tau(model, self.tau(step))
+        return lr
+
+
+class EpochTally:
+    """One epoch's running sums (loss terms, correct, seen) and where it started: the resume
+    bookkeeping. A stop mid-epoch saves :meth:`partial` in the checkpoint; :meth:`resume` continues
+    from it with the same sums, so the epoch's metrics come out as if it had not stopped."""
+
+    def __init__(self, partial: Optional[Dict[str, Any]], device: torch.device):
+        part = partial or {"batch": 0, "sums": {}, "correct": 0.0, "seen": 0, "elapsed": 0.0}
+        self.device = device
+        self.start = int(part["batch"])  # the first batch of the epoch still to train
+        self.sums: Dict[str, torch.Tensor] = {k: torch.tensor(float(v), device=device) for k, v in part["sums"].items()}
+        self.correct = torch.tensor(float(part["correct"]), device=device)
+        self.seen = int(part["seen"])
+        self.resumed_elapsed = float(part["elapsed"])  # seconds the epoch ran before it was stopped
+        self.t0 = time.perf_counter() - self.resumed_elapsed
+
+    def start_clock(self) -> None:
+        self.t0 = time.perf_counter() - self.resumed_elapsed
+
+    def add(self, out: Dict[str, torch.Tensor], y: torch.Tensor) -> None:
+        """Count one step's loss terms and correct predictions (no host sync)."""
+        with torch.no_grad():
+            for k, v in out.items():
+                if k != "logits":
+                    self.sums[k] = self.sums.get(k, torch.zeros((), device=self.device)) + v.detach().float()
+            self.correct += (out["logits"].argmax(1) == y).sum()
+        self.seen += y.numel()
+
+    def partial(self, batch: int) -> Dict[str, Any]:
+        """What a checkpoint saved before batch ``batch`` needs to continue the epoch."""
+        return {"batch": batch, "sums": {k: float(v) for k, v in self.sums.items()}, "correct": float(self.correct),
+                "seen": self.seen, "elapsed": time.perf_counter() - self.t0}
+
+    def metrics(self, lr: float, steps_per_epoch: int, ex: Execution) -> Dict[str, Any]:
+        """The epoch's train metrics, summed over every process (one collective)."""
+        elapsed = time.perf_counter() - self.t0
+        keys = sorted(self.sums)
+        packed = torch.stack([self.sums[k] for k in keys]
+                             + [self.correct.float(), torch.tensor(float(self.seen), device=self.device)])
+        ddp.all_reduce_sum(packed, ex.dist)
+        total_seen = packed[-1].item()
+        steps_all = float(steps_per_epoch * ex.dist.world_size)
+        metrics: Dict[str, Any] = {"lr": lr, "train": {k: packed[j].item() / steps_all for j, k in enumerate(keys)}}
+        metrics["train_top1"] = 100.0 * packed[-2].item() / max(1.0, total_seen)
+        metrics["images_per_s"] = total_seen / max(elapsed, 1e-9)
+        metrics["resumed_elapsed"] = self.resumed_elapsed
+        return metrics
+
+
+class ProgressBar:
+    """tqdm over an epoch's batches when progress bars are on; otherwise the batches themselves."""
+
+    def __init__(self, loader: DataLoader, enabled: bool, desc: str, total: int, initial: int):
+        self.bar = None
+        self.batches: Any = loader
+        if enabled:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, total=total, initial=initial)
+            self.batches = self.bar
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def show(self, i: int, loss: torch.Tensor, lr: float) -> None:
+        if self.bar is not None and i % 10 == 0:
+            self.bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.3g}")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 # ---------------------------------------------------------------- one stage
@@ -209,49 +356,39 @@ class Trainer:
 
     def __init__(self, recipe: Recipe, stage_index: int, model: nn.Module, spec: Dict[str, Any],
                  teacher: Optional[nn.Module], train_set: Dataset, test_set: Dataset,
-                 run_dir: Path, rt: Runtime, history: List[Dict[str, Any]], stop: Optional["StopFlag"] = None,
-                 val_set: Optional[Dataset] = None):
+                 run_dir: Union[Path, RunDir], ex: Execution, history: List[Dict[str, Any]],
+                 stop: Optional["StopFlag"] = None, val_set: Optional[Dataset] = None):
         self.recipe = recipe
         self.stage_index = stage_index
         self.stage: StageConfig = recipe.stages[stage_index]
-        self.spec = spec
-        self.rt = rt
-        self.run_dir = run_dir
-        self.ckpt_dir = run_dir / "checkpoints" / self.stage.name
-        self.prior_history = history  # metrics of earlier stages, for metrics.jsonl
-        self.model = rt.layout(model)
         st = self.stage
-        terms = [Term(t.name, t.weight, dict(t.params)) for t in st.losses]
-        s_dim = t_dim = None
+        self.spec = spec
+        self.ex = ex
+        self.run = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
+        self.run_dir = self.run.path
+        self.ckpt_dir = self.run.checkpoint_dir(st.name)
+        self.prior_history = history  # metrics of earlier stages, for metrics.jsonl
+        self.model = ex.layout(model)
         self.student_feature = feature_layer(recipe.student if st.kind == "student" else recipe.teacher)
         self.teacher_feature = feature_layer(recipe.teacher)
-        if any(t.name.startswith("itrd") for t in terms):
-            s_dim = _feature_dim(model, self.student_feature, train_set, rt.device)
-            t_dim = _feature_dim(teacher, self.teacher_feature, train_set, rt.device) if teacher is not None else None
-        torch.manual_seed(_seed_for(recipe.seed, stage_index, 10**6 + 1))  # projection init, whatever ran before
-        self.criterion = Criterion(terms, s_dim, t_dim).to(rt.device)
+        self.criterion = self._make_criterion(teacher, train_set)
         self.teacher = teacher
         self.teacher_hook: Optional[FeatureHook] = None
         if self.criterion.needs_teacher:
             assert teacher is not None, "recipe validation guarantees a teacher"
-            self.teacher = rt.layout(teacher).eval().requires_grad_(False)
+            self.teacher = ex.layout(teacher).eval().requires_grad_(False)
             if self.criterion.needs_features:
                 self.teacher_hook = FeatureHook(self.teacher, self.teacher_feature)
         self.step_module = DistillStep(self.model, self.criterion, self.student_feature)
-        self.train_module: nn.Module = self.step_module
-        if rt.dist.enabled:
-            self.train_module = nn.parallel.DistributedDataParallel(
-                self.step_module, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
+        self.train_module: nn.Module = ex.data_parallel(self.step_module)
         self.optimizer = _make_optimizer(st, self.step_module)
-        self.scaler = torch.amp.GradScaler("cuda", enabled=rt.amp_dtype == torch.float16)
-        if st.batch_size % rt.dist.world_size:
-            raise UserError(f"stages[{stage_index}].batch_size: {st.batch_size} is not divisible by the {rt.dist.world_size} processes")
-        self.local_batch = st.batch_size // rt.dist.world_size
+        self.scaler = ex.grad_scaler()
+        self.optimise = OptimiserStep(self.optimizer, self.scaler, self.step_module, st.grad_clip)
+        self.local_batch = self._local_batch(len(train_set))
         self.train_set, self.test_set = train_set, test_set
-        if len(train_set) < st.batch_size:
-            raise UserError(f"stages[{stage_index}].batch_size: {st.batch_size} is larger than the {len(train_set)} training images; lower it")
         self.steps_per_epoch = len(train_set) // st.batch_size  # drop_last: every step a full batch
         self.total_steps = self.steps_per_epoch * st.epochs
+        self.schedule = StepSchedule(recipe, st, self.steps_per_epoch)
         self.test_loader = self._eval_loader(test_set)
         # best.pt is chosen on the validation split; the test split is evaluated once, at the end of the stage
         self.val_loader = self._eval_loader(val_set) if val_set is not None else None
@@ -265,14 +402,36 @@ class Trainer:
         self.partial: Optional[Dict[str, Any]] = None
         self.stop = stop or StopFlag()
         self._stop_after_epoch = False
-        self.tb = _tensorboard(run_dir) if rt.dist.is_main else None
+        self.tb = _tensorboard(self.run) if ex.dist.is_main else None
+
+    def _make_criterion(self, teacher: Optional[nn.Module], train_set: Dataset) -> Criterion:
+        """The stage's loss terms; ITRD's projection is sized from one forward pass of each model."""
+        terms = [Term(t.name, t.weight, dict(t.params)) for t in self.stage.losses]
+        s_dim = t_dim = None
+        device = self.ex.device
+        if any(t.name.startswith("itrd") for t in terms):
+            s_dim = _feature_dim(self.model, self.student_feature, train_set, device)
+            t_dim = _feature_dim(teacher, self.teacher_feature, train_set, device) if teacher is not None else None
+        # the projection's initialisation, whatever ran before
+        torch.manual_seed(_seed_for(self.recipe.seed, self.stage_index, 10**6 + 1))
+        return Criterion(terms, s_dim, t_dim).to(device)
+
+    def _local_batch(self, n_train: int) -> int:
+        """This process's share of the stage's batch, after checking the batch fits the data and the processes."""
+        st, i, world = self.stage, self.stage_index, self.ex.dist.world_size
+        if st.batch_size % world:
+            raise UserError(f"stages[{i}].batch_size: {st.batch_size} is not divisible by the {world} processes")
+        if n_train < st.batch_size:
+            raise UserError(f"stages[{i}].batch_size: {st.batch_size} is larger than the {n_train} training images; "
+                            "lower it")
+        return st.batch_size // world
 
     def _eval_loader(self, dataset: Dataset) -> DataLoader:
         return DataLoader(dataset, batch_size=max(self.local_batch, 256), shuffle=False,
-                          num_workers=self.recipe.data.num_workers, pin_memory=self.rt.device.type == "cuda")
+                          num_workers=self.recipe.data.num_workers, pin_memory=self.ex.device.type == "cuda")
 
     def _evaluate(self, loader: DataLoader, split: str, model: Optional[nn.Module] = None) -> Dict[str, float]:
-        ev = evaluate(model or self.model, loader, self.rt.device, self.rt.amp_dtype)
+        ev = evaluate(model or self.model, loader, self.ex.device, self.ex.amp_dtype)
         return {f"{split}_top1": ev["top1"], f"{split}_top5": ev["top5"], f"{split}_loss": ev["loss"]}
 
     # -- state
@@ -303,6 +462,7 @@ class Trainer:
     # -- loop
 
     def fit(self) -> StageResult:
+        """Train the stage's remaining epochs: train, evaluate, keep the best, save, log."""
         st = self.stage
         trained = {id(p) for p in self.step_module.parameters() if p.requires_grad}
         stepped = {id(p) for g in self.optimizer.param_groups for p in g["params"]}
@@ -317,39 +477,52 @@ class Trainer:
             train_metrics = self._train_epoch()
             t0 -= train_metrics.pop("resumed_elapsed")
             epoch = self.epoch + 1
-            record: Dict[str, Any] = {"stage": st.name, "epoch": epoch, "step": self.step + 0, **train_metrics}
             last = epoch == st.epochs
-            if last or (self.val_loader is not None and epoch % st.eval_every == 0):
-                if self.rt.dist.is_main:
-                    if self.val_loader is not None:
-                        record.update(self._evaluate(self.val_loader, "val"))
-                    if last:  # the test split, once: the final weights
-                        record.update(self._evaluate(self.test_loader, "test"))
-                record = ddp.broadcast_object(record, self.rt.dist)
+            record: Dict[str, Any] = {"stage": st.name, "epoch": epoch, "step": self.step + 0, **train_metrics}
+            record = self._evaluate_epoch(record, epoch, last)
             self.wall_s += time.perf_counter() - t0
             record["wall_s"] = round(self.wall_s, 3)
             self.epoch = epoch
             improved = "val_top1" in record and record["val_top1"] > self.best_top1
             if improved:
                 self.best_top1, self.best_epoch = record["val_top1"], epoch
-            if last and self.best_epoch and self.rt.dist.is_main:  # and the best-on-validation weights
-                record["best_test_top1"] = record["test_top1"] if improved or self.best_epoch == epoch \
-                    else self._best_test_top1()
-            record = ddp.broadcast_object(record, self.rt.dist) if last and self.best_epoch else record
+            if last and self.best_epoch:  # and the best-on-validation weights
+                record = self._with_best_test(record, improved)
             self.history.append(record)
-            if self.rt.dist.is_main:
-                self._save(complete=epoch == st.epochs, best=improved)
+            if self.ex.dist.is_main:
+                self._save(complete=last, best=improved)
                 self._log(record)
-            ddp.barrier(self.rt.dist)
-            if self._stop_after_epoch and epoch < st.epochs:
+            ddp.barrier(self.ex.dist)
+            if self._stop_after_epoch and not last:
                 self._interrupt(f"after epoch {epoch}", save=False)
         return self.result()
 
+    def _evaluate_epoch(self, record: Dict[str, Any], epoch: int, last: bool) -> Dict[str, Any]:
+        """``record`` with the validation metrics (every ``eval_every`` epochs) and, at the last
+        epoch, the test metrics; evaluated by the main process, the same on every process."""
+        if last or (self.val_loader is not None and epoch % self.stage.eval_every == 0):
+            if self.ex.dist.is_main:
+                if self.val_loader is not None:
+                    record.update(self._evaluate(self.val_loader, "val"))
+                if last:  # the test split, once: the final weights
+                    record.update(self._evaluate(self.test_loader, "test"))
+            record = ddp.broadcast_object(record, self.ex.dist)
+        return record
+
+    def _with_best_test(self, record: Dict[str, Any], improved: bool) -> Dict[str, Any]:
+        """``record`` with ``best_test_top1``: the test top-1 of the best-on-validation weights
+        (the last epoch's own when they are the best, else best.pt's)."""
+        if self.ex.dist.is_main:
+            # best_epoch == epoch only when this epoch improved: no separate check for it
+            record["best_test_top1"] = record["test_top1"] if improved else self._best_test_top1()
+        return ddp.broadcast_object(record, self.ex.dist)
+
     def _best_test_top1(self) -> float:
         """Test top-1 of the weights in best.pt (chosen on the validation split)."""
-        best = load_checkpoint(self.ckpt_dir / "best.pt", map_location=self.rt.device)
-        model = build_model(self.spec).to(self.rt.device)
-        load_model_state(model, best["model"], f"checkpoint '{self.ckpt_dir / 'best.pt'}'")
+        path = self.run.best(self.stage.name)
+        best = load_checkpoint(path, map_location=self.ex.device)
+        model = build_model(self.spec).to(self.ex.device)
+        load_model_state(model, best["model"], f"checkpoint '{path}'")
         return self._evaluate(self.test_loader, "test", model)["test_top1"]
 
     def result(self) -> StageResult:
@@ -366,9 +539,10 @@ class Trainer:
         """This epoch's batches from ``start_batch`` on, in an order fixed by (seed, stage, epoch)."""
         seed = _seed_for(self.recipe.seed, self.stage_index, self.epoch)
         g = torch.Generator().manual_seed(seed)
-        if self.rt.dist.enabled:
-            sampler = DistributedSampler(self.train_set, self.rt.dist.world_size, self.rt.dist.rank,
-                                         shuffle=True, seed=seed, drop_last=True)
+        dist = self.ex.dist
+        if dist.enabled:
+            sampler = DistributedSampler(self.train_set, dist.world_size, dist.rank, shuffle=True, seed=seed,
+                                         drop_last=True)
             sampler.set_epoch(0)
             order = list(sampler)
         else:
@@ -379,91 +553,54 @@ class Trainer:
             set_seed(seed)
         return DataLoader(self.train_set, batch_size=self.local_batch, sampler=order, drop_last=True,
                           num_workers=self.recipe.data.num_workers, generator=g,
-                          pin_memory=self.rt.device.type == "cuda", persistent_workers=False)
+                          pin_memory=self.ex.device.type == "cuda", persistent_workers=False)
 
     def _train_epoch(self) -> Dict[str, Any]:
-        st, rt = self.stage, self.rt
+        """One epoch (or the rest of a stopped one): for each batch, teacher outputs, the student's
+        step, the finite/stop checks, the tally; returns the epoch's train metrics."""
+        st = self.stage
         # Every epoch starts from RNG state (seed, stage, epoch): resume-exact without saving RNG.
         torch.manual_seed(_seed_for(self.recipe.seed, self.stage_index, self.epoch) + 1)
         self.model.train()
         self.criterion.train()
-        part = self.partial or {"batch": 0, "sums": {}, "correct": 0.0, "seen": 0, "elapsed": 0.0}
+        tally = EpochTally(self.partial, self.ex.device)
         self.partial = None
-        start = int(part["batch"])
-        loader = self._loader(start)
-        sums: Dict[str, torch.Tensor] = {k: torch.tensor(float(v), device=rt.device) for k, v in part["sums"].items()}
-        correct = torch.tensor(float(part["correct"]), device=rt.device)
-        seen = int(part["seen"])
-        recu = st.quant == "W1A1" and self.recipe.binary.recu and st.kind == "student"
-        it = loader
-        bar = None
-        if rt.progress:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(loader, desc=f"{st.name} {self.epoch + 1}/{st.epochs}", leave=False, dynamic_ncols=True,
-                       total=self.steps_per_epoch, initial=start)
-            it = bar
-        t0 = time.perf_counter() - float(part["elapsed"])
-        lr = lr_at(self.step, self.steps_per_epoch, st.epochs, st.optimizer.lr, st.schedule)
+        bar = ProgressBar(self._loader(tally.start), self.ex.progress, f"{st.name} {self.epoch + 1}/{st.epochs}",
+                          self.steps_per_epoch, tally.start)
+        tally.start_clock()
+        lr = self.schedule.lr(self.step)
         stop = False
-        for i, (x, y) in enumerate(it, start=start):
+        for i, (x, y) in enumerate(bar, start=tally.start):
             if stop:  # every process agreed to stop after the previous step: save before this one
-                self.partial = {"batch": i, "sums": {k: float(v) for k, v in sums.items()}, "correct": float(correct),
-                                "seen": seen, "elapsed": time.perf_counter() - t0}
-                if bar is not None:
-                    bar.close()
+                self.partial = tally.partial(i)
+                bar.close()
                 self._interrupt(f"epoch {self.epoch + 1}, step {i}")
-            x = x.to(rt.device, non_blocking=True, memory_format=rt.memory_format)
-            y = y.to(rt.device, non_blocking=True)
-            lr = lr_at(self.step, self.steps_per_epoch, st.epochs, st.optimizer.lr, st.schedule)
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
-            if recu:
-                set_tau(self.model, tau_at(self.step / max(1, self.total_steps - 1),
-                                           self.recipe.binary.tau_start, self.recipe.binary.tau_end))
-            t_logits = t_feat = None
-            with rt.autocast():
-                if self.criterion.needs_teacher:
-                    t_logits, t_feat = self._teacher_outputs(x)
-                out = self.train_module(x, y, t_logits, t_feat)
-            loss = out["loss"]
+            x, y = self.ex.batch(x, y)
+            lr = self.schedule.apply(self.step, self.optimizer, self.model)
+            out = self._forward(x, y)
             # the forward pass has updated BatchNorm statistics, so a stop request is honoured only
             # after this step completes (saving now and redoing the batch would count it twice)
             finite, stop = self._step_checks(out)
             if not finite:
                 self._diverged(out)
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scaler.scale(loss).backward()
-            if st.grad_clip is not None:
-                self.scaler.unscale_(self.optimizer)
-                torch.nn.utils.clip_grad_norm_(self.step_module.parameters(), st.grad_clip)
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
+            self.optimise(out["loss"])
             self.step += 1
-            with torch.no_grad():
-                for k, v in out.items():
-                    if k != "logits":
-                        sums[k] = sums.get(k, torch.zeros((), device=rt.device)) + v.detach().float()
-                correct += (out["logits"].argmax(1) == y).sum()
-            seen += y.numel()
-            if bar is not None and i % 10 == 0:
-                bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.3g}")
-        if bar is not None:
-            bar.close()
-        elapsed = time.perf_counter() - t0
-        keys = sorted(sums)
-        packed = torch.stack([sums[k] for k in keys] + [correct.float(), torch.tensor(float(seen), device=rt.device)])
-        ddp.all_reduce_sum(packed, rt.dist)
-        total_seen = packed[-1].item()
-        steps_all = float(self.steps_per_epoch * rt.dist.world_size)
-        metrics: Dict[str, Any] = {"lr": lr, "train": {k: packed[j].item() / steps_all for j, k in enumerate(keys)}}
-        metrics["train_top1"] = 100.0 * packed[-2].item() / max(1.0, total_seen)
-        metrics["images_per_s"] = total_seen / max(elapsed, 1e-9)
-        metrics["resumed_elapsed"] = float(part["elapsed"])
+            tally.add(out, y)
+            bar.show(i, out["loss"], lr)
+        bar.close()
+        metrics = tally.metrics(lr, self.steps_per_epoch, self.ex)
         self._stop_after_epoch = stop
-        if recu:
-            metrics["tau"] = tau_at(self.step / max(1, self.total_steps - 1), self.recipe.binary.tau_start, self.recipe.binary.tau_end)
+        if self.schedule.recu:
+            metrics["tau"] = self.schedule.tau(self.step)
         return metrics
+
+    def _forward(self, x: torch.Tensor, y: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """The frozen teacher's outputs (if the losses need them), then the student and its losses."""
+        t_logits = t_feat = None
+        with self.ex.autocast():
+            if self.criterion.needs_teacher:
+                t_logits, t_feat = self._teacher_outputs(x)
+            return self.train_module(x, y, t_logits, t_feat)
 
     def _teacher_outputs(self, x: torch.Tensor):
         """The frozen teacher's (logits (B, classes), hooked feature (B, d_t) or None), computed
@@ -477,38 +614,34 @@ class Trainer:
 
     def _step_checks(self, out: Dict[str, torch.Tensor]):
         """(loss finite on every process, stop requested on any process): one collective per step."""
-        finite = bool(torch.isfinite(out["loss"]).item())
-        go_on = self.stop.signal is None
-        if self.rt.dist.enabled:
-            t = torch.tensor([int(finite), int(go_on)], device=self.rt.device)
-            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
-            finite, go_on = bool(t[0]), bool(t[1])
+        finite, go_on = self.ex.all_agree(bool(torch.isfinite(out["loss"]).item()), self.stop.signal is None)
         return finite, not go_on
 
     def _interrupt(self, where: str, save: bool = True) -> None:
-        if save and self.rt.dist.is_main:
-            atomic_save(self.state(complete=False), self.ckpt_dir / "last.pt")
-        ddp.barrier(self.rt.dist)
+        last = self.run.last(self.stage.name)
+        if save and self.ex.dist.is_main:
+            atomic_save(self.state(complete=False), last)
+        ddp.barrier(self.ex.dist)
         raise Interrupted(f"stopped by {self.stop.signal or 'a signal'} in stage '{self.stage.name}', {where}; "
-                          f"progress saved to {self.ckpt_dir / 'last.pt'}", self.stop.exit_code)
+                          f"progress saved to {last}", self.stop.exit_code)
 
     def _diverged(self, out: Dict[str, torch.Tensor]) -> None:
         bad = [k for k, v in out.items() if k not in ("logits", "loss") and not torch.isfinite(v).all()]
         where = f"term '{bad[0]}'" if bad else "the total"
-        last = self.ckpt_dir / "last.pt"
+        last = self.run.last(self.stage.name)
         keep = f"; the last good checkpoint is {last}" if last.exists() else ""
         raise TrainingDiverged(
-            f"stage '{self.stage.name}': the loss became non-finite at step {self.step + 1} (epoch {self.epoch + 1}) in {where}"
-            f"{keep}; lower the learning rate or that term's weight, or set grad_clip")
+            f"stage '{self.stage.name}': the loss became non-finite at step {self.step + 1} (epoch {self.epoch + 1}) "
+            f"in {where}{keep}; lower the learning rate or that term's weight, or set grad_clip")
 
     def _save(self, complete: bool, best: bool) -> None:
         state = self.state(complete)
         if best:  # before last.pt: a last.pt that names a best epoch always has its best.pt on disk
             atomic_save({k: state[k] for k in ("format", "stage", "stage_index", "recipe", "fingerprint", "model_spec",
                                                "model", "epoch", "best_top1")} | {"kind": "best"},
-                        self.ckpt_dir / "best.pt")
-        atomic_save(state, self.ckpt_dir / "last.pt")
-        write_metrics(self.run_dir, self.prior_history + self.history)
+                        self.run.best(self.stage.name))
+        atomic_save(state, self.run.last(self.stage.name))
+        self.run.write_metrics(self.prior_history + self.history)
 
     def _log(self, r: Dict[str, Any]) -> None:
         terms = " ".join(f"{k}={v:.4f}" for k, v in r["train"].items())
@@ -555,24 +688,22 @@ def _make_optimizer(st: StageConfig, module: nn.Module) -> torch.optim.Optimizer
     return torch.optim.AdamW(groups, lr=o.lr, betas=o.betas)
 
 
-def _tensorboard(run_dir: Path):
+def _tensorboard(run: RunDir):
     try:
         from torch.utils.tensorboard import SummaryWriter
     except Exception:  # tensorboard is optional
         return None
-    return SummaryWriter(str(run_dir / "tensorboard"))
+    return SummaryWriter(str(run.tensorboard_dir))
 
 
-def write_metrics(run_dir: Path, records: List[Dict[str, Any]]) -> None:
-    text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in records)
-    atomic_write_bytes(run_dir / METRICS_FILE, text.encode())
+def write_metrics(run_dir: Union[Path, RunDir], records: List[Dict[str, Any]]) -> None:
+    """See :meth:`RunDir.write_metrics`."""
+    RunDir(run_dir).write_metrics(records)
 
 
-def read_metrics(run_dir: Path) -> List[Dict[str, Any]]:
-    p = Path(run_dir) / METRICS_FILE
-    if not p.exists():
-        return []
-    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+def read_metrics(run_dir: Union[Path, RunDir]) -> List[Dict[str, Any]]:
+    """See :meth:`RunDir.read_metrics`."""
+    return RunDir(run_dir).read_metrics()
 
 
 # ---------------------------------------------------------------- the pipeline
@@ -580,17 +711,19 @@ def read_metrics(run_dir: Path) -> List[Dict[str, Any]]:
 
 def prepare_run_dir(recipe: Recipe, resume: bool, force: bool) -> Path:
     """Create the run folder, or check that ``--resume`` continues the same recipe there."""
-    run_dir = recipe.run_dir
-    saved = run_dir / RECIPE_FILE
+    run = RunDir.of(recipe)
+    run_dir = run.path
     if resume:
-        if not saved.exists():
-            raise UserError(f"--resume: '{run_dir}' holds no run to resume (no {RECIPE_FILE}); start it without --resume")
+        if not run.recipe_file.exists():
+            raise UserError(f"--resume: '{run_dir}' holds no run to resume (no {RECIPE_FILE}); "
+                            "start it without --resume")
         from .recipe import load_recipe
 
         try:
-            old = load_recipe(saved)
+            old = load_recipe(run.recipe_file)
         except UserError as e:
-            raise UserError(f"--resume: the saved recipe cannot be read ({e}); start a new run with another name") from None
+            raise UserError(f"--resume: the saved recipe cannot be read ({e}); "
+                            "start a new run with another name") from None
         if old.fingerprint() != recipe.fingerprint() and not force:
             raise UserError(f"--resume: the recipe differs from the one '{run_dir}' was started with; "
                             "resume with the same recipe, or pass --force to continue with the new one")
@@ -603,98 +736,158 @@ def prepare_run_dir(recipe: Recipe, resume: bool, force: bool) -> Path:
 
 def run_recipe(recipe: Recipe, resume: bool = False, force: bool = False, progress: bool = True) -> Dict[str, Any]:
     """Run every stage of ``recipe``; return the contents of ``summary.json``."""
-    from .data import build_splits
-
-    rt = Runtime.create(recipe, progress)
+    ex = Execution.create(recipe, progress)
     t_start = time.perf_counter()
-    run_dir = recipe.run_dir
     stop = StopFlag()
     stop.install()
     try:
-        if rt.dist.is_main:
-            prepare_run_dir(recipe, resume, force)  # checks only: nothing is written before the data loads
-        torch.manual_seed(recipe.seed)
-        d = recipe.data
-        splits = build_splits(d.dataset, d.root, d.download, d.augment, d.limit_train, d.limit_test, seed=recipe.seed,
-                              val_size=d.val_size, val_fraction=d.val_fraction, val_seed=d.val_seed)
-        train_set, val_set, test_set, info = splits.train, splits.val, splits.test, splits.info
-        if val_set is None and rt.dist.is_main:
-            log.info("no validation split (data.val_size): best.pt is not kept, the last epoch's weights are the result")
-        if rt.dist.is_main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            if not resume or force:
-                atomic_write_bytes(run_dir / RECIPE_FILE, recipe.to_yaml().encode())
-        ddp.barrier(rt.dist)
-        log.info("data: %s, %d train / %s validation / %d test images, %d classes, device %s%s", info.name, len(train_set),
-                 len(val_set) if val_set is not None else "no", len(test_set), info.num_classes, rt.device, f", {rt.dist.world_size} processes" if rt.dist.enabled else "")
-        history: List[Dict[str, Any]] = []
-        results: List[StageResult] = []
-        teacher: Optional[nn.Module] = None
-        teacher_eval: Optional[Dict[str, float]] = None
-        final_states: Dict[str, Dict[str, Any]] = {}
-        if recipe.teacher.checkpoint is not None or recipe.teacher.pretrained:
-            teacher = load_teacher(recipe, model_spec(recipe, recipe.teacher, "FP", info.num_classes, info.in_chans))
-        for i, st in enumerate(recipe.stages):
-            cfg = recipe.teacher if st.kind == "teacher" else recipe.student
-            spec = model_spec(recipe, cfg, st.quant, info.num_classes, info.in_chans)
-            torch.manual_seed(_seed_for(recipe.seed, i, 10**6))
-            model = build_model(spec)
-            get_module(model, feature_layer(cfg), f"{'teacher' if st.kind == 'teacher' else 'student'}.feature_layer")
-            trainer = Trainer(recipe, i, model, spec, teacher if st.kind == "student" else None, train_set, test_set,
-                              run_dir, rt, history, stop, val_set=val_set)
-            last = run_dir / "checkpoints" / st.name / "last.pt"
-            if rt.dist.is_main and last.parent.is_dir():
-                for stale in last.parent.glob(".*.tmp"):  # left by a process killed mid-write
-                    stale.unlink(missing_ok=True)
-            if resume and last.exists():
-                ck = load_checkpoint(last, map_location=rt.device)
-                if ck.get("model_spec") != spec:
-                    raise CheckpointError(f"checkpoint '{last}' was written for another model ({ck.get('model_spec', {}).get('name')}); "
-                                          "resume with the recipe that wrote it")
-                trainer.load_state(ck)
-            else:
-                _init_stage(trainer, st, teacher, final_states, rt)
-            result = trainer.fit()
-            if trainer._stop_after_epoch and i + 1 < len(recipe.stages):  # agreed by every process
-                raise Interrupted(f"stopped by {stop.signal or 'a signal'} after stage '{st.name}'; its checkpoint is complete",
-                                  stop.exit_code)
-            results.append(result)
-            history = history + trainer.history
-            final_states[st.name] = {"model": {k: v.detach().clone() for k, v in trainer.model.state_dict().items()},
-                                     "criterion": trainer.criterion.state_dict()}
-            if st.kind == "teacher":
-                teacher = trainer.model
-                teacher_eval = result.final
-            if rt.dist.is_main:
-                best = (f" (best on validation: {result.best_top1:.2f}% at epoch {result.best_epoch}, "
-                        f"test {result.best_test_top1:.2f}%)") if result.best_epoch else ""
-                log.info("[%s] done: test top-1 %.2f%%%s, %.0f s", st.name,
-                         result.final.get("test_top1", float("nan")), best, result.wall_s)
-        if teacher is not None and teacher_eval is None and rt.dist.is_main:
-            loader = DataLoader(test_set, batch_size=256, num_workers=d.num_workers)
-            ev = evaluate(teacher.to(rt.device), loader, rt.device, rt.amp_dtype)
-            teacher_eval = {"test_top1": ev["top1"], "test_top5": ev["top5"], "test_loss": ev["loss"]}
-        summary = {
-            "run": recipe.name, "fingerprint": recipe.fingerprint(), "dataset": info.name,
-            "teacher": {"arch": recipe.teacher.arch, "source": recipe.teacher.checkpoint or "trained", **(teacher_eval or {})},
-            "stages": [r.to_dict() for r in results],
-            # training time of every stage, summed across interruptions and resumes
-            "wall_s": round(sum(r.wall_s for r in results), 1),
-            "process_wall_s": round(time.perf_counter() - t_start, 1),  # this process only (data loading included)
-            "machine": machine_info(rt),
-        }
-        if rt.dist.is_main:
-            atomic_write_bytes(run_dir / SUMMARY_FILE, (json.dumps(summary, indent=2) + "\n").encode())
-            try:
-                from .plots import plot_curves
-
-                plot_curves(history, run_dir / CURVES_FILE, title=recipe.name)
-            except ImportError as e:  # matplotlib missing: the numbers are in metrics.jsonl
-                log.warning("no curves plot: %s", e)
+        splits = _setup_run(recipe, ex, resume, force)
+        stages = _Stages(recipe, ex, splits, stop)
+        for i in range(len(recipe.stages)):
+            stages.run_stage(i, resume)
+        summary = _summary(recipe, ex, stages, splits.info.name, t_start)
+        if ex.dist.is_main:
+            _write_results(RunDir.of(recipe), recipe, summary, stages.history)
         return summary
     finally:
         stop.restore()
-        ddp.cleanup(rt.dist)
+        ddp.cleanup(ex.dist)
+
+
+def _setup_run(recipe: Recipe, ex: Execution, resume: bool, force: bool):
+    """Check the run folder, load the data splits, then save the resolved recipe; returns the splits."""
+    from .data import build_splits
+
+    run = RunDir.of(recipe)
+    if ex.dist.is_main:
+        prepare_run_dir(recipe, resume, force)  # checks only: nothing is written before the data loads
+    torch.manual_seed(recipe.seed)
+    d = recipe.data
+    splits = build_splits(d.dataset, d.root, d.download, d.augment, d.limit_train, d.limit_test, seed=recipe.seed,
+                          val_size=d.val_size, val_fraction=d.val_fraction, val_seed=d.val_seed)
+    if splits.val is None and ex.dist.is_main:
+        log.info("no validation split (data.val_size): best.pt is not kept, the last epoch's weights are the result")
+    if ex.dist.is_main:
+        run.path.mkdir(parents=True, exist_ok=True)
+        if not resume or force:
+            atomic_write_bytes(run.recipe_file, recipe.to_yaml().encode())
+    ddp.barrier(ex.dist)
+    info = splits.info
+    log.info("data: %s, %d train / %s validation / %d test images, %d classes, device %s%s", info.name,
+             len(splits.train), len(splits.val) if splits.val is not None else "no", len(splits.test),
+             info.num_classes, ex.device, f", {ex.dist.world_size} processes" if ex.dist.enabled else "")
+    return splits
+
+
+class _Stages:
+    """The stages of a run, one after the other, and what passes between them: the teacher, each
+    stage's final weights (for ``init_from``), the metrics so far and the stage results."""
+
+    def __init__(self, recipe: Recipe, ex: Execution, splits, stop: StopFlag):
+        self.recipe, self.ex, self.splits, self.stop = recipe, ex, splits, stop
+        self.run = RunDir.of(recipe)
+        self.history: List[Dict[str, Any]] = []
+        self.results: List[StageResult] = []
+        self.teacher: Optional[nn.Module] = None
+        self.teacher_eval: Optional[Dict[str, float]] = None
+        self.final_states: Dict[str, Dict[str, Any]] = {}
+        if recipe.teacher.checkpoint is not None or recipe.teacher.pretrained:
+            self.teacher = load_teacher(recipe, self._spec(recipe.teacher, "FP"))
+
+    def _spec(self, cfg: ModelConfig, quant: str) -> Dict[str, Any]:
+        info = self.splits.info
+        return model_spec_dict(self.recipe, cfg, quant, info.num_classes, info.in_chans)
+
+    def run_stage(self, i: int, resume: bool) -> None:
+        """Set up stage ``i``, resume or initialise it, train it, keep its result."""
+        st = self.recipe.stages[i]
+        trainer = self._trainer(i)
+        self._resume_or_init(trainer, resume)
+        result = trainer.fit()
+        if trainer._stop_after_epoch and i + 1 < len(self.recipe.stages):  # agreed by every process
+            raise Interrupted(f"stopped by {self.stop.signal or 'a signal'} after stage '{st.name}'; "
+                              "its checkpoint is complete", self.stop.exit_code)
+        self._keep(trainer, result)
+
+    def _trainer(self, i: int) -> Trainer:
+        """Stage ``i``'s model, built from a seed of its own, in its :class:`Trainer`."""
+        st = self.recipe.stages[i]
+        cfg = self.recipe.teacher if st.kind == "teacher" else self.recipe.student
+        spec = self._spec(cfg, st.quant)
+        torch.manual_seed(_seed_for(self.recipe.seed, i, 10**6))
+        model = build_model(spec)
+        get_module(model, feature_layer(cfg), f"{'teacher' if st.kind == 'teacher' else 'student'}.feature_layer")
+        s = self.splits
+        return Trainer(self.recipe, i, model, spec, self.teacher if st.kind == "student" else None, s.train, s.test,
+                       self.run, self.ex, self.history, self.stop, val_set=s.val)
+
+    def _resume_or_init(self, trainer: Trainer, resume: bool) -> None:
+        """Continue from the stage's last checkpoint (``--resume``) or initialise it (``init_from``)."""
+        st = trainer.stage
+        last = self.run.last(st.name)
+        if self.ex.dist.is_main and last.parent.is_dir():
+            for stale in last.parent.glob(".*.tmp"):  # left by a process killed mid-write
+                stale.unlink(missing_ok=True)
+        if resume and last.exists():
+            ck = load_checkpoint(last, map_location=self.ex.device)
+            if ck.get("model_spec") != trainer.spec:
+                raise CheckpointError(f"checkpoint '{last}' was written for another model "
+                                      f"({ck.get('model_spec', {}).get('name')}); resume with the recipe that wrote it")
+            trainer.load_state(ck)
+        else:
+            _init_stage(trainer, st, self.teacher, self.final_states, self.ex)
+
+    def _keep(self, trainer: Trainer, result: StageResult) -> None:
+        """Bookkeeping after a stage: its result, metrics and final weights; a teacher stage's
+        model becomes the teacher of the stages after it."""
+        st = trainer.stage
+        self.results.append(result)
+        self.history = self.history + trainer.history
+        self.final_states[st.name] = {"model": {k: v.detach().clone() for k, v in trainer.model.state_dict().items()},
+                                      "criterion": trainer.criterion.state_dict()}
+        if st.kind == "teacher":
+            self.teacher = trainer.model
+            self.teacher_eval = result.final
+        if self.ex.dist.is_main:
+            best = (f" (best on validation: {result.best_top1:.2f}% at epoch {result.best_epoch}, "
+                    f"test {result.best_test_top1:.2f}%)") if result.best_epoch else ""
+            log.info("[%s] done: test top-1 %.2f%%%s, %.0f s", st.name,
+                     result.final.get("test_top1", float("nan")), best, result.wall_s)
+
+    def teacher_metrics(self) -> Optional[Dict[str, float]]:
+        """The teacher's test metrics: its stage's, else (a loaded teacher) evaluated now by the main process."""
+        if self.teacher is not None and self.teacher_eval is None and self.ex.dist.is_main:
+            loader = DataLoader(self.splits.test, batch_size=256, num_workers=self.recipe.data.num_workers)
+            ev = evaluate(self.teacher.to(self.ex.device), loader, self.ex.device, self.ex.amp_dtype)
+            self.teacher_eval = {"test_top1": ev["top1"], "test_top5": ev["top5"], "test_loss": ev["loss"]}
+        return self.teacher_eval
+
+
+def _summary(recipe: Recipe, ex: Execution, stages: _Stages, dataset: str, t_start: float) -> Dict[str, Any]:
+    """The contents of ``summary.json``."""
+    results = stages.results
+    teacher_eval = stages.teacher_metrics()
+    return {
+        "run": recipe.name, "fingerprint": recipe.fingerprint(), "dataset": dataset,
+        "teacher": {"arch": recipe.teacher.arch, "source": recipe.teacher.checkpoint or "trained",
+                    **(teacher_eval or {})},
+        "stages": [r.to_dict() for r in results],
+        # training time of every stage, summed across interruptions and resumes
+        "wall_s": round(sum(r.wall_s for r in results), 1),
+        "process_wall_s": round(time.perf_counter() - t_start, 1),  # this process only (data loading included)
+        "machine": machine_info(ex),
+    }
+
+
+def _write_results(run: RunDir, recipe: Recipe, summary: Dict[str, Any], history: List[Dict[str, Any]]) -> None:
+    """``summary.json``, then the curves (skipped with a warning without matplotlib)."""
+    atomic_write_bytes(run.summary_file, (json.dumps(summary, indent=2) + "\n").encode())
+    try:
+        from .plots import plot_curves
+
+        plot_curves(history, run.curves_file, title=recipe.name)
+    except ImportError as e:  # matplotlib missing: the numbers are in metrics.jsonl
+        log.warning("no curves plot: %s", e)
 
 
 def load_teacher(recipe: Recipe, spec: Dict[str, Any]) -> nn.Module:
@@ -723,9 +916,9 @@ def load_teacher(recipe: Recipe, spec: Dict[str, Any]) -> nn.Module:
     if not body_fits:  # another architecture, not another head: load_model_state names what differs
         other = []
     if other and not reinit:
-        raise CheckpointError(f"{what}: its classifier '{other[0]}' has shape {tuple(state[other[0]].shape)}, this data "
-                              f"needs {tuple(own[other[0]].shape)}; set teacher.head: reinit to re-initialise it "
-                              "(a teacher stage then fine-tunes it)")
+        raise CheckpointError(f"{what}: its classifier '{other[0]}' has shape {tuple(state[other[0]].shape)}, "
+                              f"this data needs {tuple(own[other[0]].shape)}; set teacher.head: reinit to "
+                              "re-initialise it (a teacher stage then fine-tunes it)")
     if other:
         log.info("teacher.head: reinit: the checkpoint's classifier has %d classes, the data %d; '%s' re-initialised",
                  state[other[0]].shape[0], own[other[0]].shape[0], other[0].rpartition(".")[0])
@@ -735,7 +928,7 @@ def load_teacher(recipe: Recipe, spec: Dict[str, Any]) -> nn.Module:
 
 
 def _init_stage(trainer: Trainer, st: StageConfig, teacher: Optional[nn.Module],
-                final_states: Dict[str, Dict[str, Any]], rt: Runtime) -> None:
+                final_states: Dict[str, Dict[str, Any]], ex: Execution) -> None:
     """Initialise a fresh stage from the teacher or an earlier stage (``init_from``); a teacher
     stage after a loaded teacher (checkpoint or hub weights) fine-tunes those weights."""
     if st.kind == "teacher" and teacher is not None:
@@ -751,9 +944,7 @@ def _init_stage(trainer: Trainer, st: StageConfig, teacher: Optional[nn.Module],
     else:
         source = final_states[st.init_from]["model"]
         criterion_state = final_states[st.init_from]["criterion"]
-    missing_q = load_model_state(trainer.model, source, f"stage '{st.init_from}' weights", allow_quant_missing=True)
-    convs = {k.split(".weight_quant.")[0] for k in missing_q if ".alpha" in k}
-    init_binary_scales(trainer.model, only_missing=convs)
+    init_from_state(trainer.model, source, f"stage '{st.init_from}' weights")
     if criterion_state:
         own = trainer.criterion.state_dict()
         if own.keys() == criterion_state.keys() and all(own[k].shape == criterion_state[k].shape for k in own):
@@ -761,7 +952,7 @@ def _init_stage(trainer: Trainer, st: StageConfig, teacher: Optional[nn.Module],
     log.info("[%s] initialised from '%s'", st.name, st.init_from)
 
 
-def machine_info(rt: Optional[Runtime] = None) -> Dict[str, Any]:
+def machine_info(ex: Optional[Execution] = None) -> Dict[str, Any]:
     cpu = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -772,9 +963,9 @@ def machine_info(rt: Optional[Runtime] = None) -> Dict[str, Any]:
         pass
     info: Dict[str, Any] = {"cpu": cpu, "threads": torch.get_num_threads(), "torch": torch.__version__,
                             "python": sys.version.split()[0], "platform": platform.platform()}
-    if rt is not None:
-        info["device"] = str(rt.device)
-        info["world_size"] = rt.dist.world_size
-        if rt.device.type == "cuda":
-            info["gpu"] = torch.cuda.get_device_name(rt.device)
+    if ex is not None:
+        info["device"] = str(ex.device)
+        info["world_size"] = ex.dist.world_size
+        if ex.device.type == "cuda":
+            info["gpu"] = torch.cuda.get_device_name(ex.device)
     return info

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from importlib import metadata
 from pathlib import Path
@@ -34,7 +35,8 @@ def test_py_typed_and_classifiers():
     p = _project()
     assert (ROOT / "bnn_distill" / "py.typed").is_file()
     assert "py.typed" in p["tool"]["setuptools"]["package-data"]["bnn_distill"]
-    versions = {c.rsplit(" ", 1)[-1] for c in p["project"]["classifiers"] if c.startswith("Programming Language :: Python :: 3.")}
+    versions = {c.rsplit(" ", 1)[-1] for c in p["project"]["classifiers"]
+                if c.startswith("Programming Language :: Python :: 3.")}
     assert versions == {"3.10", "3.11", "3.12", "3.13"}
 
 
@@ -45,3 +47,53 @@ def test_brevitas_is_bounded_above_the_tested_minor():
     have = tuple(int(v) for v in metadata.version("brevitas").split(".")[:2])
     bound = tuple(int(v) for v in upper.group(1).split(".")[:2])
     assert have < bound and bound == (have[0], have[1] + 1)  # the installed (tested) minor, not beyond
+
+
+HEAVY = ("torch", "torchvision", "brevitas", "onnx", "onnxruntime")
+
+
+def _python(*args):
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
+
+
+def test_help_imports_neither_torch_nor_brevitas():
+    """``bnn-distill --help`` answers without the heavy stack: the modules it imports, by -X importtime."""
+    res = _python("-X", "importtime", "-m", "bnn_distill", "--help")
+    assert res.returncode == 0, res.stderr
+    assert "usage: bnn-distill" in res.stdout
+    imported = {line.rsplit("|", 1)[-1].strip().split(".")[0] for line in res.stderr.splitlines()
+                if line.startswith("import time:")}
+    assert "bnn_distill" in imported and "argparse" in imported  # the listing is what it says
+    assert not imported & set(HEAVY), sorted(imported & set(HEAVY))
+
+
+def test_every_command_help_and_the_parser_import_no_torch():
+    code = (
+        "import json, sys\n"
+        "import bnn_distill.cli as cli\n"
+        "cli.build_parser().format_help()\n"
+        "for cmd in ('train', 'eval', 'summary', 'export', 'bench', 'predict', 'build-native'):\n"
+        "    try:\n"
+        "        cli.main([cmd, '--help'])\n"
+        "    except SystemExit as e:\n"
+        "        assert e.code == 0, (cmd, e.code)\n"
+        f"print(json.dumps([m for m in {HEAVY!r} if m in sys.modules]))\n"
+    )
+    res = _python("-c", code)
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout.splitlines()[-1]) == []
+
+
+def test_public_names_resolve_lazily():
+    import bnn_distill
+
+    for name in bnn_distill.__all__:
+        assert getattr(bnn_distill, name) is not None, name
+    from bnn_distill import Criterion, create_model, load_recipe  # noqa: F401
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        bnn_distill.nope  # noqa: B018

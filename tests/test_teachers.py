@@ -16,7 +16,7 @@ from bnn_distill.cli import main
 from bnn_distill.errors import CheckpointError, RecipeError
 from bnn_distill.models import classifier_keys, create_model, default_feature_layer
 from bnn_distill.recipe import recipe_from_dict
-from bnn_distill.train import load_teacher, model_spec, run_recipe
+from bnn_distill.train import load_teacher, model_spec_dict, run_recipe
 
 from conftest import make_image_folder
 
@@ -74,7 +74,7 @@ def test_a_checkpoint_of_another_class_count_needs_head_reinit(tmp_path):
     path, state = _tv_state(tmp_path, 1000)
     d = _recipe(tmp_path, {"arch": "torchvision:resnet18", "checkpoint": str(path)})
     recipe = recipe_from_dict(d)
-    spec = model_spec(recipe, recipe.teacher, "FP", 10, 3)
+    spec = model_spec_dict(recipe, recipe.teacher, "FP", 10, 3)
     with pytest.raises(CheckpointError, match="teacher.head: reinit") as err:
         load_teacher(recipe, spec)
     assert "(1000, 512)" in str(err.value) and "\n" not in str(err.value)
@@ -92,7 +92,7 @@ def test_head_reinit_keeps_the_body_and_a_teacher_stage_fine_tunes_it(tmp_path, 
     d["stages"].insert(0, teacher_stage)
     recipe = recipe_from_dict(d)
     with caplog.at_level(logging.INFO, logger="bnn_distill.train"):
-        loaded = load_teacher(recipe, model_spec(recipe, recipe.teacher, "FP", 10, 3))
+        loaded = load_teacher(recipe, model_spec_dict(recipe, recipe.teacher, "FP", 10, 3))
     assert "re-initialised" in caplog.text
     assert loaded.fc.weight.shape == (10, 512)
     own = loaded.state_dict()
@@ -123,6 +123,7 @@ def test_the_imagenet_recipe_runs_a_few_steps_on_a_tiny_image_folder(tmp_path):
     summary = json.loads((tmp_path / "runs" / "resnet18_imagenet_binary" / "summary.json").read_text())
     assert [s["quant"] for s in summary["stages"]] == ["W32A1", "W1A1"]
     assert summary["teacher"]["arch"] == "torchvision:resnet34"
-    metrics = [json.loads(x) for x in (tmp_path / "runs" / "resnet18_imagenet_binary" / "metrics.jsonl").read_text().splitlines()]
+    metrics_file = tmp_path / "runs" / "resnet18_imagenet_binary" / "metrics.jsonl"
+    metrics = [json.loads(x) for x in metrics_file.read_text().splitlines()]
     assert set(metrics[-1]["train"]) == {"ce", "itrd_corr", "itrd_mi", "loss"}
     assert all(v == v for v in metrics[-1]["train"].values())  # finite, not NaN
