@@ -91,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="calls of each model back to back per round; the first of each is reported as 'cold' "
                         "(default: 3)")
     b.add_argument("--no-accuracy", action="store_true", help="skip the test-split accuracy")
+    b.add_argument("--openvino", action=argparse.BooleanOptionalAction, default=None,
+                   help="also time the FP32 teacher in OpenVINO (default: when openvino is installed, "
+                        "pip install 'bnn-distill[peers]')")
     b.add_argument("--data-root", help="dataset folder, if not where the run found it")
     b.add_argument("--no-progress", action="store_true", help="no progress bars (shown only on a terminal)")
     _add_common(b)
@@ -431,7 +434,7 @@ def cmd_bench(args) -> int:
 
     run_bench(args.export_dir, batches=args.batch, threads=args.threads, repeats=args.repeats, warmup=args.warmup,
               budget_s=args.budget, accuracy=not args.no_accuracy, data_root=args.data_root, burst=args.burst,
-              progress=not args.no_progress and sys.stderr.isatty())
+              progress=not args.no_progress and sys.stderr.isatty(), openvino=args.openvino)
     print((Path(args.export_dir) / BENCH_MD).read_text().rstrip())
     return 0
 

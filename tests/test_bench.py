@@ -95,6 +95,9 @@ def test_cli_bench(export_dir, capsys):
     out = capsys.readouterr().out
     assert "binary student" in out and "speed-up" in out
     assert "accuracy" not in json.loads((export_dir / "bench.json").read_text())
+    assert main(["bench", str(export_dir), "--batch", "1", "--threads", "1", "--repeats", "1", "--warmup", "1",
+                 "--no-accuracy", "--no-openvino"]) == 0
+    assert "OpenVINO" not in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("args,expect", [
