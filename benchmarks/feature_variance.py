@@ -42,8 +42,10 @@ def main(argv=None) -> int:
     x = torch.stack([test[i][0] for i in range(len(test))])
     run = RunDir(args.run)
     stage = run.stages_with_checkpoints()[-1]  # the last stage by name
-    for name, path in [("teacher", RunDir(Path(args.runs) / "teacher").last("teacher")),
-                       (f"{run.path.name} ({stage})", run.last(stage))]:
+    for name, path in [
+        ("teacher", RunDir(Path(args.runs) / "teacher").last("teacher")),
+        (f"{run.path.name} ({stage})", run.last(stage)),
+    ]:
         model, ck = model_from_checkpoint(path)
         layer = default_feature_layer(ck["model_spec"]["name"])
         _, feat = forward_features(model, x, layer, args.batch_size)
@@ -56,9 +58,11 @@ def main(argv=None) -> int:
             feat = feat @ state["embed.weight"].T + state["embed.bias"]
             what += " after embed"
         v = batch_variance(feat, args.batch_size)
-        print(f"{name}, {what}: per-dimension batch variance min {v.min():.3g}, median {v.median():.3g} "
-              f"({v.shape[0]} batches of {args.batch_size}); eps {args.eps:g} changes the standardisation by "
-              f"at most {args.eps / (2 * float(v.min())):.1e} relative")
+        print(
+            f"{name}, {what}: per-dimension batch variance min {v.min():.3g}, median {v.median():.3g} "
+            f"({v.shape[0]} batches of {args.batch_size}); eps {args.eps:g} changes the standardisation by "
+            f"at most {args.eps / (2 * float(v.min())):.1e} relative"
+        )
     return 0
 
 

@@ -66,7 +66,6 @@ import sys
 import tempfile
 import time
 import traceback
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
@@ -81,14 +80,28 @@ SMOKE_SECTIONS = ("env", "steps", "itrd_run", "torchrun", "export")
 # Per-section caps in seconds (full mode, smoke mode); the global budget trims them further.
 # (The smoke caps are loose: on an idle 2-core machine the smoke run takes about a minute, but it must
 # also pass on a machine shared with other jobs, where it has been seen to take five times as long.)
-CAPS = {"env": (45, 90), "steps": (110, 150), "itrd_run": (100, 150), "torchrun": (130, 240),
-        "export": (70, 120), "compile": (170, 180), "_sleep": (2, 2)}
+CAPS = {
+    "env": (45, 90),
+    "steps": (110, 150),
+    "itrd_run": (100, 150),
+    "torchrun": (130, 240),
+    "export": (70, 120),
+    "compile": (170, 180),
+    "_sleep": (2, 2),
+}
 MIN_SECTION_S = {True: 2.0, False: 15.0}  # below this much time left a section is skipped (smoke, full)
 REPORT_RESERVE_S = 3.0
 
-PAPER = {"epochs": 600, "train_images": 50_000, "test_images": 10_000,
-         "two_stage": (("stage1 (W32A1 ITRD)", "W32A1 ITRD (stage1)", 300), ("stage2 (W1A1 ITRD)", "W1A1 ITRD (stage2)", 300)),
-         "teacher_epochs": 200}
+PAPER = {
+    "epochs": 600,
+    "train_images": 50_000,
+    "test_images": 10_000,
+    "two_stage": (
+        ("stage1 (W32A1 ITRD)", "W32A1 ITRD (stage1)", 300),
+        ("stage2 (W1A1 ITRD)", "W1A1 ITRD (stage2)", 300),
+    ),
+    "teacher_epochs": 200,
+}
 
 
 # ============================================================================ small helpers
@@ -116,8 +129,11 @@ def _json_default(o):
 def exc_info(e: BaseException, frames: int = 6) -> Dict[str, Any]:
     """An exception as data: type, message (first 3000 chars) and the last traceback frames."""
     tb = traceback.extract_tb(e.__traceback__)[-frames:]
-    return {"type": type(e).__name__, "message": str(e)[:3000],
-            "where": [f"{Path(f.filename).name}:{f.lineno} in {f.name}" for f in tb]}
+    return {
+        "type": type(e).__name__,
+        "message": str(e)[:3000],
+        "where": [f"{Path(f.filename).name}:{f.lineno} in {f.name}" for f in tb],
+    }
 
 
 def tail(path: Path, n: int = 4000) -> str:
@@ -161,23 +177,34 @@ def make_cfg(args) -> Dict[str, Any]:
         device = "cpu" if smoke else "cuda"  # full mode is the GPU check; --device cpu runs it on CPU
     full = not smoke
     cfg = {
-        "smoke": smoke, "device": device, "backend": args.backend,
+        "smoke": smoke,
+        "device": device,
+        "backend": args.backend,
         "budget_s": args.budget if args.budget is not None else (600.0 if smoke else 450.0),
         "isolate": (not smoke) if args.isolate is None else bool(args.isolate),
-        "sections": [s for s in (args.sections.split(",") if args.sections else SMOKE_SECTIONS if smoke else SECTION_ORDER) if s not in (args.skip or "").split(",")],
+        "sections": [
+            s
+            for s in (args.sections.split(",") if args.sections else SMOKE_SECTIONS if smoke else SECTION_ORDER)
+            if s not in (args.skip or "").split(",")
+        ],
         "inject_failure": args.inject_failure,
         "width_mult": args.width_mult if args.width_mult is not None else (1.0 if full else 0.125),
         "step_batch": args.batch if args.batch is not None else (256 if full else 16),
-        "step_rounds": 12 if full else 1, "steps_per_round": 5 if full else 1, "step_warmup": 3 if full else 1,
+        "step_rounds": 12 if full else 1,
+        "steps_per_round": 5 if full else 1,
+        "step_warmup": 3 if full else 1,
         "eval_batch": 256 if full else 16,
         "run_epochs": args.run_epochs if args.run_epochs is not None else (8 if full else 2),
         "run_batch": args.batch if args.batch is not None else (256 if full else 32),
-        "run_limit_train": None if full else 64, "torchrun_limit_train": None if full else 128,
+        "run_limit_train": None if full else 64,
+        "torchrun_limit_train": None if full else 128,
         "limit_test": None if full else 64,
         "run_workers": 8 if full else 0,  # the recipe's num_workers on GPU
         "torchrun_batch": args.batch if args.batch is not None else (256 if full else 32),
         "torchrun_workers": 2 if full else 0,
-        "torchrun_variants": args.torchrun_variants.split(",") if args.torchrun_variants else (["nccl_ddp", "cli"] if full else ["nccl_ddp"]),
+        "torchrun_variants": args.torchrun_variants.split(",")
+        if args.torchrun_variants
+        else (["nccl_ddp", "cli"] if full else ["nccl_ddp"]),
         "export_limit": None,
         "compile_backend": args.compile_backend or ("inductor" if full else "eager"),
         "compile_models": ["W1A1", "FP"] if full else ["W1A1"],
@@ -187,13 +214,20 @@ def make_cfg(args) -> Dict[str, Any]:
     return cfg
 
 
-def recipe_overrides(cfg: Dict[str, Any], name: str, epochs: int, batch: int, workers: int, work: Path,
-                     limit_train: Optional[int] = None) -> List[str]:
+def recipe_overrides(
+    cfg: Dict[str, Any], name: str, epochs: int, batch: int, workers: int, work: Path, limit_train: Optional[int] = None
+) -> List[str]:
     """``--set`` values that turn resnet18_binary.yaml into a short run on the synthetic CIFAR-shaped set."""
     (work / "data").mkdir(parents=True, exist_ok=True)  # synthetic data reads nothing, but data.root must exist
-    o = [f"name={name}", f"output_dir={work / 'runs'}", "data.dataset=synthetic", f"data.root={work / 'data'}",
-         "data.download=false",
-         f"data.num_workers={workers}", f"device={cfg['device']}"]
+    o = [
+        f"name={name}",
+        f"output_dir={work / 'runs'}",
+        "data.dataset=synthetic",
+        f"data.root={work / 'data'}",
+        "data.download=false",
+        f"data.num_workers={workers}",
+        f"device={cfg['device']}",
+    ]
     try:  # a held-out validation split (data.val_size, 5000 in the recipe) would leave nothing of 512 images
         import dataclasses
 
@@ -209,8 +243,11 @@ def recipe_overrides(cfg: Dict[str, Any], name: str, epochs: int, batch: int, wo
     if cfg["width_mult"] != 1.0:
         o += [f"teacher.width_mult={cfg['width_mult']}", f"student.width_mult={cfg['width_mult']}"]
     for st in ("teacher", "stage1", "stage2"):
-        o += [f"stages.{st}.epochs={epochs}", f"stages.{st}.batch_size={batch}",
-              f"stages.{st}.schedule.warmup_epochs={min(1, epochs - 1)}"]
+        o += [
+            f"stages.{st}.epochs={epochs}",
+            f"stages.{st}.batch_size={batch}",
+            f"stages.{st}.schedule.warmup_epochs={min(1, epochs - 1)}",
+        ]
     return o
 
 
@@ -223,13 +260,25 @@ def sec_env(cfg, rec: Rec) -> None:
     d["platform"] = platform.platform()
     d["cpu_count"] = os.cpu_count()
     try:
-        d["git_commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                                         text=True, timeout=10).stdout.strip() or None
+        d["git_commit"] = (
+            subprocess.run(
+                ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10
+            ).stdout.strip()
+            or None
+        )
     except Exception:
         d["git_commit"] = None
     try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total,clocks.max.sm,power.limit",
-                              "--format=csv,noheader"], capture_output=True, text=True, timeout=15)
+        out = subprocess.run(
+            [
+                "nvidia-smi",
+                "--query-gpu=name,driver_version,memory.total,clocks.max.sm,power.limit",
+                "--format=csv,noheader",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=15,
+        )
         d["nvidia_smi"] = out.stdout.strip() or out.stderr.strip()
     except Exception as e:
         d["nvidia_smi"] = f"unavailable ({type(e).__name__})"
@@ -291,7 +340,9 @@ def _synthetic_batches(cfg, n_batches: int, batch: int, device):
     mean = torch.tensor(SYNTHETIC_INFO.mean).view(1, -1, 1, 1)
     std = torch.tensor(SYNTHETIC_INFO.std).view(1, -1, 1, 1)
     x = (x.float() / 255.0 - mean) / std
-    return [(x[i * batch:(i + 1) * batch].to(device), y[i * batch:(i + 1) * batch].to(device)) for i in range(n_batches)]
+    return [
+        (x[i * batch : (i + 1) * batch].to(device), y[i * batch : (i + 1) * batch].to(device)) for i in range(n_batches)
+    ]
 
 
 def _nosync_tau(model) -> int:
@@ -320,8 +371,20 @@ def _nosync_tau(model) -> int:
 class StepConfig:
     """One training configuration, built with the library's code and stepped like ``Trainer._train_epoch``."""
 
-    def __init__(self, key: str, recipe, stage, quant: str, terms, teacher, teacher_hook, rt, kind: str = "student",
-                 nosync: bool = False, compile_backend: Optional[str] = None):
+    def __init__(
+        self,
+        key: str,
+        recipe,
+        stage,
+        quant: str,
+        terms,
+        teacher,
+        teacher_hook,
+        rt,
+        kind: str = "student",
+        nosync: bool = False,
+        compile_backend: Optional[str] = None,
+    ):
         import torch
 
         from bnn_distill.losses import Criterion
@@ -335,7 +398,8 @@ class StepConfig:
         path = feature_layer(mcfg)
         self.feat_dtypes: List[str] = []
         self._dtype_hook = self.model.get_submodule(path).register_forward_hook(
-            lambda m, i, o: self.feat_dtypes.append(str(o.dtype)) if len(self.feat_dtypes) < 1 else None)
+            lambda m, i, o: self.feat_dtypes.append(str(o.dtype)) if len(self.feat_dtypes) < 1 else None
+        )
         s_dim = t_dim = None
         if any(t.name.startswith("itrd") for t in terms):
             s_dim = t_dim = self.model.num_features
@@ -355,7 +419,9 @@ class StepConfig:
         self.finite = True
 
     def static_bytes(self) -> int:
-        own = sum(t.numel() * t.element_size() for t in list(self.step_module.parameters()) + list(self.step_module.buffers()))
+        own = sum(
+            t.numel() * t.element_size() for t in list(self.step_module.parameters()) + list(self.step_module.buffers())
+        )
         for st in self.optimizer.state.values():
             own += sum(v.numel() * v.element_size() for v in st.values() if hasattr(v, "numel"))
         return own
@@ -383,8 +449,14 @@ class StepConfig:
             self.losses.append({k: float(v) for k, v in out.items() if k != "logits"})
 
 
-def _make_configs(cfg, recipe, rt, wanted: Optional[List[str]] = None, compile_backend: Optional[str] = None,
-                  rec: Optional[Rec] = None):
+def _make_configs(
+    cfg,
+    recipe,
+    rt,
+    wanted: Optional[List[str]] = None,
+    compile_backend: Optional[str] = None,
+    rec: Optional[Rec] = None,
+):
     """The step configurations of the recipe, keyed by label; a configuration that fails to build is recorded and skipped."""
     import dataclasses
 
@@ -405,7 +477,10 @@ def _make_configs(cfg, recipe, rt, wanted: Optional[List[str]] = None, compile_b
     fp32 = dataclasses.replace(rt, amp_dtype=None)
     plan = [
         ("teacher FP, CE (teacher stage)", dict(stage=tst, quant="FP", terms=ce, kind="teacher")),
-        ("W32A1 ITRD (stage1)", dict(stage=s1, quant="W32A1", terms=[Term(t.name, t.weight, dict(t.params)) for t in s1.losses])),
+        (
+            "W32A1 ITRD (stage1)",
+            dict(stage=s1, quant="W32A1", terms=[Term(t.name, t.weight, dict(t.params)) for t in s1.losses]),
+        ),
         ("W1A1 ITRD (stage2)", dict(stage=s2, quant="W1A1", terms=itrd)),
         ("FP student, ITRD (same network and loss in FP)", dict(stage=s2, quant="FP", terms=itrd)),
         ("W1A1 CE only", dict(stage=s2, quant="W1A1", terms=ce)),
@@ -419,8 +494,17 @@ def _make_configs(cfg, recipe, rt, wanted: Optional[List[str]] = None, compile_b
             continue
         kw.setdefault("rt", rt)
         try:
-            configs[key] = StepConfig(key, recipe, kw.pop("stage"), kw.pop("quant"), kw.pop("terms"), teacher, thook,
-                                      compile_backend=compile_backend, **kw)
+            configs[key] = StepConfig(
+                key,
+                recipe,
+                kw.pop("stage"),
+                kw.pop("quant"),
+                kw.pop("terms"),
+                teacher,
+                thook,
+                compile_backend=compile_backend,
+                **kw,
+            )
         except Exception as e:
             if rec is None:
                 raise
@@ -468,8 +552,14 @@ def sec_steps(cfg, rec: Rec) -> None:
     rt = Execution.create(recipe, progress=False)
     cuda = rt.device.type == "cuda"
     B = cfg["step_batch"]
-    d.update(device=str(rt.device), amp_dtype=str(rt.amp_dtype), batch=B, width_mult=cfg["width_mult"],
-             arch=recipe.student.arch, cudnn_benchmark=bool(torch.backends.cudnn.benchmark))
+    d.update(
+        device=str(rt.device),
+        amp_dtype=str(rt.amp_dtype),
+        batch=B,
+        width_mult=cfg["width_mult"],
+        arch=recipe.student.arch,
+        cudnn_benchmark=bool(torch.backends.cudnn.benchmark),
+    )
     batches = _synthetic_batches(cfg, 4, B, rt.device)
     configs, teacher = _make_configs(cfg, recipe, rt, rec=rec)
     d["configs"] = list(configs)
@@ -549,12 +639,16 @@ def _summarise_steps(d, configs, rows, B, rounds, k_steps) -> None:
             continue
         ms = 1000 * median(c.times)
         row = rows[k]
-        row.update(median_ms=round(ms, 3), images_per_s=round(B / (ms / 1000), 1),
-                   vs_w1a1_itrd=round(ms / ref_ms, 3) if math.isfinite(ref_ms) else None,
-                   all_ms=[round(1000 * t, 3) for t in c.times], finite=c.finite,
-                   loss_first=c.losses[0]["loss"] if c.losses else None,
-                   loss_last=c.losses[-1]["loss"] if c.losses else None,
-                   terms_last={k2: round(v, 5) for k2, v in c.losses[-1].items()} if c.losses else None)
+        row.update(
+            median_ms=round(ms, 3),
+            images_per_s=round(B / (ms / 1000), 1),
+            vs_w1a1_itrd=round(ms / ref_ms, 3) if math.isfinite(ref_ms) else None,
+            all_ms=[round(1000 * t, 3) for t in c.times],
+            finite=c.finite,
+            loss_first=c.losses[0]["loss"] if c.losses else None,
+            loss_last=c.losses[-1]["loss"] if c.losses else None,
+            terms_last={k2: round(v, 5) for k2, v in c.losses[-1].items()} if c.losses else None,
+        )
 
 
 def _eval_throughput(model, rt, batch: int, iters: int) -> float:
@@ -588,11 +682,16 @@ def sec_itrd_run(cfg, rec: Rec) -> None:
 
     d = rec.data
     work = Path(cfg["work"])
-    recipe = _load_recipe(cfg, work, "gpu_check_itrd", cfg["run_epochs"], cfg["run_batch"], cfg["run_workers"],
-                          cfg["run_limit_train"])
-    d.update(run_dir=str(recipe.run_dir), epochs_per_stage=cfg["run_epochs"], batch=cfg["run_batch"],
-             num_workers=recipe.data.num_workers,
-             dataset=f"synthetic ({recipe.data.limit_train or 512} train / {recipe.data.limit_test or 256} test, 3x32x32)")
+    recipe = _load_recipe(
+        cfg, work, "gpu_check_itrd", cfg["run_epochs"], cfg["run_batch"], cfg["run_workers"], cfg["run_limit_train"]
+    )
+    d.update(
+        run_dir=str(recipe.run_dir),
+        epochs_per_stage=cfg["run_epochs"],
+        batch=cfg["run_batch"],
+        num_workers=recipe.data.num_workers,
+        dataset=f"synthetic ({recipe.data.limit_train or 512} train / {recipe.data.limit_test or 256} test, 3x32x32)",
+    )
     cuda = torch.cuda.is_available() and cfg["device"].startswith("cuda")
     if cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -608,7 +707,9 @@ def sec_itrd_run(cfg, rec: Rec) -> None:
             d["peak_gpu_reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 2)
         d["metrics"] = _stage_metrics(recipe, RunDir.of(recipe).read_metrics())
         rec.save()
-    d["summary_stages"] = [{k: s[k] for k in ("name", "quant", "epochs", "wall_s", "images_per_s", "final")} for s in summary["stages"]]
+    d["summary_stages"] = [
+        {k: s[k] for k in ("name", "quant", "epochs", "wall_s", "images_per_s", "final")} for s in summary["stages"]
+    ]
     d["machine"] = summary.get("machine")
     d["complete"] = True
 
@@ -619,16 +720,30 @@ def _stage_metrics(recipe, metrics: List[Dict[str, Any]]) -> Dict[str, Any]:
     for st in recipe.stages:
         recs = [m for m in metrics if m.get("stage") == st.name]
         expected = sorted({t.name for t in st.losses} | {"loss"})
-        epochs = [{"epoch": m["epoch"], **{k: round(v, 5) for k, v in m.get("train", {}).items()},
-                   "train_top1": round(m.get("train_top1", float("nan")), 2), "test_top1": m.get("test_top1"),
-                   "images_per_s": round(m.get("images_per_s", float("nan")), 1), "lr": m.get("lr")} for m in recs]
+        epochs = [
+            {
+                "epoch": m["epoch"],
+                **{k: round(v, 5) for k, v in m.get("train", {}).items()},
+                "train_top1": round(m.get("train_top1", float("nan")), 2),
+                "test_top1": m.get("test_top1"),
+                "images_per_s": round(m.get("images_per_s", float("nan")), 1),
+                "lr": m.get("lr"),
+            }
+            for m in recs
+        ]
         logged = all(set(expected) <= set(m.get("train", {})) for m in recs) and bool(recs)
         finite = all(math.isfinite(v) for m in recs for v in m.get("train", {}).values())
         first, last = (recs[0]["train"]["loss"], recs[-1]["train"]["loss"]) if recs else (None, None)
-        out[st.name] = {"quant": st.quant, "terms_expected": expected, "every_term_logged": logged, "finite": finite,
-                        "loss_first": first, "loss_last": last,
-                        "loss_down": (last < first) if recs and len(recs) > 1 else None,
-                        "epochs": epochs}
+        out[st.name] = {
+            "quant": st.quant,
+            "terms_expected": expected,
+            "every_term_logged": logged,
+            "finite": finite,
+            "loss_first": first,
+            "loss_last": last,
+            "loss_down": (last < first) if recs and len(recs) > 1 else None,
+            "epochs": epochs,
+        }
     return out
 
 
@@ -648,8 +763,17 @@ def _kill_children(*_a) -> None:
 
 def _torchrun_cmd(cfg, variant: str, overrides: List[str], resume: bool) -> List[str]:
     target = ["-m", "bnn_distill"] if variant == "cli" else [str(THIS), "--torchrun-shim", "--backend", cfg["backend"]]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", *target,
-           "train", cfg["recipe"], "--no-progress"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=1",
+        *target,
+        "train",
+        cfg["recipe"],
+        "--no-progress",
+    ]
     for o in overrides:
         cmd += ["--set", o]
     return cmd + (["--resume"] if resume else [])
@@ -689,8 +813,13 @@ def _checkpoints(run_dir: Path) -> Dict[str, Any]:
         try:
             s = torch.load(ck, map_location="cpu", weights_only=True)
             part = s.get("partial")
-            out[ck.parent.name] = {"epoch": s.get("epoch"), "step": s.get("step"), "complete": s.get("complete"),
-                                   "partial_batch": part.get("batch") if part else None, "mib": round(ck.stat().st_size / 2**20, 1)}
+            out[ck.parent.name] = {
+                "epoch": s.get("epoch"),
+                "step": s.get("step"),
+                "complete": s.get("complete"),
+                "partial_batch": part.get("batch") if part else None,
+                "mib": round(ck.stat().st_size / 2**20, 1),
+            }
         except Exception as e:
             out[ck.parent.name] = {"error": f"{type(e).__name__}: {e}"[:300]}
     return out
@@ -701,7 +830,9 @@ def _torchrun_variant(cfg, rec: Rec, variant: str, cap: float) -> Dict[str, Any]
 
     work = Path(cfg["work"])
     name = f"gpu_check_tr_{variant}"
-    overrides = recipe_overrides(cfg, name, 1, cfg["torchrun_batch"], cfg["torchrun_workers"], work, cfg["torchrun_limit_train"])
+    overrides = recipe_overrides(
+        cfg, name, 1, cfg["torchrun_batch"], cfg["torchrun_workers"], work, cfg["torchrun_limit_train"]
+    )
     run_dir = work / "runs" / name
     res: Dict[str, Any] = {"run_dir": str(run_dir), "command": " ".join(_torchrun_cmd(cfg, variant, overrides, False))}
     t_end = now() + cap
@@ -719,25 +850,36 @@ def _torchrun_variant(cfg, rec: Rec, variant: str, cap: float) -> Dict[str, Any]
         res["note"] = "the run ended or ran out of time before the teacher's checkpoint appeared; no signal sent"
     rc1 = _wait(p, t_end - now() - 15)
     log_text = tail(log1, 20000)
-    res["first"] = {"rc": rc1, "log_tail": log_text[-2500:],
-                    "interrupted_line": next((ln for ln in log_text.splitlines() if ln.startswith("interrupted:")), None),
-                    "process_group": re.findall(r"(?:joined process group|GPU_CHECK_SHIM)[^\n]*", log_text)[:2],
-                    "checkpoints": _checkpoints(run_dir)}
+    res["first"] = {
+        "rc": rc1,
+        "log_tail": log_text[-2500:],
+        "interrupted_line": next((ln for ln in log_text.splitlines() if ln.startswith("interrupted:")), None),
+        "process_group": re.findall(r"(?:joined process group|GPU_CHECK_SHIM)[^\n]*", log_text)[:2],
+        "checkpoints": _checkpoints(run_dir),
+    }
     rec.save()
     log2 = work / f"torchrun_{variant}_2.log"
     p2 = _launch(_torchrun_cmd(cfg, variant, overrides, True), log2)
     rc2 = _wait(p2, t_end - now())
     log_text2 = tail(log2, 20000)
-    res["resume"] = {"rc": rc2, "log_tail": log_text2[-2500:], "checkpoints": _checkpoints(run_dir),
-                     "resuming_lines": [ln for ln in log_text2.splitlines() if "resuming" in ln][:3]}
+    res["resume"] = {
+        "rc": rc2,
+        "log_tail": log_text2[-2500:],
+        "checkpoints": _checkpoints(run_dir),
+        "resuming_lines": [ln for ln in log_text2.splitlines() if "resuming" in ln][:3],
+    }
     summary = RunDir(run_dir).summary_file
     if summary.exists():
         s = json.loads(summary.read_text())
-        res["resume"]["summary_stages"] = [{k: st.get(k) for k in ("name", "epochs", "wall_s", "images_per_s", "final")} for st in s["stages"]]
+        res["resume"]["summary_stages"] = [
+            {k: st.get(k) for k in ("name", "epochs", "wall_s", "images_per_s", "final")} for st in s["stages"]
+        ]
         res["resume"]["device"] = s.get("machine", {}).get("device")
         res["resume"]["world_size"] = s.get("machine", {}).get("world_size")
         m = RunDir(run_dir).read_metrics()
-        res["resume"]["epochs_logged"] = {st: [r["epoch"] for r in m if r["stage"] == st] for st in ("teacher", "stage1", "stage2")}
+        res["resume"]["epochs_logged"] = {
+            st: [r["epoch"] for r in m if r["stage"] == st] for st in ("teacher", "stage1", "stage2")
+        }
     ok = rc2 == 0 and summary.exists() and all(v == [1] for v in res["resume"].get("epochs_logged", {"x": []}).values())
     res["interrupted_by_sigterm"] = bool(res["sigterm_after_s"] is not None and rc1 not in (0, None))
     res["passed"] = bool(ok and res["interrupted_by_sigterm"])
@@ -793,8 +935,11 @@ def torchrun_shim(argv: List[str], backend: str) -> int:
             if use_cuda:
                 torch.cuda.set_device(local_rank)
             dist.init_process_group(backend=be)
-            print(f"GPU_CHECK_SHIM backend={dist.get_backend()} rank={dist.get_rank()} world={dist.get_world_size()}",
-                  file=sys.stderr, flush=True)
+            print(
+                f"GPU_CHECK_SHIM backend={dist.get_backend()} rank={dist.get_rank()} world={dist.get_world_size()}",
+                file=sys.stderr,
+                flush=True,
+            )
         return ForcedDist(dist.get_rank(), dist.get_world_size(), local_rank)
 
     bd.init_distributed = init_forced
@@ -815,7 +960,9 @@ def sec_export(cfg, rec: Rec) -> None:
     d = rec.data
     work = Path(cfg["work"])
     d["cuda_visible_here"] = torch.cuda.is_available()
-    candidates = [work / "runs" / f"gpu_check_tr_{v}" for v in cfg["torchrun_variants"]] + [work / "runs" / "gpu_check_itrd"]
+    candidates = [work / "runs" / f"gpu_check_tr_{v}" for v in cfg["torchrun_variants"]] + [
+        work / "runs" / "gpu_check_itrd"
+    ]
     run = next((c for c in candidates if RunDir(c).summary_file.exists()), None)
     if run is None:
         raise RuntimeError(f"no finished run to export among {[c.name for c in candidates]}")
@@ -841,8 +988,12 @@ def sec_export(cfg, rec: Rec) -> None:
         p = json.loads(parity.read_text())
         d["parity_passed"] = p.get("passed")
         d["images"] = p.get("images")
-        d["models"] = {role: {k: r.get(k) for k in ("passed", "top1_agree", "n", "max_abs_diff", "atol", "onnx_top1", "torch_top1")}
-                       for role, r in p.get("models", {}).items()}
+        d["models"] = {
+            role: {
+                k: r.get(k) for k in ("passed", "top1_agree", "n", "max_abs_diff", "atol", "onnx_top1", "torch_top1")
+            }
+            for role, r in p.get("models", {}).items()
+        }
         d["binary_convs"], d["fused"] = p.get("binary_convs"), p.get("fused_matmul_integer_to_float")
     if (out / "manifest.json").exists():
         d["files"] = {f.name: f.stat().st_size for f in sorted(out.iterdir())}
@@ -886,11 +1037,22 @@ def _batch_dependence_probe(run: Path, max_images: int = 8) -> Dict[str, Any]:
         bad = [int(j) for j in np.argsort(-diff)[:max_images] if diff[j] > atol]
         rows = []
         for j in bad:
-            one = model(x[j:j + 1]).float().numpy()[0]
-            rows.append({"image": j, "onnx_vs_torch_batch": float(diff[j]), "onnx_vs_torch_alone": float(np.abs(got[j] - one).max()),
-                         "torch_batch_vs_alone": float(np.abs(ref[j] - one).max())})
-    return {"batch": len(x), "atol": atol, "images": rows,
-            "batch_dependent": bool(rows) and all(r["torch_batch_vs_alone"] > atol >= r["onnx_vs_torch_alone"] for r in rows)}
+            one = model(x[j : j + 1]).float().numpy()[0]
+            rows.append(
+                {
+                    "image": j,
+                    "onnx_vs_torch_batch": float(diff[j]),
+                    "onnx_vs_torch_alone": float(np.abs(got[j] - one).max()),
+                    "torch_batch_vs_alone": float(np.abs(ref[j] - one).max()),
+                }
+            )
+    return {
+        "batch": len(x),
+        "atol": atol,
+        "images": rows,
+        "batch_dependent": bool(rows)
+        and all(r["torch_batch_vs_alone"] > atol >= r["onnx_vs_torch_alone"] for r in rows),
+    }
 
 
 # ============================================================================ section: compile
@@ -907,7 +1069,13 @@ def sec_compile(cfg, rec: Rec) -> None:
     rt = Execution.create(recipe, progress=False)
     B = cfg["step_batch"]
     batches = _synthetic_batches(cfg, 4, B, rt.device)
-    d.update(backend=cfg["compile_backend"], device=str(rt.device), amp_dtype=str(rt.amp_dtype), batch=B, torch=torch.__version__)
+    d.update(
+        backend=cfg["compile_backend"],
+        device=str(rt.device),
+        amp_dtype=str(rt.amp_dtype),
+        batch=B,
+        torch=torch.__version__,
+    )
     labels = {"W1A1": "W1A1 ITRD (stage2)", "FP": "FP student, ITRD (same network and loss in FP)"}
     d["models"] = {}
     for quant in cfg["compile_models"]:
@@ -953,9 +1121,15 @@ def sec_compile(cfg, rec: Rec) -> None:
                     _sync(rt.device)
                     cc.times.append((time.perf_counter() - t0) / cfg["steps_per_round"])
             em, cm = 1000 * median(e.times), 1000 * median(c.times)
-            r.update(eager_ms=round(em, 3), compiled_ms=round(cm, 3), speedup=round(em / cm, 3) if cm else None,
-                     compiled_images_per_s=round(B / (cm / 1000), 1) if cm else None, finite=c.finite, rounds=len(c.times),
-                     status="ok")
+            r.update(
+                eager_ms=round(em, 3),
+                compiled_ms=round(cm, 3),
+                speedup=round(em / cm, 3) if cm else None,
+                compiled_images_per_s=round(B / (cm / 1000), 1) if cm else None,
+                finite=c.finite,
+                rounds=len(c.times),
+                status="ok",
+            )
             del eager, comp, e, c
         except Exception as ex:
             r["status"] = "error"
@@ -977,8 +1151,15 @@ def sec__sleep(cfg, rec: Rec) -> None:
     time.sleep(max(0.0, rec.left()) + 30)
 
 
-SECTIONS: Dict[str, Callable] = {"env": sec_env, "steps": sec_steps, "itrd_run": sec_itrd_run, "torchrun": sec_torchrun,
-                                 "export": sec_export, "compile": sec_compile, "_sleep": sec__sleep}
+SECTIONS: Dict[str, Callable] = {
+    "env": sec_env,
+    "steps": sec_steps,
+    "itrd_run": sec_itrd_run,
+    "torchrun": sec_torchrun,
+    "export": sec_export,
+    "compile": sec_compile,
+    "_sleep": sec__sleep,
+}
 
 
 # ============================================================================ estimate and findings
@@ -990,10 +1171,12 @@ def estimate(results: Dict[str, Any]) -> Dict[str, Any]:
     rows = steps.get("rows", {})
     ev = steps.get("eval_images_per_s", {})
     ips = {k: r.get("images_per_s") for k, r in rows.items() if r.get("images_per_s")}
-    out: Dict[str, Any] = {"basis": "step throughput at batch %s (synthetic batches already on the device, no data "
-                           "loading, no checkpoint writes) + a test pass of %d images per epoch at the measured "
-                           "test-time throughput" % (steps.get("batch"), PAPER["test_images"]),
-                           "train_images_per_epoch": PAPER["train_images"]}
+    out: Dict[str, Any] = {
+        "basis": "step throughput at batch %s (synthetic batches already on the device, no data "
+        "loading, no checkpoint writes) + a test pass of %d images per epoch at the measured "
+        "test-time throughput" % (steps.get("batch"), PAPER["test_images"]),
+        "train_images_per_epoch": PAPER["train_images"],
+    }
     w1 = ips.get("W1A1 ITRD (stage2)")
     if not w1:
         out["error"] = "no W1A1 ITRD step throughput measured"
@@ -1021,10 +1204,14 @@ def estimate(results: Dict[str, Any]) -> Dict[str, Any]:
     run = results.get("itrd_run", {})
     trainer_ips = {s["name"]: s.get("images_per_s") for s in run.get("summary_stages", [])}
     if trainer_ips.get("stage2"):
-        out["single_stage_600_from_trainer_h"] = round(PAPER["epochs"] * PAPER["train_images"] / trainer_ips["stage2"] / 3600, 2)
-        out["trainer_note"] = (f"the trainer's own images/s in itrd_run: data loading included, but on epochs of "
-                               f"{run.get('dataset', 'a few hundred images')} at batch {run.get('batch')}, where the "
-                               "per-epoch loader start-up weighs far more than on CIFAR-10")
+        out["single_stage_600_from_trainer_h"] = round(
+            PAPER["epochs"] * PAPER["train_images"] / trainer_ips["stage2"] / 3600, 2
+        )
+        out["trainer_note"] = (
+            f"the trainer's own images/s in itrd_run: data loading included, but on epochs of "
+            f"{run.get('dataset', 'a few hundred images')} at batch {run.get('batch')}, where the "
+            "per-epoch loader start-up weighs far more than on CIFAR-10"
+        )
     return out
 
 
@@ -1034,15 +1221,19 @@ def findings(results: Dict[str, Any]) -> List[str]:
     steps = results.get("steps", {})
     rows = steps.get("rows", {})
     if rows:
-        bad = {k: {t: dt for t, dt in r.get("term_dtypes", {}).items() if t != "logits" and dt != "torch.float32"}
-               for k, r in rows.items()}
+        bad = {
+            k: {t: dt for t, dt in r.get("term_dtypes", {}).items() if t != "logits" and dt != "torch.float32"}
+            for k, r in rows.items()
+        }
         bad = {k: v for k, v in bad.items() if v}
         amp = steps.get("amp_dtype")
         if bad:
             f.append(f"ISSUE losses not in fp32 under autocast ({amp}): {bad}")
         elif any(r.get("term_dtypes") for r in rows.values()):
             feats = {r.get("feature_dtype") for r in rows.values() if r.get("feature_dtype")}
-            f.append(f"OK every loss term is float32 under autocast {amp} (features hooked as {sorted(feats)}, cast by the criterion)")
+            f.append(
+                f"OK every loss term is float32 under autocast {amp} (features hooked as {sorted(feats)}, cast by the criterion)"
+            )
         w1, ns = rows.get("W1A1 ITRD (stage2)", {}), rows.get("W1A1 ITRD, tau without host sync (diagnostic)", {})
         s1 = (w1.get("syncs_per_step") or {}).get("count")
         s2 = (ns.get("syncs_per_step") or {}).get("count")
@@ -1051,48 +1242,66 @@ def findings(results: Dict[str, Any]) -> List[str]:
             if w1.get("median_ms") and ns.get("median_ms"):
                 gain = f"; the step without them: {ns['median_ms']:.2f} ms against {w1['median_ms']:.2f} ms ({w1['median_ms'] / ns['median_ms']:.3f}x)"
             level = "ISSUE" if s2 is not None and s1 > s2 else "OK"
-            f.append(f"{level} W1A1 step: {s1} host syncs per step ({s2} with tau read as a Python float); sources "
-                     f"{w1['syncs_per_step'].get('sources')}{gain}. bnn_distill/quant.py BinaryWeightTensorQuant.forward "
-                     "calls float(self.tau) on a CUDA buffer once per binary conv per forward")
+            f.append(
+                f"{level} W1A1 step: {s1} host syncs per step ({s2} with tau read as a Python float); sources "
+                f"{w1['syncs_per_step'].get('sources')}{gain}. bnn_distill/quant.py BinaryWeightTensorQuant.forward "
+                "calls float(self.tau) on a CUDA buffer once per binary conv per forward"
+            )
         if not all(r.get("finite", True) for r in rows.values()):
-            f.append("ISSUE a step configuration produced a non-finite loss: " +
-                     ", ".join(k for k, r in rows.items() if not r.get("finite", True)))
+            f.append(
+                "ISSUE a step configuration produced a non-finite loss: "
+                + ", ".join(k for k, r in rows.items() if not r.get("finite", True))
+            )
     run = results.get("itrd_run", {})
     for st, m in (run.get("metrics") or {}).items():
         if not m.get("finite") or not m.get("every_term_logged"):
-            f.append(f"ISSUE itrd_run stage {st}: finite={m.get('finite')} every term logged={m.get('every_term_logged')}")
+            f.append(
+                f"ISSUE itrd_run stage {st}: finite={m.get('finite')} every term logged={m.get('every_term_logged')}"
+            )
         elif m.get("loss_down") is False:
-            f.append(f"NOTE itrd_run stage {st}: train loss did not go down ({m['loss_first']:.4f} -> {m['loss_last']:.4f})")
+            f.append(
+                f"NOTE itrd_run stage {st}: train loss did not go down ({m['loss_first']:.4f} -> {m['loss_last']:.4f})"
+            )
     tr = results.get("torchrun", {}).get("variants", {})
     cli = tr.get("cli", {})
     if cli and not cli.get("error") and not cli.get("skipped"):
         pg = cli.get("first", {}).get("process_group")
-        f.append("NOTE plain `torchrun --nproc_per_node=1 -m bnn_distill train` joins no process group "
-                 f"(bnn_distill/distributed.py init_distributed returns early when WORLD_SIZE <= 1; seen: {pg or 'none'}), "
-                 "so NCCL is exercised only by the nccl_ddp variant, which forces the DDP path at world size 1")
+        f.append(
+            "NOTE plain `torchrun --nproc_per_node=1 -m bnn_distill train` joins no process group "
+            f"(bnn_distill/distributed.py init_distributed returns early when WORLD_SIZE <= 1; seen: {pg or 'none'}), "
+            "so NCCL is exercised only by the nccl_ddp variant, which forces the DDP path at world size 1"
+        )
     for v, r in tr.items():
         if r.get("passed") is False:
-            f.append(f"ISSUE torchrun {v}: SIGTERM + --resume did not pass (first rc {r.get('first', {}).get('rc')}, "
-                     f"resume rc {r.get('resume', {}).get('rc')})")
+            f.append(
+                f"ISSUE torchrun {v}: SIGTERM + --resume did not pass (first rc {r.get('first', {}).get('rc')}, "
+                f"resume rc {r.get('resume', {}).get('rc')})"
+            )
     ex = results.get("export", {})
     if ex.get("checkpoint_plain_load_without_map_location"):
-        f.append("OK checkpoints written on CUDA hold CUDA tensors (a plain torch.load on a CPU-only process fails: "
-                 f"{ex['checkpoint_plain_load_without_map_location'][:90]}...); the library loads with map_location='cpu' and the export ran")
+        f.append(
+            "OK checkpoints written on CUDA hold CUDA tensors (a plain torch.load on a CPU-only process fails: "
+            f"{ex['checkpoint_plain_load_without_map_location'][:90]}...); the library loads with map_location='cpu' and the export ran"
+        )
     if ex.get("parity_passed") is False or (ex.get("rc") not in (None, 0)):
         f.append(f"ISSUE export of the GPU-trained run: rc {ex.get('rc')}, parity passed {ex.get('parity_passed')}")
     probe = ex.get("failed_images_probe") or {}
     if probe.get("batch_dependent"):
-        f.append("ISSUE bnn_distill/export.py check_parity: the failing images' PyTorch logits depend on the batch size "
-                 f"({[(r['image'], round(r['torch_batch_vs_alone'], 4)) for r in probe['images']]}: batch of {probe['batch']} vs alone), "
-                 "and alone they equal the ONNX graph's; diagnose() re-runs PyTorch on the failing images alone, sees no sign "
-                 "flip and calls the difference 'unexplained'. Fix: take the flips from the parity pass's own batch")
+        f.append(
+            "ISSUE bnn_distill/export.py check_parity: the failing images' PyTorch logits depend on the batch size "
+            f"({[(r['image'], round(r['torch_batch_vs_alone'], 4)) for r in probe['images']]}: batch of {probe['batch']} vs alone), "
+            "and alone they equal the ONNX graph's; diagnose() re-runs PyTorch on the failing images alone, sees no sign "
+            "flip and calls the difference 'unexplained'. Fix: take the flips from the parity pass's own batch"
+        )
     for q, m in results.get("compile", {}).get("models", {}).items():
         if m.get("status") == "error":
             err = m.get("error", {})
             f.append(f"NOTE torch.compile of the {q} student failed: {err.get('type')}: {err.get('message', '')[:200]}")
         elif m.get("speedup"):
-            f.append(f"NOTE torch.compile ({results['compile'].get('backend')}) of the {q} student: {m['speedup']:.2f}x the eager "
-                     f"step after {m.get('first_step_s')} s of compilation; graph breaks {sum(m.get('graph_breaks', {}).values())}")
+            f.append(
+                f"NOTE torch.compile ({results['compile'].get('backend')}) of the {q} student: {m['speedup']:.2f}x the eager "
+                f"step after {m.get('first_step_s')} s of compilation; graph breaks {sum(m.get('graph_breaks', {}).values())}"
+            )
     return f
 
 
@@ -1110,14 +1319,21 @@ def _fmt(v, nd=1):
 def render_md(report: Dict[str, Any]) -> str:
     meta, res = report["meta"], report["sections"]
     env = res.get("env", {})
-    L = [f"# bnn-distill GPU check{' (CPU smoke)' if meta['smoke'] else ''}", "",
-         f"GPU: **{env.get('gpu', 'none')}** ({env.get('gpu_memory_gib', '-')} GiB, capability {env.get('capability', '-')}, "
-         f"bf16 {env.get('bf16_supported', '-')}; nvidia-smi: {env.get('nvidia_smi', '-')}). torch {env.get('torch', '-')} "
-         f"(CUDA {env.get('torch_cuda', '-')}, cuDNN {env.get('cudnn', '-')}, NCCL {env.get('nccl', '-')}), brevitas "
-         f"{env.get('brevitas', '-')}, onnxruntime {env.get('onnxruntime', '-')}, Python {env.get('python', '-')}, "
-         f"{env.get('cpu_count', '-')} CPUs, commit {env.get('git_commit', '-')}.", "",
-         f"Started {meta['started']}, {meta['wall_s']:.0f} s of a {meta['budget_s']:.0f} s budget; device {meta['device']}, "
-         f"width x{meta['width_mult']}.", "", "| section | status | s |", "|---|---|---:|"]
+    L = [
+        f"# bnn-distill GPU check{' (CPU smoke)' if meta['smoke'] else ''}",
+        "",
+        f"GPU: **{env.get('gpu', 'none')}** ({env.get('gpu_memory_gib', '-')} GiB, capability {env.get('capability', '-')}, "
+        f"bf16 {env.get('bf16_supported', '-')}; nvidia-smi: {env.get('nvidia_smi', '-')}). torch {env.get('torch', '-')} "
+        f"(CUDA {env.get('torch_cuda', '-')}, cuDNN {env.get('cudnn', '-')}, NCCL {env.get('nccl', '-')}), brevitas "
+        f"{env.get('brevitas', '-')}, onnxruntime {env.get('onnxruntime', '-')}, Python {env.get('python', '-')}, "
+        f"{env.get('cpu_count', '-')} CPUs, commit {env.get('git_commit', '-')}.",
+        "",
+        f"Started {meta['started']}, {meta['wall_s']:.0f} s of a {meta['budget_s']:.0f} s budget; device {meta['device']}, "
+        f"width x{meta['width_mult']}.",
+        "",
+        "| section | status | s |",
+        "|---|---|---:|",
+    ]
     for name in meta["sections"]:
         r = res.get(name, {})
         st = r.get("status", "not run")
@@ -1129,80 +1345,126 @@ def render_md(report: Dict[str, Any]) -> str:
         L += ["", "## Findings", ""] + [f"* {x}" for x in f]
     s = res.get("steps", {})
     if s.get("rows"):
-        L += ["", f"## One optimiser step, batch {s.get('batch')}, {s.get('amp_dtype')} autocast on {s.get('device')} "
-                  f"({s.get('arch')} x{s.get('width_mult')}; medians of {s.get('rounds')} interleaved rounds of "
-                  f"{s.get('steps_per_round')} steps)", "",
-              "| configuration | ms/step | images/s | vs W1A1 ITRD | step transient MiB | static MiB | syncs/step | loss first -> last |",
-              "|---|---:|---:|---:|---:|---:|---:|---|"]
+        L += [
+            "",
+            f"## One optimiser step, batch {s.get('batch')}, {s.get('amp_dtype')} autocast on {s.get('device')} "
+            f"({s.get('arch')} x{s.get('width_mult')}; medians of {s.get('rounds')} interleaved rounds of "
+            f"{s.get('steps_per_round')} steps)",
+            "",
+            "| configuration | ms/step | images/s | vs W1A1 ITRD | step transient MiB | static MiB | syncs/step | loss first -> last |",
+            "|---|---:|---:|---:|---:|---:|---:|---|",
+        ]
         for k, r in s["rows"].items():
             sy = (r.get("syncs_per_step") or {}).get("count")
-            L.append(f"| {k} | {_fmt(r.get('median_ms'), 2)} | {_fmt(r.get('images_per_s'), 0)} | {_fmt(r.get('vs_w1a1_itrd'), 3)} | "
-                     f"{_fmt(r.get('step_transient_mib'))} | {_fmt(r.get('static_mib'))} | {_fmt(sy)} | "
-                     f"{_fmt(r.get('loss_first'), 4)} -> {_fmt(r.get('loss_last'), 4)}{'' if r.get('finite', True) else ' NON-FINITE'} |")
+            L.append(
+                f"| {k} | {_fmt(r.get('median_ms'), 2)} | {_fmt(r.get('images_per_s'), 0)} | {_fmt(r.get('vs_w1a1_itrd'), 3)} | "
+                f"{_fmt(r.get('step_transient_mib'))} | {_fmt(r.get('static_mib'))} | {_fmt(sy)} | "
+                f"{_fmt(r.get('loss_first'), 4)} -> {_fmt(r.get('loss_last'), 4)}{'' if r.get('finite', True) else ' NON-FINITE'} |"
+            )
         ev = s.get("eval_images_per_s", {})
-        L += ["", f"Test-time forward: {', '.join(f'{k} {v:.0f} images/s' for k, v in ev.items()) or '-'}. "
-                  f"Peak GPU memory of the process (all configurations resident): {_fmt(s.get('process_peak_gib'), 2)} GiB."]
+        L += [
+            "",
+            f"Test-time forward: {', '.join(f'{k} {v:.0f} images/s' for k, v in ev.items()) or '-'}. "
+            f"Peak GPU memory of the process (all configurations resident): {_fmt(s.get('process_peak_gib'), 2)} GiB.",
+        ]
     r = res.get("itrd_run", {})
     if r.get("metrics"):
-        L += ["", f"## ITRD pipeline (`run_recipe`, resnet18_binary.yaml on {r.get('dataset')}, {r.get('epochs_per_stage')} "
-                  f"epochs per stage, batch {r.get('batch')}, {r.get('num_workers')} loader workers)", "",
-              f"Wall {_fmt(r.get('wall_s'))} s; peak GPU memory {_fmt(r.get('peak_gpu_gib'), 2)} GiB allocated, "
-              f"{_fmt(r.get('peak_gpu_reserved_gib'), 2)} GiB reserved.", "",
-              "| stage | quant | every term logged | finite | loss first -> last epoch | terms, last epoch | trainer images/s | test top-1 |",
-              "|---|---|---|---|---|---|---:|---:|"]
+        L += [
+            "",
+            f"## ITRD pipeline (`run_recipe`, resnet18_binary.yaml on {r.get('dataset')}, {r.get('epochs_per_stage')} "
+            f"epochs per stage, batch {r.get('batch')}, {r.get('num_workers')} loader workers)",
+            "",
+            f"Wall {_fmt(r.get('wall_s'))} s; peak GPU memory {_fmt(r.get('peak_gpu_gib'), 2)} GiB allocated, "
+            f"{_fmt(r.get('peak_gpu_reserved_gib'), 2)} GiB reserved.",
+            "",
+            "| stage | quant | every term logged | finite | loss first -> last epoch | terms, last epoch | trainer images/s | test top-1 |",
+            "|---|---|---|---|---|---|---:|---:|",
+        ]
         ips = {st["name"]: st.get("images_per_s") for st in r.get("summary_stages", [])}
         for st, m in r["metrics"].items():
             last = m["epochs"][-1] if m["epochs"] else {}
             terms = ", ".join(f"{t}={last.get(t):.4f}" for t in m["terms_expected"] if isinstance(last.get(t), float))
-            L.append(f"| {st} | {m['quant']} | {m['every_term_logged']} | {m['finite']} | {_fmt(m['loss_first'], 4)} -> "
-                     f"{_fmt(m['loss_last'], 4)} ({'down' if m['loss_down'] else 'NOT down' if m['loss_down'] is False else '-'}) | "
-                     f"{terms} | {_fmt(ips.get(st), 0)} | {_fmt(last.get('test_top1'), 2)} |")
+            L.append(
+                f"| {st} | {m['quant']} | {m['every_term_logged']} | {m['finite']} | {_fmt(m['loss_first'], 4)} -> "
+                f"{_fmt(m['loss_last'], 4)} ({'down' if m['loss_down'] else 'NOT down' if m['loss_down'] is False else '-'}) | "
+                f"{terms} | {_fmt(ips.get(st), 0)} | {_fmt(last.get('test_top1'), 2)} |"
+            )
     t = res.get("torchrun", {})
     if t.get("variants"):
-        L += ["", "## torchrun --nproc_per_node=1, SIGTERM, --resume", "",
-              "| variant | process group | SIGTERM after s | first rc | interrupted | resume rc | epochs logged | passed |",
-              "|---|---|---:|---:|---|---:|---|---|"]
+        L += [
+            "",
+            "## torchrun --nproc_per_node=1, SIGTERM, --resume",
+            "",
+            "| variant | process group | SIGTERM after s | first rc | interrupted | resume rc | epochs logged | passed |",
+            "|---|---|---:|---:|---|---:|---|---|",
+        ]
         for v, x in t["variants"].items():
             if x.get("error") or x.get("skipped"):
-                L.append(f"| {v} | {x.get('skipped') or x['error'].get('type') + ': ' + x['error'].get('message', '')[:100]} | | | | | | False |")
+                L.append(
+                    f"| {v} | {x.get('skipped') or x['error'].get('type') + ': ' + x['error'].get('message', '')[:100]} | | | | | | False |"
+                )
                 continue
             fi, re_ = x.get("first", {}), x.get("resume", {})
-            L.append(f"| {v} | {'; '.join(fi.get('process_group') or []) or 'none'} | {_fmt(x.get('sigterm_after_s'), 2)} | "
-                     f"{fi.get('rc')} | {(fi.get('interrupted_line') or '-')[:160]} | {re_.get('rc')} | {re_.get('epochs_logged')} | {x.get('passed')} |")
+            L.append(
+                f"| {v} | {'; '.join(fi.get('process_group') or []) or 'none'} | {_fmt(x.get('sigterm_after_s'), 2)} | "
+                f"{fi.get('rc')} | {(fi.get('interrupted_line') or '-')[:160]} | {re_.get('rc')} | {re_.get('epochs_logged')} | {x.get('passed')} |"
+            )
     e = res.get("export", {})
     if e.get("command"):
-        L += ["", "## Export on CPU", "", f"`{e['command']}` (CUDA visible to the exporting process: {e.get('cuda_visible_here')}): "
-              f"rc {e.get('rc')}, parity passed **{e.get('parity_passed')}** on {e.get('images')} images, {_fmt(e.get('wall_s'))} s; "
-              f"{e.get('fused')}/{e.get('binary_convs')} binary convs fused into MatMulIntegerToFloat.", ""]
+        L += [
+            "",
+            "## Export on CPU",
+            "",
+            f"`{e['command']}` (CUDA visible to the exporting process: {e.get('cuda_visible_here')}): "
+            f"rc {e.get('rc')}, parity passed **{e.get('parity_passed')}** on {e.get('images')} images, {_fmt(e.get('wall_s'))} s; "
+            f"{e.get('fused')}/{e.get('binary_convs')} binary convs fused into MatMulIntegerToFloat.",
+            "",
+        ]
         if e.get("models"):
             L += ["| model | top-1 agree | max logit diff | tol |", "|---|---:|---:|---:|"]
             for role, m in e["models"].items():
-                L.append(f"| {role} | {m.get('top1_agree')}/{m.get('n')} | {_fmt(m.get('max_abs_diff'), 6)} | {_fmt(m.get('atol'), 6)} |")
+                L.append(
+                    f"| {role} | {m.get('top1_agree')}/{m.get('n')} | {_fmt(m.get('max_abs_diff'), 6)} | {_fmt(m.get('atol'), 6)} |"
+                )
     c = res.get("compile", {})
     if c.get("models"):
-        L += ["", f"## torch.compile of the student (backend {c.get('backend')}, {c.get('amp_dtype')}, batch {c.get('batch')})", "",
-              "| student | status | first step (compile) s | eager ms | compiled ms | speed-up | graph breaks |", "|---|---|---:|---:|---:|---:|---|"]
+        L += [
+            "",
+            f"## torch.compile of the student (backend {c.get('backend')}, {c.get('amp_dtype')}, batch {c.get('batch')})",
+            "",
+            "| student | status | first step (compile) s | eager ms | compiled ms | speed-up | graph breaks |",
+            "|---|---|---:|---:|---:|---:|---|",
+        ]
         for q, m in c["models"].items():
             err = m.get("error")
             st = m.get("status") or m.get("skipped") or "-"
             if err:
                 st = f"error: {err.get('type')}: {err.get('message', '')[:150]}"
-            L.append(f"| {q} | {st} | {_fmt(m.get('first_step_s'))} | {_fmt(m.get('eager_ms'), 2)} | {_fmt(m.get('compiled_ms'), 2)} | "
-                     f"{_fmt(m.get('speedup'), 3)} | {m.get('graph_breaks') if m.get('graph_breaks') is not None else '-'} |")
+            L.append(
+                f"| {q} | {st} | {_fmt(m.get('first_step_s'))} | {_fmt(m.get('eager_ms'), 2)} | {_fmt(m.get('compiled_ms'), 2)} | "
+                f"{_fmt(m.get('speedup'), 3)} | {m.get('graph_breaks') if m.get('graph_breaks') is not None else '-'} |"
+            )
     est = report.get("estimate", {})
     if est:
         L += ["", "## Estimate: the paper's CIFAR-10 recipe on this GPU", "", f"Basis: {est.get('basis')}.", ""]
         if est.get("error"):
             L.append(f"Not available: {est['error']}.")
         else:
-            L += ["| schedule | estimated hours |", "|---|---:|",
-                  f"| 600 epochs W1A1 ITRD (the paper's single stage) | {_fmt(est.get('single_stage_600_w1a1_h'), 2)} |",
-                  f"| 300 W32A1 + 300 W1A1 ITRD (resnet18_binary.yaml's students) | {_fmt(est.get('two_stage_300_300_h'), 2)} |",
-                  f"| + 200-epoch FP teacher (resnet18_binary.yaml in full) | {_fmt(est.get('resnet18_binary_yaml_total_h'), 2)} |"]
+            L += [
+                "| schedule | estimated hours |",
+                "|---|---:|",
+                f"| 600 epochs W1A1 ITRD (the paper's single stage) | {_fmt(est.get('single_stage_600_w1a1_h'), 2)} |",
+                f"| 300 W32A1 + 300 W1A1 ITRD (resnet18_binary.yaml's students) | {_fmt(est.get('two_stage_300_300_h'), 2)} |",
+                f"| + 200-epoch FP teacher (resnet18_binary.yaml in full) | {_fmt(est.get('resnet18_binary_yaml_total_h'), 2)} |",
+            ]
             if est.get("single_stage_600_w1a1_compiled_h"):
-                L.append(f"| 600 epochs W1A1 ITRD, student compiled | {_fmt(est['single_stage_600_w1a1_compiled_h'], 2)} |")
+                L.append(
+                    f"| 600 epochs W1A1 ITRD, student compiled | {_fmt(est['single_stage_600_w1a1_compiled_h'], 2)} |"
+                )
             if est.get("single_stage_600_from_trainer_h"):
-                L.append(f"| 600 epochs W1A1, from {est.get('trainer_note')} | {_fmt(est['single_stage_600_from_trainer_h'], 2)} |")
+                L.append(
+                    f"| 600 epochs W1A1, from {est.get('trainer_note')} | {_fmt(est['single_stage_600_from_trainer_h'], 2)} |"
+                )
     return "\n".join(L) + "\n"
 
 
@@ -1287,25 +1549,40 @@ def orchestrate(cfg: Dict[str, Any], registry: Dict[str, Callable] = SECTIONS) -
     atomic_json(work / "config.json", cfg)
     t_start = now()
     deadline = t_start + cfg["budget_s"]
-    report: Dict[str, Any] = {"meta": {k: cfg[k] for k in ("smoke", "device", "budget_s", "isolate", "sections", "width_mult")},
-                              "sections": {}}
+    report: Dict[str, Any] = {
+        "meta": {k: cfg[k] for k in ("smoke", "device", "budget_s", "isolate", "sections", "width_mult")},
+        "sections": {},
+    }
     report["meta"]["started"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
     report["meta"]["config"] = cfg
     for name in cfg["sections"]:
         left = deadline - now() - REPORT_RESERVE_S
         cap = min(CAPS.get(name, (60, 60))[1 if cfg["smoke"] else 0], left)
         if name not in registry:
-            res = {"status": "error", "error": {"type": "KeyError", "message": f"unknown section '{name}'", "where": []}}
+            res = {
+                "status": "error",
+                "error": {"type": "KeyError", "message": f"unknown section '{name}'", "where": []},
+            }
         elif cap < MIN_SECTION_S[cfg["smoke"]]:
-            res = {"status": "skipped", "error": {"type": "Budget", "message": f"{max(left, 0):.0f} s left of the budget", "where": []}}
+            res = {
+                "status": "skipped",
+                "error": {"type": "Budget", "message": f"{max(left, 0):.0f} s left of the budget", "where": []},
+            }
         else:
             print(f"[gpu_check] {name}: up to {cap:.0f} s ({deadline - now():.0f} s of the budget left)", flush=True)
             if cfg["isolate"] and registry is SECTIONS:
                 res = run_section_isolated(name, cfg, cap)
             else:
                 res = run_section_inline(name, cfg, cap, registry)
-            print(f"[gpu_check] {name}: {res.get('status')} in {res.get('section_wall_s')} s"
-                  + (f" ({res['error'].get('type')}: {res['error'].get('message', '')[:200]})" if res.get("error") else ""), flush=True)
+            print(
+                f"[gpu_check] {name}: {res.get('status')} in {res.get('section_wall_s')} s"
+                + (
+                    f" ({res['error'].get('type')}: {res['error'].get('message', '')[:200]})"
+                    if res.get("error")
+                    else ""
+                ),
+                flush=True,
+            )
         report["sections"][name] = res
         _write_report(report, out, t_start)
     report["estimate"] = estimate(report["sections"])
@@ -1323,19 +1600,38 @@ def _write_report(report: Dict[str, Any], out: Path, t_start: float) -> None:
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="gpu_check_out", help="folder for gpu_check.json and gpu_check.md")
-    ap.add_argument("--work", help="scratch folder for runs, checkpoints, exports and logs (default: a new temporary folder)")
+    ap.add_argument(
+        "--work", help="scratch folder for runs, checkpoints, exports and logs (default: a new temporary folder)"
+    )
     ap.add_argument("--smoke", action="store_true", help="CPU smoke mode: tiny width, a few steps, seconds")
-    ap.add_argument("--device", default="auto", help="cuda, cpu or cuda:N (default: cuda in full mode, cpu with --smoke)")
-    ap.add_argument("--backend", default="auto", choices=("auto", "nccl", "gloo"), help="process-group backend of the nccl_ddp torchrun variant")
+    ap.add_argument(
+        "--device", default="auto", help="cuda, cpu or cuda:N (default: cuda in full mode, cpu with --smoke)"
+    )
+    ap.add_argument(
+        "--backend",
+        default="auto",
+        choices=("auto", "nccl", "gloo"),
+        help="process-group backend of the nccl_ddp torchrun variant",
+    )
     ap.add_argument("--budget", type=float, help="global time budget in seconds (default 450; 600 with --smoke)")
     ap.add_argument("--sections", help=f"comma-separated subset of {','.join(SECTION_ORDER)}")
     ap.add_argument("--skip", help="comma-separated sections to leave out")
     iso = ap.add_mutually_exclusive_group()
-    iso.add_argument("--isolate", dest="isolate", action="store_true", default=None, help="one process per section (default in full mode)")
-    iso.add_argument("--inline", dest="isolate", action="store_false", help="all sections in this process (default with --smoke)")
+    iso.add_argument(
+        "--isolate",
+        dest="isolate",
+        action="store_true",
+        default=None,
+        help="one process per section (default in full mode)",
+    )
+    iso.add_argument(
+        "--inline", dest="isolate", action="store_false", help="all sections in this process (default with --smoke)"
+    )
     ap.add_argument("--width-mult", type=float, help="model width (default 1.0; 0.125 with --smoke)")
     ap.add_argument("--batch", type=int, help="batch size of every section (default 256; smaller with --smoke)")
-    ap.add_argument("--run-epochs", type=int, help="epochs per stage of the itrd_run section (default 8; 2 with --smoke)")
+    ap.add_argument(
+        "--run-epochs", type=int, help="epochs per stage of the itrd_run section (default 8; 2 with --smoke)"
+    )
     ap.add_argument("--torchrun-variants", help="comma-separated: nccl_ddp, cli (default both; nccl_ddp with --smoke)")
     ap.add_argument("--compile-backend", help="torch.compile backend (default inductor; eager with --smoke)")
     ap.add_argument("--inject-failure", metavar="SECTION", help="testing: make SECTION raise at its start")
@@ -1349,7 +1645,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--torchrun-shim" in argv:  # worker under torchrun: everything after our two options is bnn-distill's
         i = argv.index("--torchrun-shim")
-        rest = argv[:i] + argv[i + 1:]
+        rest = argv[:i] + argv[i + 1 :]
         backend = "auto"
         if rest[:1] == ["--backend"]:
             backend, rest = rest[1], rest[2:]

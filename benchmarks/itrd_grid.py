@@ -61,8 +61,12 @@ METHODS: Dict[str, List[Dict[str, Any]]] = {
     "kd": CE + [{"name": "kd", "weight": 1.0, "temperature": 4.0}],
     "itrd_corr": CE + [{"name": "itrd_corr", "weight": 2.0, "alpha": 1.01}],
     "itrd": CE + [{"name": "itrd_corr", "weight": 2.0, "alpha": 1.01}, {"name": "itrd_mi", "weight": 1.0}],
-    "itrd_kd": CE + [{"name": "kd", "weight": 1.0, "temperature": 4.0},
-                     {"name": "itrd_corr", "weight": 2.0, "alpha": 1.01}, {"name": "itrd_mi", "weight": 1.0}],
+    "itrd_kd": CE
+    + [
+        {"name": "kd", "weight": 1.0, "temperature": 4.0},
+        {"name": "itrd_corr", "weight": 2.0, "alpha": 1.01},
+        {"name": "itrd_mi", "weight": 1.0},
+    ],
 }
 SINGLE = "itrd_single"
 ROWS = list(METHODS) + [SINGLE]
@@ -83,9 +87,12 @@ VARIANTS: Dict[str, str] = {
 
 #: What each variant changes in every student stage: (loss term or "stage", key, value).
 _STAGE_CHANGES: Dict[str, tuple] = {
-    "alpha_1.5": ("itrd_corr", "alpha", 1.5), "alpha_2": ("itrd_corr", "alpha", 2.0),
-    "eps_0": ("itrd_corr", "eps", 0.0), "corr_w1": ("itrd_corr", "weight", 1.0),
-    "mi_w0.5": ("itrd_mi", "weight", 0.5), "mi_w2": ("itrd_mi", "weight", 2.0),
+    "alpha_1.5": ("itrd_corr", "alpha", 1.5),
+    "alpha_2": ("itrd_corr", "alpha", 2.0),
+    "eps_0": ("itrd_corr", "eps", 0.0),
+    "corr_w1": ("itrd_corr", "weight", 1.0),
+    "mi_w0.5": ("itrd_mi", "weight", 0.5),
+    "mi_w2": ("itrd_mi", "weight", 2.0),
     "batch_256": ("stage", "batch_size", 256),
 }
 
@@ -109,9 +116,17 @@ def _stage(name: str, quant: str, init_from: Optional[str], epochs: int, args, l
     else:
         optimizer = {"name": "adam", "lr": args.lr, "weight_decay": 0.0}
         warmup = min(1.0, epochs / 2)
-    return {"name": name, "kind": "student", "quant": quant, "init_from": init_from, "epochs": epochs,
-            "batch_size": args.batch_size, "optimizer": optimizer,
-            "schedule": {"name": "cosine", "warmup_epochs": warmup}, "losses": copy.deepcopy(losses)}
+    return {
+        "name": name,
+        "kind": "student",
+        "quant": quant,
+        "init_from": init_from,
+        "epochs": epochs,
+        "batch_size": args.batch_size,
+        "optimizer": optimizer,
+        "schedule": {"name": "cosine", "warmup_epochs": warmup},
+        "losses": copy.deepcopy(losses),
+    }
 
 
 def base(args, name: str, seed: int, student: bool = True) -> Dict[str, Any]:
@@ -123,15 +138,31 @@ def base(args, name: str, seed: int, student: bool = True) -> Dict[str, Any]:
             data["val_size"] = args.val_size
     if args.root:
         data["root"] = args.root
-    return {"name": name, "seed": seed, "output_dir": args.runs, "data": data,
-            "teacher": dict(model), "student": dict(model), "binary": {"weight_scale": "learned", "recu": True}}
+    return {
+        "name": name,
+        "seed": seed,
+        "output_dir": args.runs,
+        "data": data,
+        "teacher": dict(model),
+        "student": dict(model),
+        "binary": {"weight_scale": "learned", "recu": True},
+    }
 
 
 def teacher_recipe(args) -> Dict[str, Any]:
     d = base(args, "teacher", 0, student=False)
-    d["stages"] = [{"name": "teacher", "kind": "teacher", "quant": "FP", "epochs": args.teacher_epochs,
-                    "batch_size": args.batch_size, "optimizer": {"name": "sgd", "lr": 0.1, "weight_decay": 5e-4},
-                    "schedule": {"name": "cosine", "warmup_epochs": 1.0}, "losses": CE}]
+    d["stages"] = [
+        {
+            "name": "teacher",
+            "kind": "teacher",
+            "quant": "FP",
+            "epochs": args.teacher_epochs,
+            "batch_size": args.batch_size,
+            "optimizer": {"name": "sgd", "lr": 0.1, "weight_decay": 5e-4},
+            "schedule": {"name": "cosine", "warmup_epochs": 1.0},
+            "losses": CE,
+        }
+    ]
     return d
 
 
@@ -147,8 +178,10 @@ def student_recipe(args, row: str, seed: int, teacher_ckpt: str) -> Dict[str, An
     if row == SINGLE:
         d["stages"] = [_stage("binary", "W1A1", start, 2 * args.stage_epochs, args, METHODS["itrd"])]
     else:
-        d["stages"] = [_stage("stage1", "W32A1", start, args.stage_epochs, args, METHODS[row]),
-                       _stage("stage2", "W1A1", "stage1", args.stage_epochs, args, METHODS[row])]
+        d["stages"] = [
+            _stage("stage1", "W32A1", start, args.stage_epochs, args, METHODS[row]),
+            _stage("stage2", "W1A1", "stage1", args.stage_epochs, args, METHODS[row]),
+        ]
     return d
 
 
@@ -177,14 +210,20 @@ def step_cost(args, rounds: int = 7, warmup: int = 2) -> Dict[str, Any]:
     teacher = create_model(args.arch, 10, in_chans=shape[0], width_mult=args.width_mult).eval()
     configs = {}
     for row, losses in METHODS.items():
-        terms = [Term(d["name"], float(d.get("weight", 1.0)),
-                      {k: v for k, v in d.items() if k not in ("name", "weight")}) for d in losses]
+        terms = [
+            Term(d["name"], float(d.get("weight", 1.0)), {k: v for k, v in d.items() if k not in ("name", "weight")})
+            for d in losses
+        ]
         configs[row] = TimedStep(row, "W1A1", terms, True, args.arch, args.width_mult, teacher, x, y)
     times = interleaved_times({row: c.step for row, c in configs.items()}, rounds, warmup)
     med = {row: statistics.median(v) for row, v in times.items()}
-    out = {"key": key, "rounds": rounds, "threads": torch.get_num_threads(),
-           "images_per_s": {row: args.batch_size / med[row] for row in med},
-           "vs_ce": {row: med[row] / med["ce"] for row in med}}
+    out = {
+        "key": key,
+        "rounds": rounds,
+        "threads": torch.get_num_threads(),
+        "images_per_s": {row: args.batch_size / med[row] for row in med},
+        "vs_ce": {row: med[row] / med["ce"] for row in med},
+    }
     cache.parent.mkdir(parents=True, exist_ok=True)
     cache.write_text(json.dumps(out, indent=2) + "\n")
     return out
@@ -216,11 +255,16 @@ def _keep(args, recipe, summary: Dict[str, Any]) -> None:
     ev = evaluate(model, DataLoader(test, batch_size=500), torch.device("cpu"), keep_predictions=True)
     final = summary["stages"][-1]["final"].get("test_top1")
     if final is not None and abs(ev["top1"] - final) > 1e-6:  # the same weights, the same images
-        raise UserError(f"{recipe.name}: its final checkpoint gives {ev['top1']:.3f}% on the test split, "
-                        f"its summary says {final:.3f}%")
-    kept = {"summary": summary, "metrics": RunDir.of(recipe).read_metrics(),
-            "test_predictions": ev["predictions"].tolist(),
-            "test_labels": [int(y) for y in test.targets]}
+        raise UserError(
+            f"{recipe.name}: its final checkpoint gives {ev['top1']:.3f}% on the test split, "
+            f"its summary says {final:.3f}%"
+        )
+    kept = {
+        "summary": summary,
+        "metrics": RunDir.of(recipe).read_metrics(),
+        "test_predictions": ev["predictions"].tolist(),
+        "test_labels": [int(y) for y in test.targets],
+    }
     dest.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(dest / "run.json", (json.dumps(kept) + "\n").encode())
     if recipe.name == "teacher":  # the students' teacher, so that the grid can go on on another machine
@@ -256,12 +300,15 @@ def run_cached(args, raw: Dict[str, Any], train: bool = True) -> Optional[Dict[s
         kept = load_kept(args, recipe.name)
         assert kept is not None
     elif kept["summary"].get("fingerprint") != recipe.fingerprint():
-        raise UserError(f"{kept_dir(args) / recipe.name} holds a run of another recipe than this grid's "
-                        f"'{recipe.name}'; give another --out, or delete that folder to train it again")
+        raise UserError(
+            f"{kept_dir(args) / recipe.name} holds a run of another recipe than this grid's "
+            f"'{recipe.name}'; give another --out, or delete that folder to train it again"
+        )
     else:
         log.info("%s: kept in %s, skipped", recipe.name, kept_dir(args))
-    return dict(kept["summary"], _metrics=kept["metrics"], _predictions=kept["test_predictions"],
-                _labels=kept["test_labels"])
+    return dict(
+        kept["summary"], _metrics=kept["metrics"], _predictions=kept["test_predictions"], _labels=kept["test_labels"]
+    )
 
 
 def _mean_std(xs: List[float]) -> str:
@@ -311,8 +358,15 @@ def _mcnemar_vs_itrd(row: List[Dict[str, Any]], ref: List[Dict[str, Any]]) -> Li
         their = [p == t for p, t in zip(other["_predictions"], y)]
         b = sum(m and not t for m, t in zip(mine, their))
         c = sum(t and not m for m, t in zip(mine, their))
-        out.append({"seed": r["_seed"], "only_row": b, "only_itrd": c, "diff_points": 100.0 * (b - c) / len(y),
-                    "p": mcnemar_p(b, c)})
+        out.append(
+            {
+                "seed": r["_seed"],
+                "only_row": b,
+                "only_itrd": c,
+                "diff_points": 100.0 * (b - c) / len(y),
+                "p": mcnemar_p(b, c),
+            }
+        )
     return out
 
 
@@ -320,35 +374,53 @@ def _mcnemar_cell(tests: List[Dict[str, Any]]) -> str:
     return "; ".join(f"s{t['seed']} {t['diff_points']:+.2f} p={t['p']:.2g}" for t in tests) or "-"
 
 
-def report(args, teacher: Dict[str, Any], results: Dict[str, List[Dict[str, Any]]],
-           quiet: bool = False, cost: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+def report(
+    args,
+    teacher: Dict[str, Any],
+    results: Dict[str, List[Dict[str, Any]]],
+    quiet: bool = False,
+    cost: Optional[Dict[str, Any]] = None,
+) -> Dict[str, Any]:
     t_acc = teacher["teacher"]["test_top1"]
     rows = {}
     for row, runs in results.items():
         finals = [r["stages"][-1]["final"]["test_top1"] for r in runs]
         best = [r["stages"][-1].get("best_test_top1") for r in runs]
         best = [b for b in best if b is not None and b == b]  # nan: no validation split
-        rows[row] = {"top1": finals, "seeds": [r.get("_seed") for r in runs],
-                     "mean": statistics.mean(finals) if finals else None,
-                     "std": statistics.stdev(finals) if len(finals) > 1 else None,
-                     "best_on_val_top1": best,
-                     "val_top1": [r["stages"][-1]["final"].get("val_top1") for r in runs],
-                     "gap_to_teacher": (t_acc - statistics.mean(finals)) if finals else None,
-                     "wall_s": [_train_s(r) for r in runs],
-                     "images_per_s": [statistics.mean(s["images_per_s"] for s in r["stages"]) for r in runs]}
+        rows[row] = {
+            "top1": finals,
+            "seeds": [r.get("_seed") for r in runs],
+            "mean": statistics.mean(finals) if finals else None,
+            "std": statistics.stdev(finals) if len(finals) > 1 else None,
+            "best_on_val_top1": best,
+            "val_top1": [r["stages"][-1]["final"].get("val_top1") for r in runs],
+            "gap_to_teacher": (t_acc - statistics.mean(finals)) if finals else None,
+            "wall_s": [_train_s(r) for r in runs],
+            "images_per_s": [statistics.mean(s["images_per_s"] for s in r["stages"]) for r in runs],
+        }
     for row, r in rows.items():
         r["vs_itrd_same_seeds"] = None if row == "itrd" else _vs_itrd(r, rows.get("itrd"))
         r["mcnemar_vs_itrd"] = [] if row == "itrd" else _mcnemar_vs_itrd(results[row], results.get("itrd", []))
-    out = {"args": vars(args), "regime": args.regime, "teacher_top1": t_acc, "teacher_wall_s": _train_s(teacher),
-           "rows": rows, "machine": teacher["machine"], "step_cost": cost}
+    out = {
+        "args": vars(args),
+        "regime": args.regime,
+        "teacher_top1": t_acc,
+        "teacher_wall_s": _train_s(teacher),
+        "rows": rows,
+        "machine": teacher["machine"],
+        "step_cost": cost,
+    }
     start = "random initialisation" if args.regime == "scratch" else "the teacher's weights"
-    lines = [f"Binary {args.arch} x{args.width_mult} students on {args.dataset}, from {start}; teacher top-1 "
-             f"{t_acc:.2f}%; {args.stage_epochs}+{args.stage_epochs} student epochs (single stage: "
-             f"{2 * args.stage_epochs}); seeds {args.seeds}; {out['machine'].get('cpu')}", "",
-             "| method | seeds done | test top-1, final (mean ± std) | test top-1, best on val | gap to teacher "
-             "| train s / run | step images/s side by side | step time vs CE | vs itrd, same seeds "
-             "| McNemar vs itrd per seed |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    lines = [
+        f"Binary {args.arch} x{args.width_mult} students on {args.dataset}, from {start}; teacher top-1 "
+        f"{t_acc:.2f}%; {args.stage_epochs}+{args.stage_epochs} student epochs (single stage: "
+        f"{2 * args.stage_epochs}); seeds {args.seeds}; {out['machine'].get('cpu')}",
+        "",
+        "| method | seeds done | test top-1, final (mean ± std) | test top-1, best on val | gap to teacher "
+        "| train s / run | step images/s side by side | step time vs CE | vs itrd, same seeds "
+        "| McNemar vs itrd per seed |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
     for row, r in rows.items():
         gap = "-" if r["gap_to_teacher"] is None else f"{r['gap_to_teacher']:.2f}"
         wall = f"{statistics.mean(r['wall_s']):.0f}" if r["wall_s"] else "-"
@@ -357,19 +429,27 @@ def report(args, teacher: Dict[str, Any], results: Dict[str, List[Dict[str, Any]
         side = ratio = "-"
         if cost and crow in cost["images_per_s"]:
             side, ratio = f"{cost['images_per_s'][crow]:.0f}", f"{cost['vs_ce'][crow]:.3f}"
-        lines.append(f"| {row} | {len(r['top1'])} | {_mean_std(r['top1'])} | {_mean_std(r['best_on_val_top1'])} "
-                     f"| {gap} | {wall} | {side} | {ratio} | {_vs_cell(r['vs_itrd_same_seeds'])} "
-                     f"| {_mcnemar_cell(r['mcnemar_vs_itrd'])} |")
-    lines += ["", "Final: the last epoch's weights (no selection). Best on val: the weights best on the held-out "
-              "validation split (best.pt), then read once on the test split; '-' where there is no validation "
-              "split. Step images/s side by side: one W1A1 student optimiser step per method, teacher "
-              "forward included where the loss needs it, all methods interleaved"
-              + (f" ({cost['rounds']} rounds, batch {cost['key']['batch']}, {cost['threads']} threads, medians)"
-                 if cost else "")
-              + "; itrd_single and the itrd- variants have itrd's step (batch_256: not measured). vs itrd, same "
-              "seeds: mean over the seeds both rows have finished of (row top-1 - itrd top-1), in points, and on how many of "
-              "those seeds the row was above itrd. McNemar: per seed, (row - itrd) in points over the same test "
-              "images and the exact two-sided p."]
+        lines.append(
+            f"| {row} | {len(r['top1'])} | {_mean_std(r['top1'])} | {_mean_std(r['best_on_val_top1'])} "
+            f"| {gap} | {wall} | {side} | {ratio} | {_vs_cell(r['vs_itrd_same_seeds'])} "
+            f"| {_mcnemar_cell(r['mcnemar_vs_itrd'])} |"
+        )
+    lines += [
+        "",
+        "Final: the last epoch's weights (no selection). Best on val: the weights best on the held-out "
+        "validation split (best.pt), then read once on the test split; '-' where there is no validation "
+        "split. Step images/s side by side: one W1A1 student optimiser step per method, teacher "
+        "forward included where the loss needs it, all methods interleaved"
+        + (
+            f" ({cost['rounds']} rounds, batch {cost['key']['batch']}, {cost['threads']} threads, medians)"
+            if cost
+            else ""
+        )
+        + "; itrd_single and the itrd- variants have itrd's step (batch_256: not measured). vs itrd, same "
+        "seeds: mean over the seeds both rows have finished of (row top-1 - itrd top-1), in points, and on how many of "
+        "those seeds the row was above itrd. McNemar: per seed, (row - itrd) in points over the same test "
+        "images and the exact two-sided p.",
+    ]
     path = Path(args.out)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.with_suffix(".json").write_text(json.dumps(out, indent=2) + "\n")
@@ -419,13 +499,17 @@ def _plot(args, out: Dict[str, Any], results: Dict[str, List[Dict[str, Any]]], p
     ax_diff.axhline(0.0, color="k", lw=0.8)
     ax_diff.set_xticks(range(len(names)), names, rotation=40, ha="right", fontsize=8)
     lim = max([1.0] + [abs(v) for line in ax_diff.get_lines() for v in line.get_ydata()])
-    ax_diff.set(ylabel="test top-1 minus ce, same seed (points)", title="paired difference to ce (bar: mean)",
-                ylim=(-1.15 * lim, 1.15 * lim))
+    ax_diff.set(
+        ylabel="test top-1 minus ce, same seed (points)",
+        title="paired difference to ce (bar: mean)",
+        ylim=(-1.15 * lim, 1.15 * lim),
+    )
     if stage2_at is not None:
         ax_curve.axvline(stage2_at, color="grey", ls=":", label="stage 2 starts")
     key = "validation" if args.regime == "scratch" else "test"
-    ax_curve.set(xlabel="student epoch (all stages)", ylabel=f"{key} top-1 (%)",
-                 title=f"{key} accuracy during training")
+    ax_curve.set(
+        xlabel="student epoch (all stages)", ylabel=f"{key} top-1 (%)", title=f"{key} accuracy during training"
+    )
     ax_curve.legend(fontsize=8)
     for ax in (ax_bar, ax_diff, ax_curve):
         ax.grid(alpha=0.3)
@@ -444,26 +528,50 @@ def main(argv=None) -> int:
     ap.add_argument("--teacher-epochs", type=int, default=10)
     ap.add_argument("--stage-epochs", type=int, default=5)
     ap.add_argument("--batch-size", type=int, default=128)
-    ap.add_argument("--regime", choices=("teacher_init", "scratch"), default="teacher_init",
-                    help="students from the teacher's weights (Adam) or from random initialisation (SGD, the paper's)")
-    ap.add_argument("--lr", type=float, default=None,
-                    help="student learning rate (default: Adam 2e-3 for teacher_init, SGD 0.1 for scratch)")
+    ap.add_argument(
+        "--regime",
+        choices=("teacher_init", "scratch"),
+        default="teacher_init",
+        help="students from the teacher's weights (Adam) or from random initialisation (SGD, the paper's)",
+    )
+    ap.add_argument(
+        "--lr",
+        type=float,
+        default=None,
+        help="student learning rate (default: Adam 2e-3 for teacher_init, SGD 0.1 for scratch)",
+    )
     ap.add_argument("--warmup-epochs", type=float, default=1.0, help="scratch: linear warm-up before the cosine")
-    ap.add_argument("--val-size", type=int, default=5000,
-                    help="scratch: validation images held out of the students' training split (balanced)")
-    ap.add_argument("--limit-train", type=int, default=None,
-                    help="balanced training subset (scratch: of the students' split; the teacher uses all of it)")
+    ap.add_argument(
+        "--val-size",
+        type=int,
+        default=5000,
+        help="scratch: validation images held out of the students' training split (balanced)",
+    )
+    ap.add_argument(
+        "--limit-train",
+        type=int,
+        default=None,
+        help="balanced training subset (scratch: of the students' split; the teacher uses all of it)",
+    )
     ap.add_argument("--limit-test", type=int, default=None)
     ap.add_argument("--rows", nargs="+", default=ROWS, choices=ROWS)
-    ap.add_argument("--variants", nargs="+", default=[], choices=sorted(VARIANTS), metavar="NAME",
-                    help="also run single-change variants of the itrd row: " +
-                         "; ".join(f"{k}: {v}" for k, v in VARIANTS.items()))
+    ap.add_argument(
+        "--variants",
+        nargs="+",
+        default=[],
+        choices=sorted(VARIANTS),
+        metavar="NAME",
+        help="also run single-change variants of the itrd row: " + "; ".join(f"{k}: {v}" for k, v in VARIANTS.items()),
+    )
     ap.add_argument("--runs", default="runs/grid", help="folder of the grid's run folders (the cache)")
     ap.add_argument("--out", default="benchmarks/results/itrd_grid")
     ap.add_argument("--remeasure-cost", action="store_true", help="measure the side-by-side step cost again")
     ap.add_argument("--no-cost", action="store_true", help="skip the side-by-side step-cost measurement")
-    ap.add_argument("--report-only", action="store_true",
-                    help="train nothing: report the runs that have finished (e.g. while the grid runs elsewhere)")
+    ap.add_argument(
+        "--report-only",
+        action="store_true",
+        help="train nothing: report the runs that have finished (e.g. while the grid runs elsewhere)",
+    )
     args = ap.parse_args(argv)
     if args.lr is None:
         args.lr = 0.1 if args.regime == "scratch" else 2e-3

@@ -109,8 +109,15 @@ def paired(results: Dict[str, List[Tuple[Any, Tensor]]], reference: str = "itrd"
                 continue
             b = int((right & ~ref[seed]).sum())
             c = int((~right & ref[seed]).sum())
-            out.setdefault(row, []).append({"seed": seed, "only_row": b, "only_ref": c,
-                                            "diff_points": 100.0 * (b - c) / len(right), "p": mcnemar_p(b, c)})
+            out.setdefault(row, []).append(
+                {
+                    "seed": seed,
+                    "only_row": b,
+                    "only_ref": c,
+                    "diff_points": 100.0 * (b - c) / len(right),
+                    "p": mcnemar_p(b, c),
+                }
+            )
     return out
 
 
@@ -175,34 +182,46 @@ def main(argv: Optional[List[str]] = None) -> int:
         model = binarised_teacher(t_ck, spec)
         logits, feat = features(model, x, layer, args.batch_size)
         untrained = probe(logits, feat, t_logits, t_feat, y, args.batch_size)
-        results = {"teacher weights binarised, untrained (W1A1)": {"runs": [untrained]},
-                   **results}
+        results = {"teacher weights binarised, untrained (W1A1)": {"runs": [untrained]}, **results}
 
     keys = ["top1", "agree", "kd", "corr", "L_corr", "L_gram", "cka"]
     rows = {}
     for label, r in results.items():
-        rows[label] = {"n": len(r["runs"]), "runs": r["runs"],
-                       **{k: statistics.mean(m[k] for m in r["runs"]) for k in keys}}
+        rows[label] = {
+            "n": len(r["runs"]),
+            "runs": r["runs"],
+            **{k: statistics.mean(m[k] for m in r["runs"]) for k in keys},
+        }
     pairs = paired(correct)
     out = {"args": vars(args), "teacher_top1": t_top1, "test_images": len(y), "rows": rows, "paired_vs_itrd": pairs}
-    lines = [f"Students of `{args.runs}` probed against the FP teacher ({t_top1:.2f}% top-1) on {len(y)} "
-             f"{args.dataset} test images; means over the finished seeds (n). Higher is closer to the teacher "
-             "for agree / corr / cka; lower for kd / L_corr / L_gram.", "",
-             "| student / stage | n | top-1 % | agrees with teacher % | KD loss (T=4) | feature corr "
-             "| L_corr (fitted proj.) | L_gram | linear CKA |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        f"Students of `{args.runs}` probed against the FP teacher ({t_top1:.2f}% top-1) on {len(y)} "
+        f"{args.dataset} test images; means over the finished seeds (n). Higher is closer to the teacher "
+        "for agree / corr / cka; lower for kd / L_corr / L_gram.",
+        "",
+        "| student / stage | n | top-1 % | agrees with teacher % | KD loss (T=4) | feature corr "
+        "| L_corr (fitted proj.) | L_gram | linear CKA |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for label, r in rows.items():
-        lines.append(f"| {label} | {r['n']} | {r['top1']:.2f} | {r['agree']:.2f} | {r['kd']:.4f} | {r['corr']:.4f} | "
-                     f"{r['L_corr']:.3f} | {r['L_gram']:.5f} | {r['cka']:.4f} |")
+        lines.append(
+            f"| {label} | {r['n']} | {r['top1']:.2f} | {r['agree']:.2f} | {r['kd']:.4f} | {r['corr']:.4f} | "
+            f"{r['L_corr']:.3f} | {r['L_gram']:.5f} | {r['cka']:.4f} |"
+        )
     if pairs:
-        lines += ["", "Final students against the `itrd` student of the same seed, image by image "
-                  "(McNemar's exact test):", "",
-                  "| row | seed | right only in row | right only in itrd | row - itrd (points) | p |",
-                  "|---|---:|---:|---:|---:|---:|"]
+        lines += [
+            "",
+            "Final students against the `itrd` student of the same seed, image by image (McNemar's exact test):",
+            "",
+            "| row | seed | right only in row | right only in itrd | row - itrd (points) | p |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
         for row, ps in pairs.items():
             for q in ps:
-                lines.append(f"| {row} | {q['seed']} | {q['only_row']} | {q['only_ref']} | {q['diff_points']:+.2f} "
-                             f"| {q['p']:.3g} |")
+                lines.append(
+                    f"| {row} | {q['seed']} | {q['only_row']} | {q['only_ref']} | {q['diff_points']:+.2f} "
+                    f"| {q['p']:.3g} |"
+                )
     path = Path(args.out)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.with_suffix(".json").write_text(json.dumps(out, indent=2) + "\n")

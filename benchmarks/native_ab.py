@@ -82,15 +82,26 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=100)
     ap.add_argument("--burst", type=int, default=3)
     ap.add_argument("--spin", action="store_true", help="let onnxruntime's intra-op threads spin (default: not)")
-    ap.add_argument("--cpu-time", action="store_true",
-                    help="time with the calling thread's CPU clock (1 thread only: robust on a busy machine)")
+    ap.add_argument(
+        "--cpu-time",
+        action="store_true",
+        help="time with the calling thread's CPU clock (1 thread only: robust on a busy machine)",
+    )
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     variants = [parse_variant(t) for t in args.variant]
-    report = {"cpu": cpu_name(), "cores": os.cpu_count(), "batch": args.batch, "rounds": args.rounds,
-              "spin": args.spin, "results": []}
-    print(f"CPU: {report['cpu']}, {report['cores']} cores; batch {args.batch}, {args.rounds} rounds x burst "
-          f"{args.burst}, ORT spinning {'on' if args.spin else 'off'}")
+    report = {
+        "cpu": cpu_name(),
+        "cores": os.cpu_count(),
+        "batch": args.batch,
+        "rounds": args.rounds,
+        "spin": args.spin,
+        "results": [],
+    }
+    print(
+        f"CPU: {report['cpu']}, {report['cores']} cores; batch {args.batch}, {args.rounds} rounds x burst "
+        f"{args.burst}, ORT spinning {'on' if args.spin else 'off'}"
+    )
     clock = time.thread_time if args.cpu_time else time.perf_counter
     if args.cpu_time and args.threads != [1]:
         raise SystemExit("--cpu-time measures the calling thread only: use it with --threads 1")
@@ -120,9 +131,18 @@ def main() -> None:
         for v, ts in zip(variants, times):
             p50, p90 = float(np.percentile(ts, 50)), float(np.percentile(ts, 90))
             base = base or p50
-            report["results"].append({"variant": v["name"], "threads": t, "p50_ms": p50, "p90_ms": p90,
-                                      "ratio_to_first": base / p50, "env": v["env"], "lib": v["lib"],
-                                      "model": v["model"]})
+            report["results"].append(
+                {
+                    "variant": v["name"],
+                    "threads": t,
+                    "p50_ms": p50,
+                    "p90_ms": p90,
+                    "ratio_to_first": base / p50,
+                    "env": v["env"],
+                    "lib": v["lib"],
+                    "model": v["model"],
+                }
+            )
             print(f"threads {t}  {v['name']:<24} p50 {p50:8.3f} ms  p90 {p90:8.3f} ms  first/this {base / p50:6.2f}x")
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")

@@ -31,23 +31,44 @@ from bnn_distill import native
 from bnn_distill.bench import machine
 
 # (name, H, Cin, Cout, stride, count in the network)
-LAYERS = [("layer1 (32x32, 64->64)", 32, 64, 64, 1, 4), ("layer2.0.conv1 (32->16, 64->128, s2)", 32, 64, 128, 2, 1),
-          ("layer2 (16x16, 128->128)", 16, 128, 128, 1, 3), ("layer3.0.conv1 (16->8, 128->256, s2)", 16, 128, 256, 2, 1),
-          ("layer3 (8x8, 256->256)", 8, 256, 256, 1, 3), ("layer4.0.conv1 (8->4, 256->512, s2)", 8, 256, 512, 2, 1),
-          ("layer4 (4x4, 512->512)", 4, 512, 512, 1, 3)]
+LAYERS = [
+    ("layer1 (32x32, 64->64)", 32, 64, 64, 1, 4),
+    ("layer2.0.conv1 (32->16, 64->128, s2)", 32, 64, 128, 2, 1),
+    ("layer2 (16x16, 128->128)", 16, 128, 128, 1, 3),
+    ("layer3.0.conv1 (16->8, 128->256, s2)", 16, 128, 256, 2, 1),
+    ("layer3 (8x8, 256->256)", 8, 256, 256, 1, 3),
+    ("layer4.0.conv1 (8->4, 256->512, s2)", 8, 256, 512, 2, 1),
+    ("layer4 (4x4, 512->512)", 4, 512, 512, 1, 3),
+]
 
 
 def op_model(h, c, n, s):
     rng = np.random.default_rng(h * 1000 + c + n + s)
     q = np.where(rng.random((n, c, 3, 3)) < 0.5, -1.0, 1.0)
     pooled = s != 1
-    inits = [numpy_helper.from_array(native.pack_weights(q), "w"),
-             numpy_helper.from_array(native.border_corrections(q, 1), "corr"),
-             numpy_helper.from_array(rng.uniform(0.5, 1, n).astype(np.float32), "scale"),
-             numpy_helper.from_array(rng.uniform(-1, 1, n).astype(np.float32), "shift")]
-    node = helper.make_node(native.OP, ["x", "w", "corr", "scale", "shift", "x" if pooled else "r"], ["y"],
-                            domain=native.DOMAIN, in_h=h, in_w=h, in_c=c, out_c=n, kernel=3, stride=s, pad=1, act=1,
-                            act_min=-1.0, act_max=1.0, residual=int(pooled))
+    inits = [
+        numpy_helper.from_array(native.pack_weights(q), "w"),
+        numpy_helper.from_array(native.border_corrections(q, 1), "corr"),
+        numpy_helper.from_array(rng.uniform(0.5, 1, n).astype(np.float32), "scale"),
+        numpy_helper.from_array(rng.uniform(-1, 1, n).astype(np.float32), "shift"),
+    ]
+    node = helper.make_node(
+        native.OP,
+        ["x", "w", "corr", "scale", "shift", "x" if pooled else "r"],
+        ["y"],
+        domain=native.DOMAIN,
+        in_h=h,
+        in_w=h,
+        in_c=c,
+        out_c=n,
+        kernel=3,
+        stride=s,
+        pad=1,
+        act=1,
+        act_min=-1.0,
+        act_max=1.0,
+        residual=int(pooled),
+    )
     gin = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, h * h, c])]
     if not pooled:
         gin.append(helper.make_tensor_value_info("r", TensorProto.FLOAT, None))
@@ -73,7 +94,9 @@ def run_layer(lib, h, c, n, s, reps):
         os.dup2(err.fileno(), 2)
         os.environ["BNN_DISTILL_NATIVE_PHASES"] = "1"
         try:
-            sess = ort.InferenceSession(op_model(h, c, n, s).SerializeToString(), so, providers=["CPUExecutionProvider"])
+            sess = ort.InferenceSession(
+                op_model(h, c, n, s).SerializeToString(), so, providers=["CPUExecutionProvider"]
+            )
             ts = []
             for i in range(reps + 10):
                 t0 = time.thread_time()
@@ -103,8 +126,10 @@ def main() -> None:
     lib = str(native.library_path())
     best = native.info(Path(lib))["isa"]
     kind = args.isa if args.isa in ("avx2", "avx512") else {"avx512_vpopcntdq": "avx512", "avx2": "avx2"}.get(best)
-    peak = min((p for p in (native.peak_ns_per_step_isa(lib, kind, 4_000_000) if kind else None for _ in range(7)) if p),
-               default=0.0)
+    peak = min(
+        (p for p in (native.peak_ns_per_step_isa(lib, kind, 4_000_000) if kind else None for _ in range(7)) if p),
+        default=0.0,
+    )
     rows, tot = [], {"steps": 0, "floor": 0.0, "min": 0.0, "prep": 0.0, "conv": 0.0}
     for name, h, c, n, s, count in LAYERS:
         ho = (h - 1) // s + 1
@@ -112,33 +137,49 @@ def main() -> None:
         med, mn, ph = run_layer(lib, h, c, n, s, args.reps)
         floor = steps * peak / 1e3
         rows.append(dict(layer=name, count=count, steps=steps, median_us=med, min_us=mn, floor_us=floor, **ph))
-        for k, v in (("steps", steps), ("floor", floor), ("min", mn), ("prep", ph.get("prep_min", 0.0)),
-                     ("conv", ph.get("conv_min", 0.0))):
+        for k, v in (
+            ("steps", steps),
+            ("floor", floor),
+            ("min", mn),
+            ("prep", ph.get("prep_min", 0.0)),
+            ("conv", ph.get("conv_min", 0.0)),
+        ):
             tot[k] += v * count
     m = machine()
-    lines = [f"# Native conv per layer ({kind or best} kernels)", "",
-             f"Machine: {m['cpu']}, {m['cores']} cores; onnxruntime {m['onnxruntime']}; kernels {kind or best}"
-             f"{' (forced with BNN_DISTILL_NATIVE_ISA)' if args.isa != 'auto' else ''}. One BinaryConv2d node per "
-             f"layer shape of the CIFAR ResNet-18 student (32x32, batch 1, 1 thread), random weights; CPU time of "
-             f"the calling thread over {args.reps} runs (min and median; the min includes ~15-25 us of "
-             "onnxruntime/Python call overhead). Phases from the library's timers (min per call): prep = sign "
-             "packing (+ the pooled shortcut on stride-2 convs), conv = popcounts + epilogue. Floor = steps x "
-             f"{peak:.3f} ns (the register tile on L1-resident data, the minimum of 7 runs).", "",
-             "| layer | x in net | steps | floor us | prep us | conv us | conv % of floor | op min us | op median us |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        f"# Native conv per layer ({kind or best} kernels)",
+        "",
+        f"Machine: {m['cpu']}, {m['cores']} cores; onnxruntime {m['onnxruntime']}; kernels {kind or best}"
+        f"{' (forced with BNN_DISTILL_NATIVE_ISA)' if args.isa != 'auto' else ''}. One BinaryConv2d node per "
+        f"layer shape of the CIFAR ResNet-18 student (32x32, batch 1, 1 thread), random weights; CPU time of "
+        f"the calling thread over {args.reps} runs (min and median; the min includes ~15-25 us of "
+        "onnxruntime/Python call overhead). Phases from the library's timers (min per call): prep = sign "
+        "packing (+ the pooled shortcut on stride-2 convs), conv = popcounts + epilogue. Floor = steps x "
+        f"{peak:.3f} ns (the register tile on L1-resident data, the minimum of 7 runs).",
+        "",
+        "| layer | x in net | steps | floor us | prep us | conv us | conv % of floor | op min us | op median us |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in rows:
         conv = r.get("conv_min", 0.0)
-        lines.append(f"| {r['layer']} | {r['count']} | {r['steps']:,} | {r['floor_us']:.1f} | {r.get('prep_min', 0):.1f} | "
-                     f"{conv:.1f} | {100 * r['floor_us'] / conv if conv else 0:.0f}% | {r['min_us']:.1f} | "
-                     f"{r['median_us']:.1f} |")
-    lines += ["", f"Network (16 convs): {tot['steps']:,} steps, floor {tot['floor'] / 1e3:.3f} ms; prep "
-              f"{tot['prep'] / 1e3:.3f} ms + conv {tot['conv'] / 1e3:.3f} ms = {(tot['prep'] + tot['conv']) / 1e3:.3f} ms "
-              f"({100 * tot['floor'] / (tot['prep'] + tot['conv']):.0f}% of the floor; conv alone "
-              f"{100 * tot['floor'] / tot['conv']:.0f}%)."]
+        lines.append(
+            f"| {r['layer']} | {r['count']} | {r['steps']:,} | {r['floor_us']:.1f} | {r.get('prep_min', 0):.1f} | "
+            f"{conv:.1f} | {100 * r['floor_us'] / conv if conv else 0:.0f}% | {r['min_us']:.1f} | "
+            f"{r['median_us']:.1f} |"
+        )
+    lines += [
+        "",
+        f"Network (16 convs): {tot['steps']:,} steps, floor {tot['floor'] / 1e3:.3f} ms; prep "
+        f"{tot['prep'] / 1e3:.3f} ms + conv {tot['conv'] / 1e3:.3f} ms = {(tot['prep'] + tot['conv']) / 1e3:.3f} ms "
+        f"({100 * tot['floor'] / (tot['prep'] + tot['conv']):.0f}% of the floor; conv alone "
+        f"{100 * tot['floor'] / tot['conv']:.0f}%).",
+    ]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(dict(machine=m, kernels=kind or best, peak_ns_per_step=peak,
-                                                        layers=rows, totals=tot), indent=2) + "\n")
+    out.with_suffix(".json").write_text(
+        json.dumps(dict(machine=m, kernels=kind or best, peak_ns_per_step=peak, layers=rows, totals=tot), indent=2)
+        + "\n"
+    )
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -95,13 +95,22 @@ def main() -> None:
     kind = forced if forced in ("avx2", "avx512") else {"avx512_vpopcntdq": "avx512", "avx2": "avx2"}.get(isa)
     peaks = [native.peak_ns_per_step_isa(lib, kind) if kind else None for _ in range(5)]
     peak = min((p for p in peaks if p), default=0.0)  # the wall-clock minimum: a busy machine inflates some
-    report = {"export": str(export_dir), "model": path.name, "machine": machine(), "peak_ns_per_step": peak,
-              "settings": []}
-    lines = [f"# Per-node profile: {path.name} of {export_dir}", "",
-             f"Machine: {report['machine']['cpu']}, {report['machine']['cores']} cores, onnxruntime "
-             f"{report['machine']['onnxruntime']}; kernels {kind or isa}; step (512 binary MACs) "
-             f"{peak:.3f} ns (measured floor of the {kind or isa} register tile). Mean kernel time per run over {args.runs} profiled runs "
-             "(onnxruntime profiler, intra-op threads not spinning).", ""]
+    report = {
+        "export": str(export_dir),
+        "model": path.name,
+        "machine": machine(),
+        "peak_ns_per_step": peak,
+        "settings": [],
+    }
+    lines = [
+        f"# Per-node profile: {path.name} of {export_dir}",
+        "",
+        f"Machine: {report['machine']['cpu']}, {report['machine']['cores']} cores, onnxruntime "
+        f"{report['machine']['onnxruntime']}; kernels {kind or isa}; step (512 binary MACs) "
+        f"{peak:.3f} ns (measured floor of the {kind or isa} register tile). Mean kernel time per run over {args.runs} profiled runs "
+        "(onnxruntime profiler, intra-op threads not spinning).",
+        "",
+    ]
     for t in args.threads:
         for b in args.batch:
             per_node, op_of = profile(path, b, t, args.runs, lib)
@@ -110,19 +119,30 @@ def main() -> None:
             by_op = defaultdict(float)
             for k, v in per_node.items():
                 by_op[op_of[k]] += v
-            report["settings"].append({"batch": b, "threads": t, "total_us": total, "nodes": per_node, "ops": op_of,
-                                       "by_op": dict(by_op)})
-            lines += [f"## batch {b}, {t} thread(s): {total / 1e3:.3f} ms in nodes", "",
-                      "| op type | us | share |", "|---|---:|---:|"]
+            report["settings"].append(
+                {"batch": b, "threads": t, "total_us": total, "nodes": per_node, "ops": op_of, "by_op": dict(by_op)}
+            )
+            lines += [
+                f"## batch {b}, {t} thread(s): {total / 1e3:.3f} ms in nodes",
+                "",
+                "| op type | us | share |",
+                "|---|---:|---:|",
+            ]
             for op, v in sorted(by_op.items(), key=lambda kv: -kv[1]):
                 lines.append(f"| {op} | {v:.1f} | {100 * v / total:.1f}% |")
-            lines += ["", "| node | op | us | share | steps | floor us | % of floor |", "|---|---|---:|---:|---:|---:|---:|"]
+            lines += [
+                "",
+                "| node | op | us | share | steps | floor us | % of floor |",
+                "|---|---|---:|---:|---:|---:|---:|",
+            ]
             for name, v in rows:
                 st = steps.get(name)
                 floor = st * b * peak / 1e3 / t if st and peak else None
-                lines.append(f"| {name} | {op_of[name]} | {v:.1f} | {100 * v / total:.1f}% | "
-                             f"{'' if st is None else f'{st * b:,}'} | {'' if floor is None else f'{floor:.1f}'} | "
-                             f"{'' if floor is None else f'{100 * floor / v:.0f}%'} |")
+                lines.append(
+                    f"| {name} | {op_of[name]} | {v:.1f} | {100 * v / total:.1f}% | "
+                    f"{'' if st is None else f'{st * b:,}'} | {'' if floor is None else f'{floor:.1f}'} | "
+                    f"{'' if floor is None else f'{100 * floor / v:.0f}%'} |"
+                )
             lines.append("")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -58,23 +58,44 @@ def main() -> None:
     ap.add_argument("--budget", type=float, default=5.0, help="seconds of rounds per setting")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--force", action="store_true", help="overwrite --out")
-    ap.add_argument("--runtime", choices=("standard", "native"), default="native",
-                    help="native (default): add the bit-packed custom-op student (builds the library if needed)")
+    ap.add_argument(
+        "--runtime",
+        choices=("standard", "native"),
+        default="native",
+        help="native (default): add the bit-packed custom-op student (builds the library if needed)",
+    )
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
 
     torch.manual_seed(args.seed)
-    spec = dict(name=args.arch, num_classes=10, in_chans=3, quant="W1A1", width_mult=args.width_mult,
-                weight_scale="learned", recu=True)
+    spec = dict(
+        name=args.arch,
+        num_classes=10,
+        in_chans=3,
+        quant="W1A1",
+        width_mult=args.width_mult,
+        weight_scale="learned",
+        recu=True,
+    )
     student = randomize_batchnorm(create_model(**spec), args.seed)
     teacher = randomize_batchnorm(create_model(args.arch, 10, width_mult=args.width_mult), args.seed + 1)
     out = Path(args.out)
-    export_models(student, spec, out, ExportInfo(input_shape=(3, args.size, args.size), run=f"{args.arch}_random",
-                                                 fingerprint=f"{args.arch}-random-seed{args.seed}-w{args.width_mult}",
-                                                 stage="random", quant="W1A1"),
-                  teacher=teacher, force=args.force, runtime=args.runtime)
-    run_bench(out, batches=args.batch, threads=args.threads, repeats=args.repeats, budget_s=args.budget,
-              accuracy=False)
+    export_models(
+        student,
+        spec,
+        out,
+        ExportInfo(
+            input_shape=(3, args.size, args.size),
+            run=f"{args.arch}_random",
+            fingerprint=f"{args.arch}-random-seed{args.seed}-w{args.width_mult}",
+            stage="random",
+            quant="W1A1",
+        ),
+        teacher=teacher,
+        force=args.force,
+        runtime=args.runtime,
+    )
+    run_bench(out, batches=args.batch, threads=args.threads, repeats=args.repeats, budget_s=args.budget, accuracy=False)
     print((out / BENCH_MD).read_text())
 
 

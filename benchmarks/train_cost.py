@@ -75,6 +75,7 @@ def main(argv=None) -> int:
     y = torch.randint(0, 10, (args.batch,))
     torch.manual_seed(1)
     teacher = create_model(args.arch, 10, in_chans=args.in_chans, width_mult=args.width_mult).eval()
+
     def timed(name, quant, terms, with_teacher, **kw):
         return TimedStep(name, quant, terms, with_teacher, args.arch, args.width_mult, teacher, x, y, **kw)
 
@@ -101,24 +102,36 @@ def main(argv=None) -> int:
             quant_mod.binary_sign = new_sign
             with mode():
                 model(inp)
+
         return run
 
     steps["teacher forward, no_grad (before)"] = forward(teacher, x, torch.no_grad)
     steps["teacher forward, inference_mode"] = forward(teacher, x, torch.inference_mode)
     steps["teacher forward, inference_mode channels_last"] = forward(teacher_cl, x_cl, torch.inference_mode)
-    times = interleaved_times(steps, args.rounds, args.warmup,
-                              on_round=lambda r: print(f"round {r + 1}/{args.rounds} done", file=sys.stderr))
+    times = interleaved_times(
+        steps, args.rounds, args.warmup, on_round=lambda r: print(f"round {r + 1}/{args.rounds} done", file=sys.stderr)
+    )
     quant_mod.binary_sign = new_sign
     med = {k: statistics.median(v) for k, v in times.items()}
     base = med["W1A1 CE"]
     rows = []
     for k in steps:
-        rows.append({"config": k, "median_ms": 1000 * med[k], "images_per_s": args.batch / med[k],
-                     "vs_W1A1_CE": med[k] / base, "all_ms": [round(1000 * t, 2) for t in times[k]]})
+        rows.append(
+            {
+                "config": k,
+                "median_ms": 1000 * med[k],
+                "images_per_s": args.batch / med[k],
+                "vs_W1A1_CE": med[k] / base,
+                "all_ms": [round(1000 * t, 2) for t in times[k]],
+            }
+        )
     fp = med["FP CE (same network)"]
     result = {
         "what": "one optimiser step (forward, loss, backward, SGD) at fixed batch; medians over interleaved rounds",
-        "args": vars(args), "machine": machine_info(), "isa": cpu_isa(), "rows": rows,
+        "args": vars(args),
+        "machine": machine_info(),
+        "isa": cpu_isa(),
+        "rows": rows,
         "itrd_vs_ce_student_side": med["W1A1 ITRD (student side)"] / base,
         "itrd_vs_kd_with_teacher": med["W1A1 ITRD (with teacher fwd)"] / med["W1A1 KD (with teacher fwd)"],
         "binary_vs_fp_ce": base / fp,
@@ -129,18 +142,25 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    lines = [f"Training step cost: {args.arch} x{args.width_mult} on "
-             f"{args.in_chans}x{args.image_size}x{args.image_size}, "
-             f"batch {args.batch}, {torch.get_num_threads()} threads, {result['machine']['cpu']} ({result['isa']}), "
-             f"{args.rounds} interleaved rounds, medians", "",
-             "| configuration | median ms/step | images/s | vs W1A1 CE |", "|---|---:|---:|---:|"]
+    lines = [
+        f"Training step cost: {args.arch} x{args.width_mult} on "
+        f"{args.in_chans}x{args.image_size}x{args.image_size}, "
+        f"batch {args.batch}, {torch.get_num_threads()} threads, {result['machine']['cpu']} ({result['isa']}), "
+        f"{args.rounds} interleaved rounds, medians",
+        "",
+        "| configuration | median ms/step | images/s | vs W1A1 CE |",
+        "|---|---:|---:|---:|",
+    ]
     for r in rows:
         lines.append(f"| {r['config']} | {r['median_ms']:.1f} | {r['images_per_s']:.0f} | {r['vs_W1A1_CE']:.3f} |")
-    lines += ["", f"ITRD / CE (student side): {result['itrd_vs_ce_student_side']:.3f}; "
-              f"ITRD / KD (teacher forward included): {result['itrd_vs_kd_with_teacher']:.3f}; "
-              f"W1A1 Brevitas / FP, CE: {result['binary_vs_fp_ce']:.3f} (before the sign change: "
-              f"{result['binary_vs_fp_ce_before']:.3f}; both in channels_last: "
-              f"{result['binary_channels_last_vs_fp_channels_last']:.3f})"]
+    lines += [
+        "",
+        f"ITRD / CE (student side): {result['itrd_vs_ce_student_side']:.3f}; "
+        f"ITRD / KD (teacher forward included): {result['itrd_vs_kd_with_teacher']:.3f}; "
+        f"W1A1 Brevitas / FP, CE: {result['binary_vs_fp_ce']:.3f} (before the sign change: "
+        f"{result['binary_vs_fp_ce_before']:.3f}; both in channels_last: "
+        f"{result['binary_channels_last_vs_fp_channels_last']:.3f})",
+    ]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

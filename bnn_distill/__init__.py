@@ -29,8 +29,13 @@ from .errors import UserError  # noqa: E402 - light: no torch
 
 #: public name -> the submodule that defines it
 _LAZY = {
-    "Criterion": "losses", "itrd_correlation": "losses", "itrd_mutual_information": "losses", "kd_loss": "losses",
-    "create_model": "models", "Recipe": "recipe", "load_recipe": "recipe",
+    "Criterion": "losses",
+    "itrd_correlation": "losses",
+    "itrd_mutual_information": "losses",
+    "kd_loss": "losses",
+    "create_model": "models",
+    "Recipe": "recipe",
+    "load_recipe": "recipe",
 }
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
@@ -67,6 +72,15 @@ def summarize(*args, **kwargs):
 
 
 __all__ = [
-    "UserError", "Criterion", "itrd_correlation", "itrd_mutual_information", "kd_loss", "create_model",
-    "Recipe", "load_recipe", "run_recipe", "summarize", "__version__",
+    "UserError",
+    "Criterion",
+    "itrd_correlation",
+    "itrd_mutual_information",
+    "kd_loss",
+    "create_model",
+    "Recipe",
+    "load_recipe",
+    "run_recipe",
+    "summarize",
+    "__version__",
 ]

@@ -39,8 +39,13 @@ log = logging.getLogger(__name__)
 ROLES = ("teacher", "student_fp32", "student_binary", "student_native")
 #: The teacher's FP32 file again, run by OpenVINO (with the [peers] extra): the latency rows only.
 OPENVINO_ROLE = "teacher_openvino"
-LABELS = {"teacher": "teacher FP32", "student_fp32": "student FP32", "student_binary": "binary student",
-          "student_native": "binary student, native", OPENVINO_ROLE: "teacher FP32, OpenVINO"}
+LABELS = {
+    "teacher": "teacher FP32",
+    "student_fp32": "student FP32",
+    "student_binary": "binary student",
+    "student_native": "binary student, native",
+    OPENVINO_ROLE: "teacher FP32, OpenVINO",
+}
 FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_vpopcntdq", "avx_vnni", "amx_int8")
 BENCH_JSON, BENCH_MD, BENCH_PNG = "bench.json", "bench.md", "bench.png"
 
@@ -57,9 +62,14 @@ def machine() -> Dict[str, Any]:
     except OSError:
         pass
     cpu = cpu or platform.processor() or platform.machine()
-    info: Dict[str, Any] = {"cpu": cpu, "cores": os.cpu_count(), "flags": {f: f in flags for f in FLAGS},
-                            "onnxruntime": ort.__version__, "platform": platform.platform(),
-                            "python": platform.python_version()}
+    info: Dict[str, Any] = {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "flags": {f: f in flags for f in FLAGS},
+        "onnxruntime": ort.__version__,
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+    }
     try:
         info["load_average"] = [round(v, 2) for v in os.getloadavg()]
     except OSError:
@@ -74,8 +84,9 @@ def load_manifest(export_dir: Path) -> Dict[str, Any]:
         found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
         raise UserError(f"'{path}' is not a bnn-distill export manifest (format {found!r})")
     models = manifest.get("models", {})
-    if not isinstance(models, dict) or not all(isinstance(e, dict) and isinstance(e.get("file"), str)
-                                                for e in models.values()):
+    if not isinstance(models, dict) or not all(
+        isinstance(e, dict) and isinstance(e.get("file"), str) for e in models.values()
+    ):
         raise UserError(f"'{path}': 'models' must map each model to an entry with its 'file'; re-run the export")
     shape = manifest.get("input", {}).get("shape") if isinstance(manifest.get("input"), dict) else None
     if not isinstance(shape, list) or not all(isinstance(d, (int, str)) for d in shape):
@@ -111,12 +122,18 @@ def _session(path: Path, **kw):
 
 def _percentiles(ms: Sequence[float]) -> Dict[str, float]:
     a = np.asarray(ms, dtype=np.float64)
-    return {"p50_ms": float(np.percentile(a, 50)), "p90_ms": float(np.percentile(a, 90)),
-            "mean_ms": float(a.mean()), "min_ms": float(a.min()), "n": int(a.size)}
+    return {
+        "p50_ms": float(np.percentile(a, 50)),
+        "p90_ms": float(np.percentile(a, 90)),
+        "mean_ms": float(a.mean()),
+        "min_ms": float(a.min()),
+        "n": int(a.size),
+    }
 
 
-def time_interleaved(sessions: Dict[str, Any], x: np.ndarray, repeats: Optional[int], warmup: int,
-                     budget_s: float, burst: int = 1) -> Dict[str, List[float]]:
+def time_interleaved(
+    sessions: Dict[str, Any], x: np.ndarray, repeats: Optional[int], warmup: int, budget_s: float, burst: int = 1
+) -> Dict[str, List[float]]:
     """Run every session ``burst`` times back to back per round, rotating the order of the models
     from round to round; returns milliseconds per model (every call).
 
@@ -153,15 +170,27 @@ def split_burst(ms: Sequence[float], burst: int):
     return warm, cold
 
 
-def onnx_accuracy(export_dir: Path, manifest: Dict[str, Any], data_root: Optional[str],
-                  roles: Optional[Sequence[str]] = None, progress: bool = False) -> Dict[str, Any]:
+def onnx_accuracy(
+    export_dir: Path,
+    manifest: Dict[str, Any],
+    data_root: Optional[str],
+    roles: Optional[Sequence[str]] = None,
+    progress: bool = False,
+) -> Dict[str, Any]:
     """Top-1 of every exported model on the manifest's test split, through onnxruntime."""
     ds = manifest.get("dataset") or {}
     if not ds.get("name"):
         return {"skipped": "the export records no dataset (exported without a run)"}
     try:
-        _, test_set, _ = build_datasets(ds["name"], data_root or ds.get("root"), False, False, 1,
-                                        ds.get("limit_test"), seed=int(ds.get("seed") or 0))
+        _, test_set, _ = build_datasets(
+            ds["name"],
+            data_root or ds.get("root"),
+            False,
+            False,
+            1,
+            ds.get("limit_test"),
+            seed=int(ds.get("seed") or 0),
+        )
     except UserError as e:  # the latency numbers are still worth writing
         log.warning("no accuracy: %s (pass --data-root)", e)
         return {"skipped": f"test split unavailable: {e}"}
@@ -169,23 +198,42 @@ def onnx_accuracy(export_dir: Path, manifest: Dict[str, Any], data_root: Optiona
     sessions = {role: _session(export_dir / entry["file"]) for role, entry in models.items()}
     right = {role: 0 for role in sessions}
     n = 0
-    for x, y in tqdm(iter_batches(test_set), total=-(-len(test_set) // 256), desc="bench accuracy", unit="batch",
-                     leave=False, disable=not progress):
+    for x, y in tqdm(
+        iter_batches(test_set),
+        total=-(-len(test_set) // 256),
+        desc="bench accuracy",
+        unit="batch",
+        leave=False,
+        disable=not progress,
+    ):
         for role, sess in sessions.items():
             logits = sess.run([OUTPUT_NAME], {INPUT_NAME: x.numpy()})[0]
             right[role] += int((logits.argmax(1) == y.numpy()).sum())
         n += len(x)
     out: Dict[str, Any] = {"images": n}
     for role, entry in models.items():
-        out[role] = {"top1": 100.0 * right[role] / max(n, 1), "export_top1": entry.get("test_top1"),
-                     "torch_top1": entry.get("torch_test_top1")}
+        out[role] = {
+            "top1": 100.0 * right[role] / max(n, 1),
+            "export_top1": entry.get("test_top1"),
+            "torch_top1": entry.get("torch_test_top1"),
+        }
     return out
 
 
-def run_bench(export_dir, batches: Sequence[int] = (1, 32), threads: Optional[Sequence[int]] = None,
-              repeats: Optional[int] = None, warmup: int = 3, budget_s: float = 3.0, accuracy: bool = True,
-              data_root: Optional[str] = None, seed: int = 0, burst: int = 3, progress: bool = False,
-              openvino: Optional[bool] = None) -> Dict[str, Any]:
+def run_bench(
+    export_dir,
+    batches: Sequence[int] = (1, 32),
+    threads: Optional[Sequence[int]] = None,
+    repeats: Optional[int] = None,
+    warmup: int = 3,
+    budget_s: float = 3.0,
+    accuracy: bool = True,
+    data_root: Optional[str] = None,
+    seed: int = 0,
+    burst: int = 3,
+    progress: bool = False,
+    openvino: Optional[bool] = None,
+) -> Dict[str, Any]:
     """Benchmark an export folder; writes bench.json, bench.md and bench.png there (the plot is skipped,
     with a one-line note, without matplotlib). ``progress``: a tqdm bar over the settings.
 
@@ -209,8 +257,9 @@ def run_bench(export_dir, batches: Sequence[int] = (1, 32), threads: Optional[Se
                 steps = native.vector_steps(onnx.load(str(native_file)))
                 # the minimum of several runs: on a shared machine single readings vary by 2x
                 peak = min([peak] + [native.peak_ns_per_step_isa(lib, family) for _ in range(5)])
-                native_info.update(vector_steps_per_image=steps, peak_ns_per_step=peak,
-                                   floor_ms_per_image=steps * peak * 1e-6)
+                native_info.update(
+                    vector_steps_per_image=steps, peak_ns_per_step=peak, floor_ms_per_image=steps * peak * 1e-6
+                )
         except native.NativeUnavailable as e:  # the other rows are still worth measuring
             roles.remove("student_native")
             native_info = {"skipped": str(e)}
@@ -224,8 +273,11 @@ def run_bench(export_dir, batches: Sequence[int] = (1, 32), threads: Optional[Se
     if want_ov:
         if not openvino_rt.available():
             raise UserError("--openvino: OpenVINO is not installed; pip install 'bnn-distill[peers]'")
-        ov_info = {"version": openvino_rt.version(), "file": manifest["models"]["teacher"]["file"],
-                   "config": dict(openvino_rt.CONFIG)}
+        ov_info = {
+            "version": openvino_rt.version(),
+            "file": manifest["models"]["teacher"]["file"],
+            "config": dict(openvino_rt.CONFIG),
+        }
     threads = list(dict.fromkeys(threads or [1, os.cpu_count() or 1]))
     batches = list(dict.fromkeys(batches))
     for name, vals in (("--batch", batches), ("--threads", threads)):
@@ -242,13 +294,17 @@ def run_bench(export_dir, batches: Sequence[int] = (1, 32), threads: Optional[Se
     fused = {}
     for role in roles:
         counts = optimized_op_counts(export_dir / manifest["models"][role]["file"])
-        fused[role] = {"op_counts": counts, "MatMulIntegerToFloat": fused_integer_matmuls(counts),
-                       "fused_ops": {k: v for k, v in counts.items() if ":" in k}}
+        fused[role] = {
+            "op_counts": counts,
+            "MatMulIntegerToFloat": fused_integer_matmuls(counts),
+            "fused_ops": {k: v for k, v in counts.items() if ":" in k},
+        }
     results: List[Dict[str, Any]] = []
     bar = tqdm(total=len(threads) * len(batches), desc="bench", unit="setting", leave=False, disable=not progress)
     for t in threads:
-        sessions = {role: _session(export_dir / manifest["models"][role]["file"], threads=int(t), spin=False)
-                    for role in roles}
+        sessions = {
+            role: _session(export_dir / manifest["models"][role]["file"], threads=int(t), spin=False) for role in roles
+        }
         for b in batches:
             bar.set_postfix_str(f"batch {b}, {t} thread(s)")
             x = rng.standard_normal((int(b), c, h, w)).astype(np.float32)
@@ -274,18 +330,33 @@ def run_bench(export_dir, batches: Sequence[int] = (1, 32), threads: Optional[Se
                 nat["fraction_of_floor"] = nat["floor_ms"] / nat["p50_ms"]
             results.append(row)
             bar.update(1)
-            log.info("batch %d, %d threads: %s", b, t, ", ".join(
-                f"{role} {row['models'][role]['p50_ms']:.2f} ms" for role in timed))
+            log.info(
+                "batch %d, %d threads: %s",
+                b,
+                t,
+                ", ".join(f"{role} {row['models'][role]['p50_ms']:.2f} ms" for role in timed),
+            )
     bar.close()
     mach_end = machine().get("load_average")
     report: Dict[str, Any] = {
-        "export": str(export_dir), "run": manifest.get("run"), "stage": manifest.get("stage"),
-        "input": manifest["input"], "machine": {**mach, "load_average_end": mach_end},
-        "method": {"interleaved": True, "warmup_rounds": warmup, "repeats": repeats, "budget_s": budget_s,
-                   "burst": burst,
-                   "graph_optimization": "ORT_ENABLE_ALL", "execution_mode": "sequential", "inter_op_threads": 1,
-                   "intra_op_spinning": False},
-        "latency": results, "fusion": fused,
+        "export": str(export_dir),
+        "run": manifest.get("run"),
+        "stage": manifest.get("stage"),
+        "input": manifest["input"],
+        "machine": {**mach, "load_average_end": mach_end},
+        "method": {
+            "interleaved": True,
+            "warmup_rounds": warmup,
+            "repeats": repeats,
+            "budget_s": budget_s,
+            "burst": burst,
+            "graph_optimization": "ORT_ENABLE_ALL",
+            "execution_mode": "sequential",
+            "inter_op_threads": 1,
+            "intra_op_spinning": False,
+        },
+        "latency": results,
+        "fusion": fused,
     }
     if native_info:
         report["native"] = native_info
@@ -312,26 +383,32 @@ def run_bench(export_dir, batches: Sequence[int] = (1, 32), threads: Optional[Se
 def markdown(r: Dict[str, Any]) -> str:
     m = r["machine"]
     flags = ", ".join(f for f, on in m["flags"].items() if on) or "none of " + ", ".join(m["flags"])
-    lines = [f"# onnxruntime benchmark: {r.get('run') or r['export']}", "",
-             f"Machine: {m['cpu']}, {m['cores']} cores; flags: {flags}; onnxruntime {m['onnxruntime']}; "
-             f"load average {m.get('load_average')} at start, {m.get('load_average_end')} at end.",
-             f"Input {r['input']['shape']} ({r['input']['layout']}). Interleaved rounds after "
-             f"{r['method']['warmup_rounds']} warm-up rounds, each running every model "
-             f"{r['method'].get('burst', 1)} times back to back, the models' order rotating from round to round; "
-             f"p50/p90 over the calls after the first of each burst (warm: the model's weights still cached, "
-             f"as in a process serving one model); 'cold' is the first call of each burst, right after the other "
-             f"models ran. {r['method']['graph_optimization']}; intra-op threads do not spin.", "",
-             "| batch | threads | model | p50 ms | p90 ms | images/s | speed-up vs teacher (p50) | cold p50 ms "
-             "| cold speed-up |",
-             "|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        f"# onnxruntime benchmark: {r.get('run') or r['export']}",
+        "",
+        f"Machine: {m['cpu']}, {m['cores']} cores; flags: {flags}; onnxruntime {m['onnxruntime']}; "
+        f"load average {m.get('load_average')} at start, {m.get('load_average_end')} at end.",
+        f"Input {r['input']['shape']} ({r['input']['layout']}). Interleaved rounds after "
+        f"{r['method']['warmup_rounds']} warm-up rounds, each running every model "
+        f"{r['method'].get('burst', 1)} times back to back, the models' order rotating from round to round; "
+        f"p50/p90 over the calls after the first of each burst (warm: the model's weights still cached, "
+        f"as in a process serving one model); 'cold' is the first call of each burst, right after the other "
+        f"models ran. {r['method']['graph_optimization']}; intra-op threads do not spin.",
+        "",
+        "| batch | threads | model | p50 ms | p90 ms | images/s | speed-up vs teacher (p50) | cold p50 ms "
+        "| cold speed-up |",
+        "|---:|---:|---|---:|---:|---:|---:|---:|---:|",
+    ]
     for row in r["latency"]:
         for role, s in row["models"].items():
             sp, csp = s.get("speedup_vs_teacher"), s.get("cold_speedup_vs_teacher")
             cold = s.get("cold_p50_ms")
-            lines.append(f"| {row['batch']} | {row['threads']} | {LABELS[role]} | {s['p50_ms']:.3f} "
-                         f"| {s['p90_ms']:.3f} | {1e3 * row['batch'] / s['p50_ms']:.0f} "
-                         f"| {'' if sp is None else f'{sp:.2f}x'} | "
-                         f"{'' if cold is None else f'{cold:.3f}'} | {'' if csp is None else f'{csp:.2f}x'} |")
+            lines.append(
+                f"| {row['batch']} | {row['threads']} | {LABELS[role]} | {s['p50_ms']:.3f} "
+                f"| {s['p90_ms']:.3f} | {1e3 * row['batch'] / s['p50_ms']:.0f} "
+                f"| {'' if sp is None else f'{sp:.2f}x'} | "
+                f"{'' if cold is None else f'{cold:.3f}'} | {'' if csp is None else f'{csp:.2f}x'} |"
+            )
     lines += ["", "## Fused nodes in onnxruntime's optimized graph", ""]
     for role, f in r["fusion"].items():
         fused = ", ".join(f"{k} x{v}" for k, v in f["fused_ops"].items()) or "none"
@@ -347,30 +424,44 @@ def markdown(r: Dict[str, Any]) -> str:
             forced = f", forced by BNN_DISTILL_NATIVE_ISA={nat['isa_override']}" if nat.get("isa_override") else ""
             lines += ["", f"Native library: {nat['library']} ({nat['isa']} kernels{forced})."]
             if nat.get("floor_ms_per_image"):
-                lines += ["", f"Instruction-throughput floor of the native convs: {nat['vector_steps_per_image']:,} "
-                          f"steps (8 output channels x 64 input bits) per image x {nat['peak_ns_per_step']:.3f} ns "
-                          f"(the {nat.get('isa', '?')} kernel's register tile on L1-resident data, best of 6) = "
-                          f"{nat['floor_ms_per_image']:.3f} ms per image on one thread.", ""]
+                lines += [
+                    "",
+                    f"Instruction-throughput floor of the native convs: {nat['vector_steps_per_image']:,} "
+                    f"steps (8 output channels x 64 input bits) per image x {nat['peak_ns_per_step']:.3f} ns "
+                    f"(the {nat.get('isa', '?')} kernel's register tile on L1-resident data, best of 6) = "
+                    f"{nat['floor_ms_per_image']:.3f} ms per image on one thread.",
+                    "",
+                ]
                 for row in r["latency"]:
                     s = row["models"].get("student_native", {})
                     if "fraction_of_floor" in s:
-                        lines.append(f"- batch {row['batch']}, {row['threads']} thread(s): p50 {s['p50_ms']:.3f} "
-                                     f"ms against a floor of {s['floor_ms']:.3f} ms: "
-                                     f"{100 * s['fraction_of_floor']:.0f}% of the floor")
+                        lines.append(
+                            f"- batch {row['batch']}, {row['threads']} thread(s): p50 {s['p50_ms']:.3f} "
+                            f"ms against a floor of {s['floor_ms']:.3f} ms: "
+                            f"{100 * s['fraction_of_floor']:.0f}% of the floor"
+                        )
     ov = r.get("openvino")
     if ov:
-        comp = "; ".join(f"{k}: " + ", ".join(f"{a}={b}" for a, b in v.items())
-                         for k, v in ov.get("compiled", {}).items())
-        lines += ["", f"OpenVINO {ov['version']} ran the teacher's {ov['file']} on the CPU, compiled per batch size "
-                  f"with a fixed shape ({comp or ov['config']})."]
+        comp = "; ".join(
+            f"{k}: " + ", ".join(f"{a}={b}" for a, b in v.items()) for k, v in ov.get("compiled", {}).items()
+        )
+        lines += [
+            "",
+            f"OpenVINO {ov['version']} ran the teacher's {ov['file']} on the CPU, compiled per batch size "
+            f"with a fixed shape ({comp or ov['config']}).",
+        ]
     acc = r.get("accuracy")
     if acc:
         lines += ["", "## Test accuracy through onnxruntime", ""]
         if "skipped" in acc:
             lines.append(f"Skipped: {acc['skipped']}.")
         else:
-            lines += [f"{acc['images']} test images.", "",
-                      "| model | top-1 % (onnxruntime) | top-1 % (PyTorch, at export) |", "|---|---:|---:|"]
+            lines += [
+                f"{acc['images']} test images.",
+                "",
+                "| model | top-1 % (onnxruntime) | top-1 % (PyTorch, at export) |",
+                "|---|---:|---:|",
+            ]
             for role in ROLES:
                 if role in acc:
                     t = acc[role].get("torch_top1")
@@ -395,13 +486,27 @@ def bench_figure(r: Dict[str, Any]):
         p50 = np.array([row["models"][role]["p50_ms"] for row in rows])
         p90 = np.array([row["models"][role]["p90_ms"] for row in rows])
         top = max(top, float(p90.max()))
-        bars = ax.bar(xs + (k - (len(roles) - 1) / 2) * width, p50, width, label=LABELS[role],
-                      yerr=[np.zeros_like(p50), p90 - p50], capsize=3)
+        bars = ax.bar(
+            xs + (k - (len(roles) - 1) / 2) * width,
+            p50,
+            width,
+            label=LABELS[role],
+            yerr=[np.zeros_like(p50), p90 - p50],
+            capsize=3,
+        )
         for bar, row, whisker in zip(bars, rows, p90):
             sp = row["models"][role].get("speedup_vs_teacher")
             if sp is not None and role != "teacher":  # the OpenVINO teacher too: its ratio to onnxruntime
-                ax.annotate(f"{sp:.2f}x", (bar.get_x() + bar.get_width() / 2, float(whisker)), ha="center",
-                            va="bottom", rotation=90, fontsize=7, xytext=(0, 3), textcoords="offset points")
+                ax.annotate(
+                    f"{sp:.2f}x",
+                    (bar.get_x() + bar.get_width() / 2, float(whisker)),
+                    ha="center",
+                    va="bottom",
+                    rotation=90,
+                    fontsize=7,
+                    xytext=(0, 3),
+                    textcoords="offset points",
+                )
     ax.set_xticks(xs, [f"batch {row['batch']}\n{row['threads']} thr" for row in rows])
     ax.set_yscale("log")
     if top > 0:

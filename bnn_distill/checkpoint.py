@@ -14,7 +14,6 @@ import contextlib
 import os
 import pickle
 import tempfile
-import zipfile
 from pathlib import Path
 from typing import Any, Dict, Union
 
@@ -96,13 +95,17 @@ def load_checkpoint(path: Union[str, Path], map_location: Union[str, torch.devic
     """Load a checkpoint safely; raise :class:`CheckpointError` with one clear line on any problem."""
     path = Path(path)
     if path.is_dir():
-        raise CheckpointError(f"checkpoint '{path}' is a folder; give a .pt file (a run folder's are in checkpoints/<stage>/)")
+        raise CheckpointError(
+            f"checkpoint '{path}' is a folder; give a .pt file (a run folder's are in checkpoints/<stage>/)"
+        )
     if not path.is_file():
         raise CheckpointError(f"checkpoint '{path}' does not exist")
     with open(path, "rb") as f:
         head = f.read(4)
     if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):  # torch.save zip archive or legacy pickle
-        raise CheckpointError(f"'{path}' is not a checkpoint (not a torch.save archive) or is truncated; use another file")
+        raise CheckpointError(
+            f"'{path}' is not a checkpoint (not a torch.save archive) or is truncated; use another file"
+        )
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
@@ -114,9 +117,13 @@ def load_checkpoint(path: Union[str, Path], map_location: Union[str, torch.devic
             ) from None
         raise CheckpointError(f"checkpoint '{path}' is corrupted ({_short(e)}); use another checkpoint") from None
     except Exception as e:  # torch raises many types for damaged archives
-        raise CheckpointError(f"checkpoint '{path}' is corrupted or truncated ({_short(e)}); use another checkpoint") from None
+        raise CheckpointError(
+            f"checkpoint '{path}' is corrupted or truncated ({_short(e)}); use another checkpoint"
+        ) from None
     if not isinstance(obj, dict):
-        raise CheckpointError(f"checkpoint '{path}' holds a {type(obj).__name__}, not a state dict or bnn-distill checkpoint")
+        raise CheckpointError(
+            f"checkpoint '{path}' holds a {type(obj).__name__}, not a state dict or bnn-distill checkpoint"
+        )
     return obj
 
 
@@ -134,7 +141,9 @@ def state_dict_of(obj: Dict[str, Any]) -> Dict[str, torch.Tensor]:
     if is_bnn_checkpoint(obj):
         state = obj.get("model")
         if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-            raise CheckpointError("bnn-distill checkpoint holds no model state dict (damaged or not written by a trainer)")
+            raise CheckpointError(
+                "bnn-distill checkpoint holds no model state dict (damaged or not written by a trainer)"
+            )
         return state
     if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
         return obj
@@ -144,7 +153,9 @@ def state_dict_of(obj: Dict[str, Any]) -> Dict[str, torch.Tensor]:
     raise CheckpointError("checkpoint holds neither a bnn-distill checkpoint nor a state dict of tensors")
 
 
-def load_model_state(model: torch.nn.Module, state: Dict[str, torch.Tensor], what: str, allow_quant_missing: bool = False) -> set:
+def load_model_state(
+    model: torch.nn.Module, state: Dict[str, torch.Tensor], what: str, allow_quant_missing: bool = False
+) -> set:
     """Load ``state`` strictly, naming mismatched keys; returns quantiser keys that were missing.
 
     With ``allow_quant_missing`` the quantiser parameters of a binary model (learned scales, tau)
@@ -170,7 +181,10 @@ def load_model_state(model: torch.nn.Module, state: Dict[str, torch.Tensor], wha
             parts.append(f"unexpected {_few(unexpected)}")
         if shape:
             k = shape[0]
-            parts.append(f"shape of '{k}' is {tuple(state[k].shape)}, model has {tuple(own[k].shape)}" + (f" (+{len(shape) - 1} more)" if len(shape) > 1 else ""))
+            parts.append(
+                f"shape of '{k}' is {tuple(state[k].shape)}, model has {tuple(own[k].shape)}"
+                + (f" (+{len(shape) - 1} more)" if len(shape) > 1 else "")
+            )
         raise CheckpointError(f"{what} does not match the model: " + "; ".join(parts))
     with keep_quantizers():
         model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)

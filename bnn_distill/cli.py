@@ -27,19 +27,27 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="bnn-distill",
-                                 description="Distil binary ResNets with ITRD, export and benchmark them.")
+    ap = argparse.ArgumentParser(
+        prog="bnn-distill", description="Distil binary ResNets with ITRD, export and benchmark them."
+    )
     ap.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = ap.add_subparsers(dest="command", metavar="COMMAND")
 
     t = sub.add_parser("train", help="run every stage of a recipe (teacher, W32A1, W1A1)")
     t.add_argument("recipe", help="YAML recipe, e.g. recipes/quick_fmnist.yaml")
-    t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
-                   help="override a recipe value, e.g. --set stages.stage1.epochs=2 (repeatable)")
+    t.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY.PATH=VALUE",
+        help="override a recipe value, e.g. --set stages.stage1.epochs=2 (repeatable)",
+    )
     t.add_argument("--resume", action="store_true", help="continue the run in the recipe's run folder")
     t.add_argument("--force", action="store_true", help="with --resume: continue even if the recipe changed")
-    t.add_argument("--dry-run", action="store_true",
-                   help="validate, print the resolved recipe and model summary; train nothing")
+    t.add_argument(
+        "--dry-run", action="store_true", help="validate, print the resolved recipe and model summary; train nothing"
+    )
     t.add_argument("--no-progress", action="store_true", help="no progress bars (one log line per epoch)")
     _add_common(t)
 
@@ -58,42 +66,67 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="print JSON")
     _add_common(s)
 
-    x = sub.add_parser("export",
-                       help="export a run's binary student, FP32 student and teacher to ONNX, with a parity check")
+    x = sub.add_parser(
+        "export", help="export a run's binary student, FP32 student and teacher to ONNX, with a parity check"
+    )
     x.add_argument("run", help="run folder (runs/NAME)")
     x.add_argument("--out", help="export folder (default: export/<run-name>)")
     x.add_argument("--stage", help="binary student stage to export (default: the last stage)")
     x.add_argument("--force", action="store_true", help="overwrite an export folder that holds another run's export")
     x.add_argument("--data-root", help="dataset folder, if not where the run found it")
-    x.add_argument("--limit-test", type=int, metavar="N",
-                   help="check parity on the first N test images only (default: all)")
-    x.add_argument("--strict-top1", action="store_true",
-                   help="fail if any image's top-1 differs, even when explained by a sign of a value within float32 "
-                        "rounding of 0 (default: such images pass and are listed in parity.json)")
-    x.add_argument("--runtime", choices=("standard", "native"), default="standard",
-                   help="native: also write student_binary_native.onnx for the bit-packed custom-op library "
-                        "(built on first use; see 'bnn-distill build-native')")
-    x.add_argument("--no-progress", action="store_true",
-                   help="no progress bars for the parity check (shown only on a terminal)")
+    x.add_argument(
+        "--limit-test", type=int, metavar="N", help="check parity on the first N test images only (default: all)"
+    )
+    x.add_argument(
+        "--strict-top1",
+        action="store_true",
+        help="fail if any image's top-1 differs, even when explained by a sign of a value within float32 "
+        "rounding of 0 (default: such images pass and are listed in parity.json)",
+    )
+    x.add_argument(
+        "--runtime",
+        choices=("standard", "native"),
+        default="standard",
+        help="native: also write student_binary_native.onnx for the bit-packed custom-op library "
+        "(built on first use; see 'bnn-distill build-native')",
+    )
+    x.add_argument(
+        "--no-progress", action="store_true", help="no progress bars for the parity check (shown only on a terminal)"
+    )
     _add_common(x)
 
     b = sub.add_parser("bench", help="onnxruntime latency and accuracy of an export folder, models side by side")
     b.add_argument("export_dir", help="export folder written by 'bnn-distill export'")
     b.add_argument("--batch", type=int, nargs="+", default=[1, 32], metavar="N", help="batch sizes (default: 1 32)")
-    b.add_argument("--threads", type=int, nargs="+", metavar="N",
-                   help="intra-op thread counts (default: 1 and all cores)")
-    b.add_argument("--repeats", type=int, metavar="N",
-                   help="measurement rounds per setting (default: from --budget, 10..200)")
+    b.add_argument(
+        "--threads", type=int, nargs="+", metavar="N", help="intra-op thread counts (default: 1 and all cores)"
+    )
+    b.add_argument(
+        "--repeats", type=int, metavar="N", help="measurement rounds per setting (default: from --budget, 10..200)"
+    )
     b.add_argument("--warmup", type=int, default=3, metavar="N", help="warm-up rounds per setting (default: 3)")
-    b.add_argument("--budget", type=float, default=3.0, metavar="S",
-                   help="seconds of rounds per setting when --repeats is not given")
-    b.add_argument("--burst", type=int, default=3, metavar="N",
-                   help="calls of each model back to back per round; the first of each is reported as 'cold' "
-                        "(default: 3)")
+    b.add_argument(
+        "--budget",
+        type=float,
+        default=3.0,
+        metavar="S",
+        help="seconds of rounds per setting when --repeats is not given",
+    )
+    b.add_argument(
+        "--burst",
+        type=int,
+        default=3,
+        metavar="N",
+        help="calls of each model back to back per round; the first of each is reported as 'cold' (default: 3)",
+    )
     b.add_argument("--no-accuracy", action="store_true", help="skip the test-split accuracy")
-    b.add_argument("--openvino", action=argparse.BooleanOptionalAction, default=None,
-                   help="also time the FP32 teacher in OpenVINO (default: when openvino is installed, "
-                        "pip install 'bnn-distill[peers]')")
+    b.add_argument(
+        "--openvino",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="also time the FP32 teacher in OpenVINO (default: when openvino is installed, "
+        "pip install 'bnn-distill[peers]')",
+    )
     b.add_argument("--data-root", help="dataset folder, if not where the run found it")
     b.add_argument("--no-progress", action="store_true", help="no progress bars (shown only on a terminal)")
     _add_common(b)
@@ -103,18 +136,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="+", metavar="IMAGE", help="PNG/JPEG images or .npy arrays")
     p.add_argument("--top-k", type=int, default=5, metavar="K", help="classes to print per image (default: 5)")
     p.add_argument("--json", action="store_true", help="print JSON (top-k with probabilities, and the logits)")
-    p.add_argument("--runtime", choices=("auto", "standard", "native"), default="auto",
-                   help="auto (default): the native graph when the export has it and the native library loads, "
-                        "else the standard one")
-    p.add_argument("--model", choices=("student_binary", "student_fp32", "teacher"), default="student_binary",
-                   help="which exported model to run (default: the binary student)")
+    p.add_argument(
+        "--runtime",
+        choices=("auto", "standard", "native"),
+        default="auto",
+        help="auto (default): the native graph when the export has it and the native library loads, "
+        "else the standard one",
+    )
+    p.add_argument(
+        "--model",
+        choices=("student_binary", "student_fp32", "teacher"),
+        default="student_binary",
+        help="which exported model to run (default: the binary student)",
+    )
     p.add_argument("--threads", type=int, metavar="N", help="onnxruntime intra-op threads (default: onnxruntime's)")
     _add_common(p)
 
-    n = sub.add_parser("build-native",
-                       help="build the native onnxruntime custom-op library (XNOR-popcount binary conv)")
-    n.add_argument("--headers", help="folder with the onnxruntime C/C++ API headers (default: cached, else "
-                                     "downloaded from Debian trixie's libonnxruntime-dev)")
+    n = sub.add_parser(
+        "build-native", help="build the native onnxruntime custom-op library (XNOR-popcount binary conv)"
+    )
+    n.add_argument(
+        "--headers",
+        help="folder with the onnxruntime C/C++ API headers (default: cached, else "
+        "downloaded from Debian trixie's libonnxruntime-dev)",
+    )
     n.add_argument("--out", help="write the library here instead of the cache folder")
     n.add_argument("--force", action="store_true", help="rebuild even if a build for this source exists")
     _add_common(n)
@@ -133,17 +178,26 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not args.command:
         ap.print_help()
         return 2
-    logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.DEBUG if args.debug else logging.INFO,
+        format="%(asctime)s %(levelname)s %(message)s",
+        datefmt="%H:%M:%S",
+    )
     for noisy in ("matplotlib", "PIL"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     # Brevitas is imported by the commands now, after this line: keep its import-time "no CUDA runtime"
     # warning as quiet as when the package imported it eagerly (bnn_distill/__init__.py sets ERROR)
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     try:
-        return {"train": cmd_train, "eval": cmd_eval, "summary": cmd_summary, "export": cmd_export,
-                "bench": cmd_bench, "predict": cmd_predict,
-                "build-native": cmd_build_native}[args.command](args)
+        return {
+            "train": cmd_train,
+            "eval": cmd_eval,
+            "summary": cmd_summary,
+            "export": cmd_export,
+            "bench": cmd_bench,
+            "predict": cmd_predict,
+            "build-native": cmd_build_native,
+        }[args.command](args)
     except UserError as e:
         if args.debug:
             raise
@@ -200,8 +254,9 @@ def cmd_train(args) -> int:
     from .runlock import hold
 
     with hold(recipe.run_dir, "run folder", "train"):  # one writer per run folder (rank 0 under torchrun)
-        summary = run_recipe(recipe, resume=args.resume, force=args.force,
-                             progress=not args.no_progress and sys.stderr.isatty())
+        summary = run_recipe(
+            recipe, resume=args.resume, force=args.force, progress=not args.no_progress and sys.stderr.isatty()
+        )
     _print_summary(summary, recipe.run_dir)
     return 0
 
@@ -212,10 +267,18 @@ def _print_summary(summary: Dict[str, Any], run_dir: Path) -> None:
         print(f"teacher ({t['arch']}): test top-1 {t['test_top1']:.2f}%")
     for st in summary["stages"]:
         acc = st["final"].get("test_top1", float("nan"))
-        best = (f" (best on validation {st['best_top1']:.2f}% at epoch {st['best_epoch']}: test "
-                f"{st.get('best_test_top1', float('nan')):.2f}%)") if st.get("best_epoch") else ""
-        print(f"{st['name']} ({st['kind']}, {st['quant']}, {st['epochs']} epochs): test top-1 {acc:.2f}%{best}, "
-              f"{st['wall_s']:.0f} s")
+        best = (
+            (
+                f" (best on validation {st['best_top1']:.2f}% at epoch {st['best_epoch']}: test "
+                f"{st.get('best_test_top1', float('nan')):.2f}%)"
+            )
+            if st.get("best_epoch")
+            else ""
+        )
+        print(
+            f"{st['name']} ({st['kind']}, {st['quant']}, {st['epochs']} epochs): test top-1 {acc:.2f}%{best}, "
+            f"{st['wall_s']:.0f} s"
+        )
     print(f"total {summary['wall_s']:.0f} s; run folder {run_dir}")
 
 
@@ -294,15 +357,27 @@ def cmd_eval(args) -> int:
     d = recipe.data
     _, test_set, info = build_datasets(d.dataset, d.root, False, False, d.limit_train, d.limit_test, seed=recipe.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    res = evaluate(model.to(device), DataLoader(test_set, batch_size=256, num_workers=d.num_workers), device,
-                   progress=not args.no_progress and sys.stderr.isatty())
-    out = {"checkpoint": str(path), "stage": ck.get("stage"), "model": ck["model_spec"]["name"],
-           "quant": ck["model_spec"]["quant"], "dataset": info.name, **res}
+    res = evaluate(
+        model.to(device),
+        DataLoader(test_set, batch_size=256, num_workers=d.num_workers),
+        device,
+        progress=not args.no_progress and sys.stderr.isatty(),
+    )
+    out = {
+        "checkpoint": str(path),
+        "stage": ck.get("stage"),
+        "model": ck["model_spec"]["name"],
+        "quant": ck["model_spec"]["quant"],
+        "dataset": info.name,
+        **res,
+    }
     if args.json:
         print(json.dumps(out, indent=2))
     else:
-        print(f"{out['model']} {out['quant']} (stage {out['stage']}) on {info.name} test ({res['n']} images): "
-              f"top-1 {res['top1']:.2f}%, top-5 {res['top5']:.2f}%, loss {res['loss']:.4f}")
+        print(
+            f"{out['model']} {out['quant']} (stage {out['stage']}) on {info.name} test ({res['n']} images): "
+            f"top-1 {res['top1']:.2f}%, top-5 {res['top5']:.2f}%, loss {res['loss']:.4f}"
+        )
     return 0
 
 
@@ -332,13 +407,18 @@ def cmd_summary(args) -> int:
     else:
         path = _resolve_checkpoint(args.target, args.stage)
         model, ck = model_from_checkpoint(path, load_checkpoint(path))
-        from .recipe import recipe_from_dict
         from .data import dataset_info
+        from .recipe import recipe_from_dict
 
         recipe = recipe_from_dict(ck["recipe"])
         info = dataset_info(recipe.data.dataset)
-        items = [(f"{ck['model_spec']['name']} {ck['model_spec']['quant']} ({path})", model,
-                  (info.in_chans, info.image_size, info.image_size))]
+        items = [
+            (
+                f"{ck['model_spec']['name']} {ck['model_spec']['quant']} ({path})",
+                model,
+                (info.in_chans, info.image_size, info.image_size),
+            )
+        ]
         sizes = _run_export(p, recipe) if p.is_dir() else None
     if args.json:
         out = {title: _summarize(m, shape).to_dict() for title, m, shape in items}
@@ -390,9 +470,17 @@ def cmd_export(args) -> int:
 
     target = Path(args.out) if args.out else _default_export_dir(args.run)
     with hold(target, "export folder", "export") if target is not None else _no_lock():  # one writer per folder
-        manifest = export_run(args.run, out=args.out, stage=args.stage, force=args.force, data_root=args.data_root,
-                              limit_test=args.limit_test, runtime=args.runtime, strict_top1=args.strict_top1,
-                              progress=not args.no_progress and sys.stderr.isatty())
+        manifest = export_run(
+            args.run,
+            out=args.out,
+            stage=args.stage,
+            force=args.force,
+            data_root=args.data_root,
+            limit_test=args.limit_test,
+            runtime=args.runtime,
+            strict_top1=args.strict_top1,
+            progress=not args.no_progress and sys.stderr.isatty(),
+        )
     out = Path(args.out) if args.out else Path("export") / manifest["run"]
     parity = json.loads((out / "parity.json").read_text())
     for role, r in parity["models"].items():
@@ -400,17 +488,25 @@ def cmd_export(args) -> int:
         if r.get("top1_changed_by_flips"):
             flips += f" ({len(r['top1_changed_by_flips'])} of them change top-1)"
         acc = "" if r["onnx_top1"] is None else f", test top-1 {r['onnx_top1']:.2f}%"
-        print(f"{role}: top-1 agrees on {r['top1_agree']}/{r['n']} images, {r['within_tol']} within |logit diff| "
-              f"{r['atol']:.2g} (max {r['max_abs_diff']:.2g}){flips}{acc}")
-    print(f"binary convs fused into MatMulIntegerToFloat: "
-          f"{parity['fused_matmul_integer_to_float']}/{parity['binary_convs']}")
+        print(
+            f"{role}: top-1 agrees on {r['top1_agree']}/{r['n']} images, {r['within_tol']} within |logit diff| "
+            f"{r['atol']:.2g} (max {r['max_abs_diff']:.2g}){flips}{acc}"
+        )
+    print(
+        f"binary convs fused into MatMulIntegerToFloat: "
+        f"{parity['fused_matmul_integer_to_float']}/{parity['binary_convs']}"
+    )
     if parity.get("native_vs_standard"):
         c = parity["native_vs_standard"]
-        print(f"native vs standard integer graph: top-1 identical on {c['top1_agree']}/{c['n']} images, "
-              f"max |logit diff| {c['max_abs_diff']:.2g}")
+        print(
+            f"native vs standard integer graph: top-1 identical on {c['top1_agree']}/{c['n']} images, "
+            f"max |logit diff| {c['max_abs_diff']:.2g}"
+        )
     if manifest.get("native"):
-        print(f"native runtime: {manifest['models']['student_native']['file']} ({manifest['native']['isa']} kernels, "
-              f"library {manifest['native']['library']})")
+        print(
+            f"native runtime: {manifest['models']['student_native']['file']} ({manifest['native']['isa']} kernels, "
+            f"library {manifest['native']['library']})"
+        )
     print(f"exported stage '{manifest['stage']}' ({manifest['quant']}) of {manifest['run']} to {out}")
     return 0
 
@@ -432,9 +528,19 @@ def _no_lock():
 def cmd_bench(args) -> int:
     from .bench import BENCH_MD, run_bench
 
-    run_bench(args.export_dir, batches=args.batch, threads=args.threads, repeats=args.repeats, warmup=args.warmup,
-              budget_s=args.budget, accuracy=not args.no_accuracy, data_root=args.data_root, burst=args.burst,
-              progress=not args.no_progress and sys.stderr.isatty(), openvino=args.openvino)
+    run_bench(
+        args.export_dir,
+        batches=args.batch,
+        threads=args.threads,
+        repeats=args.repeats,
+        warmup=args.warmup,
+        budget_s=args.budget,
+        accuracy=not args.no_accuracy,
+        data_root=args.data_root,
+        burst=args.burst,
+        progress=not args.no_progress and sys.stderr.isatty(),
+        openvino=args.openvino,
+    )
     print((Path(args.export_dir) / BENCH_MD).read_text().rstrip())
     return 0
 
@@ -444,8 +550,9 @@ def cmd_predict(args) -> int:
 
     if args.threads is not None and args.threads < 1:
         raise UserError(f"--threads: {args.threads} must be >= 1")
-    result = predict(args.export_dir, args.images, top_k=args.top_k, runtime=args.runtime, model=args.model,
-                     threads=args.threads)
+    result = predict(
+        args.export_dir, args.images, top_k=args.top_k, runtime=args.runtime, model=args.model, threads=args.threads
+    )
     if args.json:
         print(json.dumps(result, indent=2))
     else:

@@ -40,8 +40,12 @@ log = logging.getLogger(__name__)
 DEFAULT_ROOT = Path("data")
 #: Where Debian's ``dataset-fashion-mnist`` package puts the gzipped IDX files.
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
-FASHION_MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
-                       "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+FASHION_MNIST_FILES = (
+    "train-images-idx3-ubyte",
+    "train-labels-idx1-ubyte",
+    "t10k-images-idx3-ubyte",
+    "t10k-labels-idx1-ubyte",
+)
 FMNIST_SUBSET_FILE = "fmnist_subset.npz"
 
 
@@ -61,8 +65,9 @@ class DatasetInfo:
 class Builder(Protocol):
     """Builds ``(train, test, info)``; ``root`` is the user's value (``None`` = dataset default)."""
 
-    def __call__(self, root: str | None, download: bool, augment: bool,
-                 seed: int) -> tuple[Dataset, Dataset, DatasetInfo]: ...
+    def __call__(
+        self, root: str | None, download: bool, augment: bool, seed: int
+    ) -> tuple[Dataset, Dataset, DatasetInfo]: ...
 
 
 @dataclass(frozen=True)
@@ -78,9 +83,9 @@ class DatasetSpec:
 DATASETS: dict[str, DatasetSpec] = {}
 
 
-def register_dataset(name: str, *, info: DatasetInfo,
-                     info_from_root: Callable[[Path], DatasetInfo] | None = None
-                     ) -> Callable[[Builder], Builder]:
+def register_dataset(
+    name: str, *, info: DatasetInfo, info_from_root: Callable[[Path], DatasetInfo] | None = None
+) -> Callable[[Builder], Builder]:
     """Decorator adding a builder to :data:`DATASETS` under ``name``."""
     assert info.name == name, (info.name, name)
 
@@ -99,8 +104,7 @@ def dataset_names() -> list[str]:
 
 def _spec(name: str) -> DatasetSpec:
     if name not in DATASETS:
-        raise RecipeError(f"unknown dataset '{name}'{closest(name, DATASETS)}; "
-                          f"choose one of {choices(DATASETS)}")
+        raise RecipeError(f"unknown dataset '{name}'{closest(name, DATASETS)}; choose one of {choices(DATASETS)}")
     return DATASETS[name]
 
 
@@ -116,10 +120,15 @@ def dataset_info(name: str, root: str | os.PathLike[str] | None = None) -> Datas
     return spec.info
 
 
-def build_datasets(name: str, root: str | None = None, download: bool = False,
-                   augment: bool = True, limit_train: int | None = None,
-                   limit_test: int | None = None, seed: int = 0
-                   ) -> tuple[Dataset, Dataset, DatasetInfo]:
+def build_datasets(
+    name: str,
+    root: str | None = None,
+    download: bool = False,
+    augment: bool = True,
+    limit_train: int | None = None,
+    limit_test: int | None = None,
+    seed: int = 0,
+) -> tuple[Dataset, Dataset, DatasetInfo]:
     """Build ``(train, test, info)`` for dataset ``name``.
 
     ``root`` defaults to ``./data`` for the torchvision datasets; ``download`` lets torchvision
@@ -154,10 +163,18 @@ def validation_indices(labels: Tensor | Sequence[int], n: int, seed: int) -> Ten
     return torch.sort(perm[balanced_indices(labels[perm], n)]).values
 
 
-def build_splits(name: str, root: str | None = None, download: bool = False,
-                 augment: bool = True, limit_train: int | None = None,
-                 limit_test: int | None = None, seed: int = 0, val_size: int | None = None,
-                 val_fraction: float | None = None, val_seed: int = 0) -> Splits:
+def build_splits(
+    name: str,
+    root: str | None = None,
+    download: bool = False,
+    augment: bool = True,
+    limit_train: int | None = None,
+    limit_test: int | None = None,
+    seed: int = 0,
+    val_size: int | None = None,
+    val_fraction: float | None = None,
+    val_seed: int = 0,
+) -> Splits:
     """Build the train / validation / test splits of dataset ``name``.
 
     ``val_size`` images (or ``val_fraction`` of the training split) are held out of the training
@@ -174,18 +191,35 @@ def build_splits(name: str, root: str | None = None, download: bool = False,
     n_val = val_size if val_size is not None else (round(val_fraction * len(train)) if val_fraction else 0)
     if n_val:
         if n_val >= len(train):  # type: ignore[arg-type]
-            raise RecipeError(f"data.val_size: {n_val} validation images leave none of the {len(train)} "
-                              f"training images of {name} to train on; hold out fewer")
+            raise RecipeError(
+                f"data.val_size: {n_val} validation images leave none of the {len(train)} "
+                f"training images of {name} to train on; hold out fewer"
+            )
         held = validation_indices(_targets(train), n_val, val_seed)
         keep = torch.ones(len(train), dtype=torch.bool)  # type: ignore[arg-type]
         keep[held] = False
-        plain = train if not augment else (train.plain() if isinstance(train, TensorImageDataset) else
-                                           spec.build(root=root, download=False, augment=False, seed=seed)[0])
+        plain = (
+            train
+            if not augment
+            else (
+                train.plain()
+                if isinstance(train, TensorImageDataset)
+                else spec.build(root=root, download=False, augment=False, seed=seed)[0]
+            )
+        )
         val, train = _take(plain, held), _take(train, torch.nonzero(keep).flatten())
     train, test = _limit(train, limit_train), _limit(test, limit_test)
-    log.info("dataset %s: %d train, %s validation, %d test, %d classes, %dx%dx%d", name, len(train),
-             len(val) if val is not None else "no", len(test), info.num_classes, info.in_chans,
-             info.image_size, info.image_size)
+    log.info(
+        "dataset %s: %d train, %s validation, %d test, %d classes, %dx%dx%d",
+        name,
+        len(train),
+        len(val) if val is not None else "no",
+        len(test),
+        info.num_classes,
+        info.in_chans,
+        info.image_size,
+        info.image_size,
+    )
     return Splits(train, val, test, info)
 
 
@@ -203,7 +237,7 @@ def balanced_indices(labels: Tensor | Sequence[int], n: int) -> Tensor:
     labels = torch.as_tensor(labels, dtype=torch.int64).flatten()
     if n >= labels.numel():
         return torch.arange(labels.numel())
-    order = torch.argsort(labels, stable=True)                 # grouped by class, stable inside
+    order = torch.argsort(labels, stable=True)  # grouped by class, stable inside
     grouped = labels[order]
     counts = torch.bincount(grouped)
     starts = torch.cumsum(counts, 0) - counts
@@ -255,9 +289,16 @@ class TensorImageDataset(Dataset):
     resumed in the middle of an epoch sees exactly the images the uninterrupted run saw.
     """
 
-    def __init__(self, images: Tensor, targets: Tensor, mean: Sequence[float],
-                 std: Sequence[float], augment: bool = False, pad: int = 0,
-                 flip: bool = False) -> None:
+    def __init__(
+        self,
+        images: Tensor,
+        targets: Tensor,
+        mean: Sequence[float],
+        std: Sequence[float],
+        augment: bool = False,
+        pad: int = 0,
+        flip: bool = False,
+    ) -> None:
         assert images.dtype == torch.uint8 and images.dim() == 4, (images.dtype, images.shape)
         assert len(images) == len(targets) and images.shape[1] == len(mean) == len(std)
         self.images = images.contiguous()
@@ -265,7 +306,7 @@ class TensorImageDataset(Dataset):
         self.mean, self.std = tuple(mean), tuple(std)
         self.augment, self.pad, self.flip = augment, pad, flip
         std_t = torch.tensor(self.std, dtype=torch.float32).view(-1, 1, 1)
-        self._scale = 1.0 / (255.0 * std_t)                                   # (C, 1, 1)
+        self._scale = 1.0 / (255.0 * std_t)  # (C, 1, 1)
         self._shift = -torch.tensor(self.mean, dtype=torch.float32).view(-1, 1, 1) / std_t
         self._epoch_seed: Optional[int] = None
         self._gen = torch.Generator()
@@ -292,7 +333,7 @@ class TensorImageDataset(Dataset):
         dy, dx = torch.randint(0, 2 * self.pad + 1, (2,), generator=gen).tolist()
         flip = int(torch.randint(0, 2, (1,), generator=gen))
         if self.pad:
-            img = F.pad(img, (self.pad,) * 4)[:, dy:dy + height, dx:dx + width]
+            img = F.pad(img, (self.pad,) * 4)[:, dy : dy + height, dx : dx + width]
         if self.flip and flip:
             img = img.flip(-1)
         return img
@@ -303,13 +344,14 @@ class TensorImageDataset(Dataset):
 
     def subset(self, indices: Tensor) -> "TensorImageDataset":
         """A copy holding only ``indices`` (same transform)."""
-        return TensorImageDataset(self.images[indices], self.targets[indices], self.mean,
-                                  self.std, self.augment, self.pad, self.flip)
+        return TensorImageDataset(
+            self.images[indices], self.targets[indices], self.mean, self.std, self.augment, self.pad, self.flip
+        )
 
 
-def _tensor_pair(info: DatasetInfo, x_train: Tensor, y_train: Tensor, x_test: Tensor,
-                 y_test: Tensor, augment: bool, flip: bool
-                 ) -> tuple[TensorImageDataset, TensorImageDataset, DatasetInfo]:
+def _tensor_pair(
+    info: DatasetInfo, x_train: Tensor, y_train: Tensor, x_test: Tensor, y_test: Tensor, augment: bool, flip: bool
+) -> tuple[TensorImageDataset, TensorImageDataset, DatasetInfo]:
     """Wrap uint8 (N, C, H, W) splits; crop padding is 4 px for 32x32 images, 2 px for 28x28."""
     pad = 4 if info.image_size >= 32 else 2
     train = TensorImageDataset(x_train, y_train, info.mean, info.std, augment, pad, flip)
@@ -339,8 +381,9 @@ def _is_network_error(exc: BaseException) -> bool:
     return False
 
 
-def _load_torchvision(name: str, cls: type, root: Path, where: Path, download: bool,
-                      hint: str = "") -> tuple[Dataset, Dataset]:
+def _load_torchvision(
+    name: str, cls: type, root: Path, where: Path, download: bool, hint: str = ""
+) -> tuple[Dataset, Dataset]:
     """Construct ``cls(root, train=...)`` for both splits, turning its failures into DataError.
 
     ``where`` is the folder torchvision reads (for the message), ``hint`` an extra way to get the
@@ -352,17 +395,22 @@ def _load_torchvision(name: str, cls: type, root: Path, where: Path, download: b
         test = cls(str(root), train=False, download=False)
     except (RuntimeError, OSError, EOFError, pickle.UnpicklingError, ValueError) as exc:
         if download and _is_network_error(exc):
-            raise DataError(f"{name}: cannot download into {root}: no network access "
-                            f"({_one_line(exc)}); copy the files to {where} from a machine with "
-                            f"internet{extra}") from exc
+            raise DataError(
+                f"{name}: cannot download into {root}: no network access "
+                f"({_one_line(exc)}); copy the files to {where} from a machine with "
+                f"internet{extra}"
+            ) from exc
         if download:
-            raise DataError(f"{name}: download into {root} failed ({_one_line(exc)}); delete "
-                            f"{where} and retry{extra}") from exc
+            raise DataError(
+                f"{name}: download into {root} failed ({_one_line(exc)}); delete {where} and retry{extra}"
+            ) from exc
         # torchvision's own RuntimeError only says "not found or corrupted, use download=True"
         reason = "" if type(exc) is RuntimeError else f" ({_one_line(exc)})"
-        raise DataError(f"{name}: no usable data under {where}{reason}; run with data.download: "
-                        f"true on a machine with internet, or set data.root to the folder that "
-                        f"holds {where.relative_to(root).parts[0]}/{extra}") from exc
+        raise DataError(
+            f"{name}: no usable data under {where}{reason}; run with data.download: "
+            f"true on a machine with internet, or set data.root to the folder that "
+            f"holds {where.relative_to(root).parts[0]}/{extra}"
+        ) from exc
     return train, test
 
 
@@ -373,27 +421,49 @@ def _hwc_to_chw(data: np.ndarray | Tensor) -> Tensor:
     return x.permute(0, 3, 1, 2).contiguous()
 
 
-def _torchvision_pair(info: DatasetInfo, cls: type, root: str | None, folder: str,
-                      download: bool, augment: bool, flip: bool, hint: str = ""
-                      ) -> tuple[TensorImageDataset, TensorImageDataset, DatasetInfo]:
+def _torchvision_pair(
+    info: DatasetInfo,
+    cls: type,
+    root: str | None,
+    folder: str,
+    download: bool,
+    augment: bool,
+    flip: bool,
+    hint: str = "",
+) -> tuple[TensorImageDataset, TensorImageDataset, DatasetInfo]:
     """Load a torchvision dataset once and keep its arrays as uint8 tensors (N, C, H, W)."""
     base = _root(root)
     train, test = _load_torchvision(info.name, cls, base, base / folder, download, hint)
-    return _tensor_pair(info,
-                        _hwc_to_chw(train.data), torch.as_tensor(train.targets),
-                        _hwc_to_chw(test.data), torch.as_tensor(test.targets), augment, flip)
+    return _tensor_pair(
+        info,
+        _hwc_to_chw(train.data),
+        torch.as_tensor(train.targets),
+        _hwc_to_chw(test.data),
+        torch.as_tensor(test.targets),
+        augment,
+        flip,
+    )
 
 
 CIFAR10_INFO = DatasetInfo(
-    "cifar10", 10, 3, 32,
-    mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616),  # per-pixel stats, train split
-    classes=("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
-             "truck"))
+    "cifar10",
+    10,
+    3,
+    32,
+    mean=(0.4914, 0.4822, 0.4465),
+    std=(0.2470, 0.2435, 0.2616),  # per-pixel stats, train split
+    classes=("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"),
+)
 
 CIFAR100_INFO = DatasetInfo(
-    "cifar100", 100, 3, 32,
-    mean=(0.5071, 0.4865, 0.4409), std=(0.2673, 0.2564, 0.2762),  # per-pixel stats, train split
-    classes=tuple("""
+    "cifar100",
+    100,
+    3,
+    32,
+    mean=(0.5071, 0.4865, 0.4409),
+    std=(0.2673, 0.2564, 0.2762),  # per-pixel stats, train split
+    classes=tuple(
+        """
         apple aquarium_fish baby bear beaver bed bee beetle bicycle bottle bowl boy bridge bus
         butterfly camel can castle caterpillar cattle chair chimpanzee clock cloud cockroach couch
         crab crocodile cup dinosaur dolphin elephant flatfish forest fox girl hamster house
@@ -402,38 +472,46 @@ CIFAR100_INFO = DatasetInfo(
         plain plate poppy porcupine possum rabbit raccoon ray road rocket rose sea seal shark shrew
         skunk skyscraper snail snake spider squirrel streetcar sunflower sweet_pepper table tank
         telephone television tiger tractor train trout tulip turtle wardrobe whale willow_tree
-        wolf woman worm""".split()))
+        wolf woman worm""".split()
+    ),
+)
 
-MNIST_INFO = DatasetInfo("mnist", 10, 1, 28, mean=(0.1307,), std=(0.3081,),
-                         classes=tuple(str(d) for d in range(10)))
+MNIST_INFO = DatasetInfo("mnist", 10, 1, 28, mean=(0.1307,), std=(0.3081,), classes=tuple(str(d) for d in range(10)))
 
-FASHION_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
-                   "Sneaker", "Bag", "Ankle boot")
+FASHION_CLASSES = (
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+)
 # Per-pixel mean/std of the 60 000 training images.
-FASHION_MNIST_INFO = DatasetInfo("fashion_mnist", 10, 1, 28, mean=(0.2860,), std=(0.3530,),
-                                 classes=FASHION_CLASSES)
+FASHION_MNIST_INFO = DatasetInfo("fashion_mnist", 10, 1, 28, mean=(0.2860,), std=(0.3530,), classes=FASHION_CLASSES)
 
 
 @register_dataset("cifar10", info=CIFAR10_INFO)
-def _build_cifar10(root: str | None, download: bool, augment: bool, seed: int
-                   ) -> tuple[Dataset, Dataset, DatasetInfo]:
+def _build_cifar10(root: str | None, download: bool, augment: bool, seed: int) -> tuple[Dataset, Dataset, DatasetInfo]:
     from torchvision.datasets import CIFAR10
-    return _torchvision_pair(CIFAR10_INFO, CIFAR10, root, CIFAR10.base_folder, download, augment,
-                             flip=True)
+
+    return _torchvision_pair(CIFAR10_INFO, CIFAR10, root, CIFAR10.base_folder, download, augment, flip=True)
 
 
 @register_dataset("cifar100", info=CIFAR100_INFO)
-def _build_cifar100(root: str | None, download: bool, augment: bool, seed: int
-                    ) -> tuple[Dataset, Dataset, DatasetInfo]:
+def _build_cifar100(root: str | None, download: bool, augment: bool, seed: int) -> tuple[Dataset, Dataset, DatasetInfo]:
     from torchvision.datasets import CIFAR100
-    return _torchvision_pair(CIFAR100_INFO, CIFAR100, root, CIFAR100.base_folder, download,
-                             augment, flip=True)
+
+    return _torchvision_pair(CIFAR100_INFO, CIFAR100, root, CIFAR100.base_folder, download, augment, flip=True)
 
 
 @register_dataset("mnist", info=MNIST_INFO)
-def _build_mnist(root: str | None, download: bool, augment: bool, seed: int
-                 ) -> tuple[Dataset, Dataset, DatasetInfo]:
+def _build_mnist(root: str | None, download: bool, augment: bool, seed: int) -> tuple[Dataset, Dataset, DatasetInfo]:
     from torchvision.datasets import MNIST
+
     return _torchvision_pair(MNIST_INFO, MNIST, root, "MNIST/raw", download, augment, flip=False)
 
 
@@ -466,27 +544,36 @@ def fashion_mnist_from_debian(raw: Path, source: Path | None = None) -> bool:
 
 
 @register_dataset("fashion_mnist", info=FASHION_MNIST_INFO)
-def _build_fashion_mnist(root: str | None, download: bool, augment: bool, seed: int
-                         ) -> tuple[Dataset, Dataset, DatasetInfo]:
+def _build_fashion_mnist(
+    root: str | None, download: bool, augment: bool, seed: int
+) -> tuple[Dataset, Dataset, DatasetInfo]:
     from torchvision.datasets import FashionMNIST
+
     raw = _root(root) / "FashionMNIST" / "raw"
     try:
         fashion_mnist_from_debian(raw)
     except OSError as exc:
-        raise DataError(f"fashion_mnist: cannot unpack {DEBIAN_FASHION_MNIST} into {raw} "
-                        f"({_one_line(exc)}); make {raw} writable or set data.root") from exc
-    return _torchvision_pair(FASHION_MNIST_INFO, FashionMNIST, root, "FashionMNIST/raw",
-                             download, augment, flip=True,
-                             hint="apt-get install dataset-fashion-mnist (Debian's copy is "
-                                  f"unpacked from {DEBIAN_FASHION_MNIST})")
+        raise DataError(
+            f"fashion_mnist: cannot unpack {DEBIAN_FASHION_MNIST} into {raw} "
+            f"({_one_line(exc)}); make {raw} writable or set data.root"
+        ) from exc
+    return _torchvision_pair(
+        FASHION_MNIST_INFO,
+        FashionMNIST,
+        root,
+        "FashionMNIST/raw",
+        download,
+        augment,
+        flip=True,
+        hint=f"apt-get install dataset-fashion-mnist (Debian's copy is unpacked from {DEBIAN_FASHION_MNIST})",
+    )
 
 
 # --------------------------------------------------------------------------- embedded subset
 
 # Per-pixel mean/std of the subset's 6000 training images (x / 255), computed from
 # fmnist_subset.npz; tests/test_data.py checks them against the file.
-FMNIST_SUBSET_INFO = replace(FASHION_MNIST_INFO, name="fmnist_subset", mean=(0.2873,),
-                             std=(0.3540,))
+FMNIST_SUBSET_INFO = replace(FASHION_MNIST_INFO, name="fmnist_subset", mean=(0.2873,), std=(0.3540,))
 
 
 def load_fmnist_subset() -> dict[str, np.ndarray]:
@@ -496,31 +583,41 @@ def load_fmnist_subset() -> dict[str, np.ndarray]:
         with np.load(ref) as npz:
             return {key: npz[key] for key in ("x_train", "y_train", "x_test", "y_test")}
     except (OSError, KeyError, ValueError) as exc:
-        raise DataError(f"fmnist_subset: cannot read packaged file {ref} ({_one_line(exc)}); "
-                        "reinstall bnn-distill or regenerate it with "
-                        "scripts/make_fmnist_subset.py") from exc
+        raise DataError(
+            f"fmnist_subset: cannot read packaged file {ref} ({_one_line(exc)}); "
+            "reinstall bnn-distill or regenerate it with "
+            "scripts/make_fmnist_subset.py"
+        ) from exc
 
 
 @register_dataset("fmnist_subset", info=FMNIST_SUBSET_INFO)
-def _build_fmnist_subset(root: str | None, download: bool, augment: bool, seed: int
-                         ) -> tuple[Dataset, Dataset, DatasetInfo]:
+def _build_fmnist_subset(
+    root: str | None, download: bool, augment: bool, seed: int
+) -> tuple[Dataset, Dataset, DatasetInfo]:
     arrays = load_fmnist_subset()
-    return _tensor_pair(FMNIST_SUBSET_INFO,
-                        _hwc_to_chw(arrays["x_train"]), torch.as_tensor(arrays["y_train"]),
-                        _hwc_to_chw(arrays["x_test"]), torch.as_tensor(arrays["y_test"]),
-                        augment, flip=True)
+    return _tensor_pair(
+        FMNIST_SUBSET_INFO,
+        _hwc_to_chw(arrays["x_train"]),
+        torch.as_tensor(arrays["y_train"]),
+        _hwc_to_chw(arrays["x_test"]),
+        torch.as_tensor(arrays["y_test"]),
+        augment,
+        flip=True,
+    )
 
 
 # --------------------------------------------------------------------------- synthetic
 
 SYNTHETIC_TRAIN, SYNTHETIC_TEST = 512, 256
 # Pixel mean/std over seeds 0..3 of the train split; single seeds differ by up to about 0.015.
-SYNTHETIC_INFO = DatasetInfo("synthetic", 10, 3, 32, mean=(0.507,) * 3, std=(0.227,) * 3,
-                             classes=tuple(f"class{k}" for k in range(10)))
+SYNTHETIC_INFO = DatasetInfo(
+    "synthetic", 10, 3, 32, mean=(0.507,) * 3, std=(0.227,) * 3, classes=tuple(f"class{k}" for k in range(10))
+)
 
 
-def synthetic_arrays(seed: int, n_train: int = SYNTHETIC_TRAIN, n_test: int = SYNTHETIC_TEST,
-                     noise: float = 1.0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def synthetic_arrays(
+    seed: int, n_train: int = SYNTHETIC_TRAIN, n_test: int = SYNTHETIC_TEST, noise: float = 1.0
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Deterministic CIFAR-shaped data: ``x_train`` uint8 (n_train, 3, 32, 32), ``y_train``
     int64 (n_train,), ``x_test``, ``y_test``.
 
@@ -530,8 +627,9 @@ def synthetic_arrays(seed: int, n_train: int = SYNTHETIC_TRAIN, n_test: int = SY
     Everything comes from ``torch.Generator().manual_seed(seed)``.
     """
     gen = torch.Generator().manual_seed(seed)
-    patterns = F.interpolate(torch.randn(10, 3, 4, 4, generator=gen), size=(32, 32),
-                             mode="bilinear", align_corners=False)
+    patterns = F.interpolate(
+        torch.randn(10, 3, 4, 4, generator=gen), size=(32, 32), mode="bilinear", align_corners=False
+    )
 
     def split(n: int) -> tuple[Tensor, Tensor]:
         labels = torch.arange(n) % 10
@@ -542,8 +640,9 @@ def synthetic_arrays(seed: int, n_train: int = SYNTHETIC_TRAIN, n_test: int = SY
 
 
 @register_dataset("synthetic", info=SYNTHETIC_INFO)
-def _build_synthetic(root: str | None, download: bool, augment: bool, seed: int
-                     ) -> tuple[Dataset, Dataset, DatasetInfo]:
+def _build_synthetic(
+    root: str | None, download: bool, augment: bool, seed: int
+) -> tuple[Dataset, Dataset, DatasetInfo]:
     return _tensor_pair(SYNTHETIC_INFO, *synthetic_arrays(seed), augment=augment, flip=True)
 
 
@@ -571,8 +670,9 @@ def _imagefolder_info(root: Path) -> DatasetInfo:
 
 
 @register_dataset("imagefolder", info=IMAGEFOLDER_INFO, info_from_root=_imagefolder_info)
-def _build_imagefolder(root: str | None, download: bool, augment: bool, seed: int
-                       ) -> tuple[Dataset, Dataset, DatasetInfo]:
+def _build_imagefolder(
+    root: str | None, download: bool, augment: bool, seed: int
+) -> tuple[Dataset, Dataset, DatasetInfo]:
     from torchvision import transforms as T
     from torchvision.datasets import ImageFolder
 
@@ -583,13 +683,16 @@ def _build_imagefolder(root: str | None, download: bool, augment: bool, seed: in
     val_classes = _class_folders(base / "val")
     if val_classes != info.classes:
         diff = sorted(set(info.classes) ^ set(val_classes))
-        raise DataError(f"imagefolder: class folders of {base / 'train'} and {base / 'val'} "
-                        f"differ ({', '.join(diff[:5])}{' ...' if len(diff) > 5 else ''}); "
-                        "give both splits the same class folders")
+        raise DataError(
+            f"imagefolder: class folders of {base / 'train'} and {base / 'val'} "
+            f"differ ({', '.join(diff[:5])}{' ...' if len(diff) > 5 else ''}); "
+            "give both splits the same class folders"
+        )
     normalize = T.Normalize(IMAGENET_MEAN, IMAGENET_STD)
     eval_tf = T.Compose([T.Resize(256), T.CenterCrop(224), T.ToTensor(), normalize])
-    train_tf = T.Compose([T.RandomResizedCrop(224), T.RandomHorizontalFlip(), T.ToTensor(),
-                          normalize]) if augment else eval_tf
+    train_tf = (
+        T.Compose([T.RandomResizedCrop(224), T.RandomHorizontalFlip(), T.ToTensor(), normalize]) if augment else eval_tf
+    )
     try:
         train = ImageFolder(str(base / "train"), transform=train_tf)
         test = ImageFolder(str(base / "val"), transform=eval_tf)

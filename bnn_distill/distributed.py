@@ -104,9 +104,12 @@ def _timeout() -> Optional[datetime.timedelta]:
 
 
 # what gloo and NCCL say when a peer is gone or silent
-_PEER_GONE = re.compile(r"Connection closed by peer|Connection reset by peer|Broken pipe|connection refused|"
-                        r"NCCL communicator was aborted|remote process exited|Timed out waiting|timed out|"
-                        r"Socket Timeout|terminated due to timeout|Connection reset|ECONNRESET|EPIPE", re.I)
+_PEER_GONE = re.compile(
+    r"Connection closed by peer|Connection reset by peer|Broken pipe|connection refused|"
+    r"NCCL communicator was aborted|remote process exited|Timed out waiting|timed out|"
+    r"Socket Timeout|terminated due to timeout|Connection reset|ECONNRESET|EPIPE",
+    re.I,
+)
 
 
 def peer_failure(exc: BaseException) -> Optional[str]:
@@ -129,5 +132,7 @@ def peer_failure(exc: BaseException) -> Optional[str]:
     what = "stopped answering" if timed_out else "stopped (its process died or closed the connection)"
     first = re.sub(r"^\[[^\]]*\]\s*", "", (text.strip().splitlines() or [""])[0])
     first = first if len(first) <= 120 else first[:117] + "..."
-    return (f"rank {rank} of {world}: {who} {what} ({first}); see that rank's log, then continue from the last "
-            "checkpoint with --resume")
+    return (
+        f"rank {rank} of {world}: {who} {what} ({first}); see that rank's log, then continue from the last "
+        "checkpoint with --resume"
+    )

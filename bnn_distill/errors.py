@@ -66,8 +66,11 @@ class WriteError(UserError):
 
 # errors of the disk or its permissions, not of the program: one line with the path, no traceback
 
-WRITE_ERRNOS = frozenset(e for e in (_errno.ENOSPC, getattr(_errno, "EDQUOT", None), _errno.EACCES, _errno.EPERM,
-                                     _errno.EROFS, _errno.EFBIG) if e is not None)
+WRITE_ERRNOS = frozenset(
+    e
+    for e in (_errno.ENOSPC, getattr(_errno, "EDQUOT", None), _errno.EACCES, _errno.EPERM, _errno.EROFS, _errno.EFBIG)
+    if e is not None
+)
 
 
 def write_error(e: OSError, path=None, kept: bool = False) -> WriteError:
@@ -77,7 +80,8 @@ def write_error(e: OSError, path=None, kept: bool = False) -> WriteError:
     reason = e.strerror or str(e)
     tail = f"; the previous {Path(str(where)).name} is kept" if kept else ""
     hint = {"ENOSPC": "free some space", "EDQUOT": "free some space", "EFBIG": "free some space"}.get(
-        name, "make the folder writable or choose another")
+        name, "make the folder writable or choose another"
+    )
     return WriteError(one_line(f"cannot write {where}: {reason} ({name}, errno {e.errno}){tail}; {hint} and run again"))
 
 

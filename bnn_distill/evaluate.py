@@ -14,8 +14,15 @@ from torch.utils.data import DataLoader
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, amp_dtype: Optional[torch.dtype] = None,
-             progress: bool = False, desc: str = "eval", keep_predictions: bool = False) -> Dict[str, Any]:
+def evaluate(
+    model: nn.Module,
+    loader: DataLoader,
+    device: torch.device,
+    amp_dtype: Optional[torch.dtype] = None,
+    progress: bool = False,
+    desc: str = "eval",
+    keep_predictions: bool = False,
+) -> Dict[str, Any]:
     """Return ``{"top1", "top5", "loss", "n"}`` (accuracies in %) with the model in eval mode;
     ``keep_predictions`` adds ``"predictions"``, the top-1 class of every sample in loader order
     (N,) int64."""
@@ -64,6 +71,8 @@ def mcnemar_p(b: int, c: int) -> float:
     n, k = b + c, min(b, c)
     if n == 0:
         return 1.0
-    log_terms = [math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) - n * math.log(2) for i in range(k + 1)]
+    log_terms = [
+        math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) - n * math.log(2) for i in range(k + 1)
+    ]
     top = max(log_terms)
     return min(1.0, 2.0 * math.exp(top) * sum(math.exp(t - top) for t in log_terms))

@@ -16,8 +16,9 @@ def get_module(model: nn.Module, path: str, what: str = "feature_layer") -> nn.M
     try:
         return model.get_submodule(path)
     except AttributeError:
-        raise RecipeError(f"{what}: the model has no module '{path}'{closest(path, names)}; "
-                          "e.g. 'head_bn', 'flatten' or 'layer4'") from None
+        raise RecipeError(
+            f"{what}: the model has no module '{path}'{closest(path, names)}; e.g. 'head_bn', 'flatten' or 'layer4'"
+        ) from None
 
 
 class FeatureHook:
@@ -51,7 +52,7 @@ def forward_features(model: nn.Module, x: Tensor, path: str, batch: int) -> Tupl
     try:
         with torch.no_grad():
             for i in range(0, len(x), batch):
-                logits.append(model(x[i:i + batch]).float())
+                logits.append(model(x[i : i + batch]).float())
                 feats.append(hook.pop().float())
     finally:
         hook.remove()

@@ -57,8 +57,9 @@ def itrd_correlation(z_s: Tensor, z_t: Tensor, alpha: float = 1.01, eps: float =
     so ``v_i = 0`` and the term contributes 1 to the sum, with finite gradients.
     """
     if z_s.dim() != 2 or z_s.shape != z_t.shape:
-        raise ValueError(f"itrd_correlation needs two (n, d) tensors of one shape, got {tuple(z_s.shape)} "
-                         f"and {tuple(z_t.shape)}")
+        raise ValueError(
+            f"itrd_correlation needs two (n, d) tensors of one shape, got {tuple(z_s.shape)} and {tuple(z_t.shape)}"
+        )
     v = dimension_correlations(z_s.float(), z_t.float(), eps)  # (d,)
     return torch.log2((v - 1).abs().pow(2 * alpha).sum())
 
@@ -74,8 +75,9 @@ def itrd_mutual_information(z_s: Tensor, z_t: Tensor) -> Tensor:
     With unit rows both traces are n, so ``L_gram = (1/n^2) sum_ij G_s[i,j]^2 (1 - G_t[i,j]^2) >= 0``.
     """
     if z_s.dim() != 2 or z_t.dim() != 2 or z_s.shape[0] != z_t.shape[0]:
-        raise ValueError(f"itrd_mutual_information needs (n, d_s) and (n, d_t), got {tuple(z_s.shape)} "
-                         f"and {tuple(z_t.shape)}")
+        raise ValueError(
+            f"itrd_mutual_information needs (n, d_s) and (n, d_t), got {tuple(z_s.shape)} and {tuple(z_t.shape)}"
+        )
     zs = F.normalize(z_s.float(), dim=1)
     zt = F.normalize(z_t.float(), dim=1)
     g_s = zs @ zs.t()  # (n, n)
@@ -172,8 +174,9 @@ def validate_loss_term(name: str, params: Mapping[str, object], path: str) -> No
     for key, val in params.items():
         if key not in spec.params:
             valid = choices(spec.params) if spec.params else "none"
-            raise RecipeError(f"{path}.{key}: loss '{name}' has no parameter '{key}'{closest(key, spec.params)}; "
-                              f"valid: {valid}")
+            raise RecipeError(
+                f"{path}.{key}: loss '{name}' has no parameter '{key}'{closest(key, spec.params)}; valid: {valid}"
+            )
         if isinstance(val, bool) or not isinstance(val, (int, float)):
             raise RecipeError(f"{path}.{key}: expected a number, got {val!r}")
         if key in PARAM_RANGES:
@@ -208,11 +211,25 @@ class Criterion(nn.Module):
             self.embed = nn.Linear(student_dim, teacher_dim)
 
     @classmethod
-    def itrd(cls, student_dim: int, teacher_dim: int, beta_corr: float = 2.0, beta_gram: float = 1.0,
-             alpha: float = 1.01, eps: float = 1e-5) -> "Criterion":
+    def itrd(
+        cls,
+        student_dim: int,
+        teacher_dim: int,
+        beta_corr: float = 2.0,
+        beta_gram: float = 1.0,
+        alpha: float = 1.01,
+        eps: float = 1e-5,
+    ) -> "Criterion":
         """The paper's loss: ``CE + beta_corr * L_corr + beta_gram * L_gram`` (2.0 and 1.0 in every ITRD run)."""
-        return cls([Term("ce", 1.0, {}), Term("itrd_corr", beta_corr, {"alpha": alpha, "eps": eps}),
-                    Term("itrd_mi", beta_gram, {})], student_dim, teacher_dim)
+        return cls(
+            [
+                Term("ce", 1.0, {}),
+                Term("itrd_corr", beta_corr, {"alpha": alpha, "eps": eps}),
+                Term("itrd_mi", beta_gram, {}),
+            ],
+            student_dim,
+            teacher_dim,
+        )
 
     @property
     def needs_teacher(self) -> bool:

@@ -16,7 +16,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence
 
-import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
@@ -173,18 +172,62 @@ def register_model(name: str, spec: ModelSpec) -> None:
     MODELS[name] = spec
 
 
-register_model("cifar_resnet18", ModelSpec(
-    (2, 2, 2, 2), (64, 128, 256, 512), "cifar", "hardtanh", "param_free", True, True, "head_bn",
-    "ReCU-style CIFAR ResNet-18: 3x3 stem, Bi-Real shortcuts, avg-pool+pad shortcuts, BN1d head"))
-register_model("cifar_resnet20", ModelSpec(
-    (3, 3, 3), (16, 32, 64), "cifar", "hardtanh", "param_free", True, True, "head_bn",
-    "CIFAR ResNet-20 (3 stages of 3 blocks, 16/32/64), same binary-friendly choices"))
-register_model("resnet18", ModelSpec(
-    (2, 2, 2, 2), (64, 128, 256, 512), "imagenet", "relu", "conv", False, False, "flatten",
-    "ImageNet ResNet-18 with torchvision layer names"))
-register_model("resnet34", ModelSpec(
-    (3, 4, 6, 3), (64, 128, 256, 512), "imagenet", "relu", "conv", False, False, "flatten",
-    "ImageNet ResNet-34 with torchvision layer names"))
+register_model(
+    "cifar_resnet18",
+    ModelSpec(
+        (2, 2, 2, 2),
+        (64, 128, 256, 512),
+        "cifar",
+        "hardtanh",
+        "param_free",
+        True,
+        True,
+        "head_bn",
+        "ReCU-style CIFAR ResNet-18: 3x3 stem, Bi-Real shortcuts, avg-pool+pad shortcuts, BN1d head",
+    ),
+)
+register_model(
+    "cifar_resnet20",
+    ModelSpec(
+        (3, 3, 3),
+        (16, 32, 64),
+        "cifar",
+        "hardtanh",
+        "param_free",
+        True,
+        True,
+        "head_bn",
+        "CIFAR ResNet-20 (3 stages of 3 blocks, 16/32/64), same binary-friendly choices",
+    ),
+)
+register_model(
+    "resnet18",
+    ModelSpec(
+        (2, 2, 2, 2),
+        (64, 128, 256, 512),
+        "imagenet",
+        "relu",
+        "conv",
+        False,
+        False,
+        "flatten",
+        "ImageNet ResNet-18 with torchvision layer names",
+    ),
+)
+register_model(
+    "resnet34",
+    ModelSpec(
+        (3, 4, 6, 3),
+        (64, 128, 256, 512),
+        "imagenet",
+        "relu",
+        "conv",
+        False,
+        False,
+        "flatten",
+        "ImageNet ResNet-34 with torchvision layer names",
+    ),
+)
 
 
 def create_model(
@@ -210,9 +253,17 @@ def create_model(
         pretrained = bool(overrides.pop("pretrained", False))
         rest = {k: v for k, v in overrides.items() if v is not None}
         if quant != "FP" or width_mult != 1.0 or rest:
-            what = f"quant {quant}" if quant != "FP" else f"width_mult {width_mult}" if width_mult != 1.0 else choices(rest)
-            raise RecipeError(f"model '{name}': a torchvision or timm model is a full-precision teacher as it is; "
-                              f"{what} applies to our own models only")
+            what = (
+                f"quant {quant}"
+                if quant != "FP"
+                else f"width_mult {width_mult}"
+                if width_mult != 1.0
+                else choices(rest)
+            )
+            raise RecipeError(
+                f"model '{name}': a torchvision or timm model is a full-precision teacher as it is; "
+                f"{what} applies to our own models only"
+            )
         return create_external_model(name, num_classes, in_chans, pretrained)  # type: ignore[return-value]
     overrides.pop("pretrained", None)
     if name not in MODELS:
@@ -225,7 +276,9 @@ def create_model(
         if val is not None:
             args[key] = val
     if args["act"] not in ACTS:
-        raise RecipeError(f"model.act: unknown activation '{args['act']}'{closest(args['act'], ACTS)}; valid: {choices(ACTS)}")
+        raise RecipeError(
+            f"model.act: unknown activation '{args['act']}'{closest(args['act'], ACTS)}; valid: {choices(ACTS)}"
+        )
     if args["shortcut"] not in SHORTCUTS:
         raise RecipeError(f"model.shortcut: unknown '{args['shortcut']}'; valid: {choices(SHORTCUTS)}")
     if not (0 < width_mult <= 16):
@@ -251,8 +304,10 @@ def check_external_name(name: str, path: str = "teacher.arch") -> None:
     """Raise a one-line RecipeError unless ``name`` is a buildable ``torchvision:``/``timm:`` model."""
     source, _, arch = name.partition(":")
     if source not in EXTERNAL_SOURCES:
-        raise RecipeError(f"{path}: '{name}' names no known model source{closest(source, EXTERNAL_SOURCES)}; "
-                          f"valid: {choices(EXTERNAL_SOURCES)} (as in torchvision:resnet18), or one of {choices(MODELS)}")
+        raise RecipeError(
+            f"{path}: '{name}' names no known model source{closest(source, EXTERNAL_SOURCES)}; "
+            f"valid: {choices(EXTERNAL_SOURCES)} (as in torchvision:resnet18), or one of {choices(MODELS)}"
+        )
     known = _external_names(source, path)
     if arch not in known:
         raise RecipeError(f"{path}: {source} has no model '{arch}'{closest(arch, known)}")
@@ -270,8 +325,9 @@ def _external_names(source: str, path: str) -> List[str]:
     return list(timm.list_models())
 
 
-def create_external_model(name: str, num_classes: int, in_chans: int = 3, pretrained: bool = False,
-                          reinit_head: bool = False) -> nn.Module:
+def create_external_model(
+    name: str, num_classes: int, in_chans: int = 3, pretrained: bool = False, reinit_head: bool = False
+) -> nn.Module:
     """A full-precision teacher built by torchvision or timm (``SOURCE:ARCH``), randomly initialised
     unless ``pretrained`` (the library's hub weights: needs a network). Hub weights whose classifier
     has another number of classes are refused unless ``reinit_head`` (then the classifier is a new,
@@ -286,8 +342,10 @@ def create_external_model(name: str, num_classes: int, in_chans: int = 3, pretra
         import torchvision.models as tvm
 
         if in_chans != 3:
-            raise RecipeError(f"teacher.arch: torchvision's {arch} takes 3 input channels and the data has {in_chans}; "
-                              "use a timm teacher (it adapts the stem) or one of ours")
+            raise RecipeError(
+                f"teacher.arch: torchvision's {arch} takes 3 input channels and the data has {in_chans}; "
+                "use a timm teacher (it adapts the stem) or one of ours"
+            )
         if not pretrained:
             return tvm.get_model(arch, weights=None, num_classes=num_classes)
         model = tvm.get_model(arch, weights="DEFAULT")
@@ -295,17 +353,21 @@ def create_external_model(name: str, num_classes: int, in_chans: int = 3, pretra
         if not pretrained:
             raise
         text = " ".join(str(e).split())[:160]
-        raise RecipeError(f"teacher.pretrained: cannot fetch {name}'s weights ({text}); on a machine without a "
-                          "network give teacher.checkpoint: a local state dict instead") from None
+        raise RecipeError(
+            f"teacher.pretrained: cannot fetch {name}'s weights ({text}); on a machine without a "
+            "network give teacher.checkpoint: a local state dict instead"
+        ) from None
     head = _classifier_name(model)
     fc = model.get_submodule(head)
     if fc.out_features != num_classes and reinit_head:
         parent, _, leaf = head.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, leaf, nn.Linear(fc.in_features, num_classes))
     elif fc.out_features != num_classes:
-        raise RecipeError(f"teacher.pretrained: {name}'s weights have {fc.out_features} classes and the data "
-                          f"{num_classes}; set teacher.head: reinit (the classifier is re-initialised and the "
-                          "teacher stage fine-tunes it), or give a checkpoint with the right head")
+        raise RecipeError(
+            f"teacher.pretrained: {name}'s weights have {fc.out_features} classes and the data "
+            f"{num_classes}; set teacher.head: reinit (the classifier is re-initialised and the "
+            "teacher stage fine-tunes it), or give a checkpoint with the right head"
+        )
     return model
 
 

@@ -12,14 +12,22 @@ import onnxruntime as ort
 
 from . import native
 
-LEVELS = {"all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-          "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-          "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-          "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL}
+LEVELS = {
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+}
 
 
-def ort_session(model, threads: Optional[int] = None, optimized_path: Optional[Path] = None,
-                level: str = "all", spin: bool = True, native_lib: Optional[str] = None):
+def ort_session(
+    model,
+    threads: Optional[int] = None,
+    optimized_path: Optional[Path] = None,
+    level: str = "all",
+    spin: bool = True,
+    native_lib: Optional[str] = None,
+):
     """An onnxruntime CPU session for a ``ModelProto``, serialized bytes or a path.
 
     ``spin=False`` stops idle intra-op threads from spin-waiting: several sessions used in turn
@@ -76,7 +84,7 @@ def iter_batches(data, batch: int = 256):
 
     if isinstance(data, torch.Tensor):
         for i in range(0, len(data), batch):
-            yield data[i:i + batch].float(), None
+            yield data[i : i + batch].float(), None
         return
     for x, y in DataLoader(data, batch_size=batch, shuffle=False, num_workers=0):
         yield x.float(), torch.as_tensor(y)

@@ -7,6 +7,7 @@ arithmetic (without the precision hint OpenVINO runs bf16 on CPUs that have it, 
 be an FP32 teacher), and wraps it in the ``run(None, feed)`` call onnxruntime sessions have, so
 the benchmark's interleaved timing loop treats both alike.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -38,8 +39,13 @@ def version() -> Optional[str]:
 
 #: The compile settings; ``INFERENCE_NUM_THREADS`` is added per session.
 CONFIG = {"PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1, "INFERENCE_PRECISION_HINT": "f32"}
-REPORTED = ("INFERENCE_NUM_THREADS", "PERFORMANCE_HINT", "NUM_STREAMS", "INFERENCE_PRECISION_HINT",
-            "ENABLE_CPU_PINNING")
+REPORTED = (
+    "INFERENCE_NUM_THREADS",
+    "PERFORMANCE_HINT",
+    "NUM_STREAMS",
+    "INFERENCE_PRECISION_HINT",
+    "ENABLE_CPU_PINNING",
+)
 
 
 class OpenVinoSession:
@@ -72,8 +78,9 @@ def openvino_session(path: Path, input_shape: Sequence[int], threads: int) -> Op
     try:
         import openvino as ov
     except Exception as e:
-        raise OpenVinoUnavailable(f"OpenVINO is not importable ({type(e).__name__}); "
-                                  "pip install 'bnn-distill[peers]' for its row") from None
+        raise OpenVinoUnavailable(
+            f"OpenVINO is not importable ({type(e).__name__}); pip install 'bnn-distill[peers]' for its row"
+        ) from None
     try:
         core = ov.Core()
         model = core.read_model(str(path))

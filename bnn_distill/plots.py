@@ -16,8 +16,20 @@ from pathlib import Path
 from typing import Any, Dict, List, Sequence, Union
 
 #: matplotlib's tab10 without grey, then more; the total loss is black.
-TERM_COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#bcbd22",
-                "#17becf", "#393b79", "#637939", "#8c6d31")
+TERM_COLOURS = (
+    "#1f77b4",
+    "#ff7f0e",
+    "#2ca02c",
+    "#d62728",
+    "#9467bd",
+    "#8c564b",
+    "#e377c2",
+    "#bcbd22",
+    "#17becf",
+    "#393b79",
+    "#637939",
+    "#8c6d31",
+)
 SPLIT_COLOURS = {"test": "#1f77b4", "val": "#ff7f0e", "train": "#2ca02c"}
 TOTAL = "loss"
 
@@ -94,12 +106,25 @@ def curves_figure(history: List[Dict[str, Any]], title: str = ""):
     all_loss: List[float] = []
     for si, st in enumerate(data["stages"]):
         for split, pts in st["acc"].items():
-            ax_acc.plot(*zip(*pts), "-" if split != "train" else "--", marker="o", ms=3.5,
-                        color=SPLIT_COLOURS[split], label=once(f"acc:{split}", f"{split} top-1"))
+            ax_acc.plot(
+                *zip(*pts),
+                "-" if split != "train" else "--",
+                marker="o",
+                ms=3.5,
+                color=SPLIT_COLOURS[split],
+                label=once(f"acc:{split}", f"{split} top-1"),
+            )
         for k, pts in st["loss"].items():
             all_loss += [y for _, y in pts]
-            ax_loss.plot(*zip(*pts), "--" if k == TOTAL else "-", marker="s" if k == TOTAL else "o", ms=3.5,
-                         lw=1.2, color=data["colours"][k], label=once(f"loss:{k}", "total" if k == TOTAL else k))
+            ax_loss.plot(
+                *zip(*pts),
+                "--" if k == TOTAL else "-",
+                marker="s" if k == TOTAL else "o",
+                ms=3.5,
+                lw=1.2,
+                color=data["colours"][k],
+                label=once(f"loss:{k}", "total" if k == TOTAL else k),
+            )
         if st["lr"]:
             ax_lr.plot(*zip(*st["lr"]), "-", marker="o", ms=3.5, color="#1f77b4", label=once("lr", "learning rate"))
         if st["tau"]:
@@ -109,8 +134,15 @@ def curves_figure(history: List[Dict[str, Any]], title: str = ""):
         for ax in (ax_acc, ax_loss, ax_lr):
             if si:
                 ax.axvline(st["start"], color="grey", lw=0.6)
-            ax.annotate(st["name"], (st["start"], 1.0), xycoords=("data", "axes fraction"), xytext=(2, -10),
-                        textcoords="offset points", fontsize=7, color="grey")
+            ax.annotate(
+                st["name"],
+                (st["start"], 1.0),
+                xycoords=("data", "axes fraction"),
+                xytext=(2, -10),
+                textcoords="offset points",
+                fontsize=7,
+                color="grey",
+            )
     ax_acc.set(xlabel="epoch (all stages)", ylabel="top-1 (%)", title="accuracy")
     ax_loss.set_yscale("symlog", linthresh=_linthresh(all_loss))
     if all_loss and min(all_loss) >= 0:

@@ -59,8 +59,9 @@ def load_export(export_dir) -> Dict[str, Any]:
     m = read_manifest(d, PredictError)
     if not isinstance(m, dict) or m.get("format") != EXPORT_FORMAT:
         got = m.get("format") if isinstance(m, dict) else None
-        raise PredictError(f"'{path}' is not a bnn-distill export manifest (format {got!r}, "
-                           f"expected {EXPORT_FORMAT!r})")
+        raise PredictError(
+            f"'{path}' is not a bnn-distill export manifest (format {got!r}, expected {EXPORT_FORMAT!r})"
+        )
     try:
         shape = m["input"]["shape"]
         c, h, w = (int(v) for v in shape[1:])
@@ -68,21 +69,25 @@ def load_export(export_dir) -> Dict[str, Any]:
         std = [float(v) for v in m["normalization"]["std"]]
         models = dict(m["models"])
     except (KeyError, TypeError, ValueError):
-        raise PredictError(f"'{path}' lacks the input shape, normalisation or model list; "
-                           "re-run the export") from None
+        raise PredictError(f"'{path}' lacks the input shape, normalisation or model list; re-run the export") from None
     if len(shape) != 4 or min(c, h, w) < 1:
         raise PredictError(f"'{path}': input shape {shape} is not [batch, C, H, W]; re-run the export")
     if len(mean) != c or len(std) != c or not all(s > 0 for s in std):
-        raise PredictError(f"'{path}': normalisation mean {mean} / std {std} does not fit {c} channel(s); "
-                           "predict needs the dataset's statistics (export from a run)")
+        raise PredictError(
+            f"'{path}': normalisation mean {mean} / std {std} does not fit {c} channel(s); "
+            "predict needs the dataset's statistics (export from a run)"
+        )
     for role, entry in models.items():
         f = d / entry["file"]
         if not f.is_file():
-            raise PredictError(f"'{d}' lacks {entry['file']} listed in its manifest: an incomplete export; "
-                               "re-run the export")
+            raise PredictError(
+                f"'{d}' lacks {entry['file']} listed in its manifest: an incomplete export; re-run the export"
+            )
         if entry.get("bytes") is not None and f.stat().st_size != int(entry["bytes"]):
-            raise PredictError(f"'{f}' is {f.stat().st_size} bytes, its manifest says {entry['bytes']}: a partial or "
-                               "replaced file; re-run the export")
+            raise PredictError(
+                f"'{f}' is {f.stat().st_size} bytes, its manifest says {entry['bytes']}: a partial or "
+                "replaced file; re-run the export"
+            )
     if "student_binary" not in models:
         raise PredictError(f"'{path}' lists no binary student (student_binary); re-run the export")
     return m
@@ -120,8 +125,9 @@ def read_pixels(path, c: int, h: int, w: int, crop_ratio: float = 1.0) -> np.nda
         with Image.open(p) as img:
             img.load()
             if c not in (1, 3):
-                raise PredictError(f"'{p}': the model takes {c} channels; give a .npy array (C, H, W) "
-                                   "instead of an image")
+                raise PredictError(
+                    f"'{p}': the model takes {c} channels; give a .npy array (C, H, W) instead of an image"
+                )
             img = img.convert("L" if c == 1 else "RGB")
             img = fit_image(img, h, w, crop_ratio)
             arr = np.asarray(img, dtype=np.uint8)
@@ -150,8 +156,10 @@ def read_array(path, c: int, h: int, w: int, mean: Sequence[float], std: Sequenc
     except (OSError, ValueError, EOFError) as e:
         why = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise PredictError(f"cannot read '{p}' as a .npy array ({why})") from None
-    want = f"uint8 pixels (H, W{', C' if c > 1 else ''}) or (C, H, W), or a normalised float array (C, H, W), with " \
-           f"C={c}, H={h}, W={w}"
+    want = (
+        f"uint8 pixels (H, W{', C' if c > 1 else ''}) or (C, H, W), or a normalised float array (C, H, W), with "
+        f"C={c}, H={h}, W={w}"
+    )
     if not isinstance(a, np.ndarray) or a.dtype.kind not in "uif" or a.dtype.kind == "f" and not np.isfinite(a).all():
         raise PredictError(f"'{p}' holds {getattr(a, 'dtype', type(a).__name__)} data; this model takes {want}")
     given = tuple(a.shape)
@@ -166,8 +174,9 @@ def read_array(path, c: int, h: int, w: int, mean: Sequence[float], std: Sequenc
     if a.dtype.kind == "f":
         return a.astype(np.float32)
     if a.min() < 0 or a.max() > 255:
-        raise PredictError(f"'{p}' holds integers in [{a.min()}, {a.max()}]; pixels are 0..255 (or give a normalised "
-                           "float array)")
+        raise PredictError(
+            f"'{p}' holds integers in [{a.min()}, {a.max()}]; pixels are 0..255 (or give a normalised float array)"
+        )
     return normalize(a.astype(np.uint8), mean, std)
 
 
@@ -220,8 +229,13 @@ def _session(path: Path, threads: Optional[int], lib: Optional[str]):
         raise PredictError(f"onnxruntime cannot load '{path}' ({first}); re-run the export") from None
 
 
-def open_model(export_dir, manifest: Dict[str, Any], runtime: str = "auto", model: str = "student_binary",
-               threads: Optional[int] = None) -> Tuple[Any, str, str]:
+def open_model(
+    export_dir,
+    manifest: Dict[str, Any],
+    runtime: str = "auto",
+    model: str = "student_binary",
+    threads: Optional[int] = None,
+) -> Tuple[Any, str, str]:
     """``(session, file, runtime used)`` for ``model`` of the export (``runtime`` applies to the binary student)."""
     d = Path(export_dir)
     if runtime not in RUNTIMES:
@@ -236,8 +250,10 @@ def open_model(export_dir, manifest: Dict[str, Any], runtime: str = "auto", mode
     if model == "student_binary" and runtime != "standard":
         if "student_native" not in models:
             if runtime == "native":
-                raise PredictError(f"'{d}' has no native graph; export it with 'bnn-distill export RUN --runtime "
-                                   "native', or use --runtime standard")
+                raise PredictError(
+                    f"'{d}' has no native graph; export it with 'bnn-distill export RUN --runtime "
+                    "native', or use --runtime standard"
+                )
         else:
             lib = _native_library(required=runtime == "native")
             if lib is not None:
@@ -258,8 +274,14 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return z / z.sum(axis=-1, keepdims=True)
 
 
-def predict(export_dir, images: Sequence, top_k: int = 5, runtime: str = "auto", model: str = "student_binary",
-            threads: Optional[int] = None) -> Dict[str, Any]:
+def predict(
+    export_dir,
+    images: Sequence,
+    top_k: int = 5,
+    runtime: str = "auto",
+    model: str = "student_binary",
+    threads: Optional[int] = None,
+) -> Dict[str, Any]:
     """Top-``top_k`` classes with softmax probabilities for every image; returns a JSON-ready dict.
 
     ``{"export", "model", "file", "runtime", "predictions": [{"image", "top": [{"class", "index",
@@ -271,19 +293,31 @@ def predict(export_dir, images: Sequence, top_k: int = 5, runtime: str = "auto",
     manifest = load_export(export_dir)
     xs = [load_input(p, manifest) for p in images]  # all checked first: one bad file, one line, nothing printed
     sess, fname, used = open_model(export_dir, manifest, runtime, model, threads)
-    logits = np.concatenate([sess.run([OUTPUT_NAME], {INPUT_NAME: np.stack(xs[i:i + BATCH])})[0]
-                             for i in range(0, len(xs), BATCH)])
+    logits = np.concatenate(
+        [sess.run([OUTPUT_NAME], {INPUT_NAME: np.stack(xs[i : i + BATCH])})[0] for i in range(0, len(xs), BATCH)]
+    )
     probs = softmax(logits)
     names = class_names(manifest, logits.shape[1])
     k = min(top_k, logits.shape[1])
     preds = []
     for path, lg, pr in zip(images, logits, probs):
         order = np.argsort(-pr, kind="stable")[:k]
-        preds.append({"image": str(path), "top": [{"class": names[i], "index": int(i), "probability": float(pr[i])}
-                                                  for i in order],
-                      "logits": [float(v) for v in lg]})
-    return {"export": str(export_dir), "run": manifest.get("run"), "stage": manifest.get("stage"), "model": model,
-            "file": fname, "runtime": used, "predictions": preds}
+        preds.append(
+            {
+                "image": str(path),
+                "top": [{"class": names[i], "index": int(i), "probability": float(pr[i])} for i in order],
+                "logits": [float(v) for v in lg],
+            }
+        )
+    return {
+        "export": str(export_dir),
+        "run": manifest.get("run"),
+        "stage": manifest.get("stage"),
+        "model": model,
+        "file": fname,
+        "runtime": used,
+        "predictions": preds,
+    }
 
 
 def format_text(result: Dict[str, Any]) -> str:

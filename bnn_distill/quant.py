@@ -17,13 +17,12 @@ from __future__ import annotations
 import math
 from typing import Callable, Optional, Tuple
 
+import brevitas.nn as qnn
 import torch
 import torch.nn as nn
-from torch import Tensor
-
 from brevitas.inject import ExtendedInjector, value
 from brevitas.proxy import ActQuantProxyFromInjector, WeightQuantProxyFromInjector
-import brevitas.nn as qnn
+from torch import Tensor
 
 from .errors import RecipeError, choices, closest
 
@@ -223,9 +222,15 @@ def conv_factory(
         if mode == "FP":
             return nn.Conv2d(in_ch, out_ch, kernel_size, stride=stride, padding=padding, bias=False)
         return qnn.QuantConv2d(
-            in_ch, out_ch, kernel_size, stride=stride, padding=padding, bias=False,
+            in_ch,
+            out_ch,
+            kernel_size,
+            stride=stride,
+            padding=padding,
+            bias=False,
             weight_quant=wq if mode == "W1A1" else None,
-            input_quant=aq, return_quant_tensor=False,
+            input_quant=aq,
+            return_quant_tensor=False,
         )
 
     return make

@@ -73,7 +73,9 @@ class DataConfig:
             raise RecipeError(f"{path}.val_fraction: {self.val_fraction} is not valid; it must be in (0, 0.5]")
         _positive(f"{path}.val_seed", self.val_seed, allow_zero=True)
         if self.root is not None and not Path(self.root).expanduser().exists() and not self.download:
-            raise RecipeError(f"{path}.root: folder '{self.root}' does not exist; give an existing folder or set {path}.download: true")
+            raise RecipeError(
+                f"{path}.root: folder '{self.root}' does not exist; give an existing folder or set {path}.download: true"
+            )
 
 
 @dataclass(frozen=True)
@@ -115,8 +117,10 @@ class ModelConfig:
 
         if is_external(self.arch):
             if path != "teacher":
-                raise RecipeError(f"{path}.arch: '{self.arch}' is a torchvision/timm model; only the teacher can be "
-                                  f"one (the student is ours, binary): valid: {choices(MODELS)}")
+                raise RecipeError(
+                    f"{path}.arch: '{self.arch}' is a torchvision/timm model; only the teacher can be "
+                    f"one (the student is ours, binary): valid: {choices(MODELS)}"
+                )
             check_external_name(self.arch, f"{path}.arch")
             options = {k: v for k, v in self.model_kwargs().items() if v is not None}
             if options or self.width_mult != 1.0:
@@ -125,8 +129,10 @@ class ModelConfig:
         else:
             _one_of(f"{path}.arch", self.arch, list(MODELS))
             if self.pretrained:
-                raise RecipeError(f"{path}.pretrained: hub weights exist for torchvision:/timm: teachers only; "
-                                  f"give {path}.checkpoint for '{self.arch}'")
+                raise RecipeError(
+                    f"{path}.pretrained: hub weights exist for torchvision:/timm: teachers only; "
+                    f"give {path}.checkpoint for '{self.arch}'"
+                )
         _one_of(f"{path}.head", self.head, ("keep", "reinit"))
         if path != "teacher" and (self.pretrained or self.head != "keep"):
             raise RecipeError(f"{path}: pretrained and head are teacher options")
@@ -137,7 +143,9 @@ class ModelConfig:
         if self.shortcut is not None:
             _one_of(f"{path}.shortcut", self.shortcut, SHORTCUTS)
         if self.checkpoint is not None and not Path(self.checkpoint).expanduser().is_file():
-            raise RecipeError(f"{path}.checkpoint: file '{self.checkpoint}' does not exist; give a checkpoint written by bnn-distill or a torchvision state dict")
+            raise RecipeError(
+                f"{path}.checkpoint: file '{self.checkpoint}' does not exist; give a checkpoint written by bnn-distill or a torchvision state dict"
+            )
 
     def model_kwargs(self) -> Dict[str, Any]:
         return dict(act=self.act, shortcut=self.shortcut, bireal=self.bireal, head_norm=self.head_norm)
@@ -178,7 +186,9 @@ class ScheduleConfig:
             raise RecipeError(f"{path}.warmup_epochs: {self.warmup_epochs} exceeds the stage's {epochs} epochs")
         _positive(f"{path}.min_lr", self.min_lr, allow_zero=True)
         if list(self.milestones) != sorted(set(self.milestones)) or any(m <= 0 or m > epochs for m in self.milestones):
-            raise RecipeError(f"{path}.milestones: {list(self.milestones)} is not valid; increasing epochs in 1..{epochs}")
+            raise RecipeError(
+                f"{path}.milestones: {list(self.milestones)} is not valid; increasing epochs in 1..{epochs}"
+            )
         if not (0 < self.gamma <= 1):
             raise RecipeError(f"{path}.gamma: {self.gamma} is not valid; it must be in (0, 1]")
 
@@ -235,7 +245,9 @@ class StageConfig:
         for i, t in enumerate(self.losses):
             t.check(f"{path}.losses[{i}]")
             if t.name in names[:i]:
-                raise RecipeError(f"{path}.losses[{i}].name: '{t.name}' is already listed at losses[{names.index(t.name)}]; list each term once")
+                raise RecipeError(
+                    f"{path}.losses[{i}].name: '{t.name}' is already listed at losses[{names.index(t.name)}]; list each term once"
+                )
         if self.kind == "teacher":
             from .losses import LOSSES
 
@@ -269,7 +281,9 @@ class Recipe:
         self.teacher.check("teacher")
         self.student.check("student")
         if self.student.checkpoint is not None:
-            raise RecipeError("student.checkpoint: students are trained by stages; use a stage's init_from to start from weights")
+            raise RecipeError(
+                "student.checkpoint: students are trained by stages; use a stage's init_from to start from weights"
+            )
         self.binary.check("binary")
         if not self.stages:
             raise RecipeError("stages: empty; list at least one stage")
@@ -285,27 +299,40 @@ class Recipe:
                     raise RecipeError(f"{path}.kind: a teacher stage must be the first and only one")
                 has_teacher_stage = True  # with teacher.checkpoint or pretrained: fine-tunes those weights
             if st.kind == "teacher" and st.init_from is not None:
-                raise RecipeError(f"{path}.init_from: a teacher stage starts from scratch; remove init_from (students use it)")
+                raise RecipeError(
+                    f"{path}.init_from: a teacher stage starts from scratch; remove init_from (students use it)"
+                )
             elif st.init_from is not None and st.init_from != "teacher":
                 if st.init_from not in seen:
                     valid = [s for s in seen if s != "teacher"] + ["teacher"]
-                    raise RecipeError(f"{path}.init_from: no earlier stage named '{st.init_from}'{closest(st.init_from, valid)}; valid: {choices(valid)} or null")
+                    raise RecipeError(
+                        f"{path}.init_from: no earlier stage named '{st.init_from}'{closest(st.init_from, valid)}; valid: {choices(valid)} or null"
+                    )
             seen.append(st.name)
         needs_teacher = any(self._stage_needs_teacher(st) for st in self.stages)
         loaded = self.teacher.checkpoint is not None or self.teacher.pretrained
         if needs_teacher and not has_teacher_stage and not loaded:
-            raise RecipeError("teacher: a stage distils from a teacher but there is none; add a first stage with kind: teacher or set teacher.checkpoint")
+            raise RecipeError(
+                "teacher: a stage distils from a teacher but there is none; add a first stage with kind: teacher or set teacher.checkpoint"
+            )
         if self.teacher.head == "reinit" and not has_teacher_stage:
-            raise RecipeError("teacher.head: reinit leaves the teacher's classifier untrained; add a first stage with "
-                              "kind: teacher to fine-tune it")
+            raise RecipeError(
+                "teacher.head: reinit leaves the teacher's classifier untrained; add a first stage with "
+                "kind: teacher to fine-tune it"
+            )
         for i, st in enumerate(self.stages):
             if st.init_from == "teacher":
                 t, s = self.teacher, self.student
-                diff = [k for k in ("arch", "width_mult", "act", "shortcut", "bireal", "head_norm")
-                        if getattr(t, k) != getattr(s, k)]
+                diff = [
+                    k
+                    for k in ("arch", "width_mult", "act", "shortcut", "bireal", "head_norm")
+                    if getattr(t, k) != getattr(s, k)
+                ]
                 if diff:
-                    raise RecipeError(f"stages[{i}].init_from: 'teacher' needs the student built like the teacher, but "
-                                      f"student.{diff[0]} ({getattr(s, diff[0])!r}) differs from teacher.{diff[0]} ({getattr(t, diff[0])!r})")
+                    raise RecipeError(
+                        f"stages[{i}].init_from: 'teacher' needs the student built like the teacher, but "
+                        f"student.{diff[0]} ({getattr(s, diff[0])!r}) differs from teacher.{diff[0]} ({getattr(t, diff[0])!r})"
+                    )
         self._check_feature_layers()
 
     def _check_feature_layers(self) -> None:
@@ -319,14 +346,18 @@ class Recipe:
             model = create_model(cfg.arch, 10, 3, "FP", cfg.width_mult, **cfg.model_kwargs())
             names = [n for n, _ in model.named_modules() if n]
             if cfg.feature_layer not in names:
-                raise RecipeError(f"{role}.feature_layer: the model has no module {cfg.feature_layer!r}"
-                                  f"{closest(cfg.feature_layer, names)}; e.g. 'head_bn', 'flatten' or 'layer4'")
+                raise RecipeError(
+                    f"{role}.feature_layer: the model has no module {cfg.feature_layer!r}"
+                    f"{closest(cfg.feature_layer, names)}; e.g. 'head_bn', 'flatten' or 'layer4'"
+                )
 
     @staticmethod
     def _stage_needs_teacher(st: StageConfig) -> bool:
         from .losses import LOSSES
 
-        return st.kind == "student" and (st.init_from == "teacher" or any(LOSSES[t.name].needs_teacher for t in st.losses))
+        return st.kind == "student" and (
+            st.init_from == "teacher" or any(LOSSES[t.name].needs_teacher for t in st.losses)
+        )
 
     def stage(self, name: str) -> StageConfig:
         for st in self.stages:
@@ -454,7 +485,9 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
         try:
             number = float(value)
         except OverflowError:  # a YAML integer has no bound; a float has
-            raise RecipeError(f"{path}: {str(value)[:12]}... ({len(str(value))} digits) is too large for a number") from None
+            raise RecipeError(
+                f"{path}: {str(value)[:12]}... ({len(str(value))} digits) is too large for a number"
+            ) from None
         if not math.isfinite(number):
             raise RecipeError(f"{path}: {value} is not a finite number")
         return number
@@ -498,8 +531,9 @@ def _build(cls: type, raw: Any, path: str) -> Any:
                 try:
                     raw["params"][k] = float(v)  # alpha: 2 and alpha: 2.0 are the same recipe
                 except OverflowError:
-                    raise RecipeError(f"{path}.{k}: {str(v)[:12]}... ({len(str(v))} digits) is too large for a "
-                                      "number") from None
+                    raise RecipeError(
+                        f"{path}.{k}: {str(v)[:12]}... ({len(str(v))} digits) is too large for a number"
+                    ) from None
     kwargs = {}
     for key, value in raw.items():
         sub = f"{path}.{key}" if path else str(key)
@@ -524,7 +558,9 @@ def parse_overrides(items: Sequence[str]) -> List[Tuple[str, Any]]:
         key, text = item.split("=", 1)
         key = key.strip()
         if not key or any(not part for part in key.split(".")):
-            raise RecipeError(f"--set {item}: '{key}' is not a key path; expected KEY.PATH=VALUE, e.g. stages.stage1.epochs=2")
+            raise RecipeError(
+                f"--set {item}: '{key}' is not a key path; expected KEY.PATH=VALUE, e.g. stages.stage1.epochs=2"
+            )
         try:
             val = yaml.safe_load(text) if text.strip() else None
         except yaml.YAMLError as e:
@@ -567,7 +603,9 @@ def _list_index(node: List[Any], part: str, where: str) -> int:
     if part in names:
         return names.index(part)
     named = [n for n in names if n]
-    raise RecipeError(f"--set {where}: no item named '{part}'{closest(part, named)}; valid: a name ({choices(named)}) or an index 0..{len(node) - 1}")
+    raise RecipeError(
+        f"--set {where}: no item named '{part}'{closest(part, named)}; valid: a name ({choices(named)}) or an index 0..{len(node) - 1}"
+    )
 
 
 def _yaml_problem(e: yaml.YAMLError) -> str:
@@ -596,9 +634,13 @@ def load_recipe(path: Union[str, Path], overrides: Sequence[str] = ()) -> Recipe
     """Load and validate a YAML recipe file. Raises :class:`RecipeError` with the bad key's path."""
     p = Path(path)
     if p.is_dir():
-        raise RecipeError(f"recipe '{path}' is a folder; give the path of a YAML recipe file, e.g. recipes/quick_fmnist.yaml")
+        raise RecipeError(
+            f"recipe '{path}' is a folder; give the path of a YAML recipe file, e.g. recipes/quick_fmnist.yaml"
+        )
     if not p.is_file():
-        raise RecipeError(f"recipe '{path}' does not exist; give the path of a YAML recipe, e.g. recipes/quick_fmnist.yaml")
+        raise RecipeError(
+            f"recipe '{path}' does not exist; give the path of a YAML recipe, e.g. recipes/quick_fmnist.yaml"
+        )
     try:
         text = p.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:

@@ -14,6 +14,7 @@ Only this module spells those names; train, eval, export, bench, the CLI and the
 scripts ask a :class:`RunDir` for paths and for the models it holds. Importing it is cheap:
 torch is imported only by the methods that build models.
 """
+
 from __future__ import annotations
 
 import json
@@ -172,8 +173,9 @@ class RunDir:
         return model_from_checkpoint(self.checkpoint(stage, what))
 
 
-def model_from_checkpoint(path: Union[str, os.PathLike],
-                          ck: Optional[Dict[str, Any]] = None) -> Tuple["nn.Module", Dict[str, Any]]:
+def model_from_checkpoint(
+    path: Union[str, os.PathLike], ck: Optional[Dict[str, Any]] = None
+) -> Tuple["nn.Module", Dict[str, Any]]:
     """Build the model a bnn-distill checkpoint describes and load its weights (strictly).
 
     ``ck`` is the already-loaded checkpoint, if the caller has it. Returns ``(model, ck)``.
@@ -185,8 +187,10 @@ def model_from_checkpoint(path: Union[str, os.PathLike],
     if ck is None:
         ck = load_checkpoint(path)
     if not is_bnn_checkpoint(ck):
-        raise CheckpointError(f"'{path}' is not a bnn-distill checkpoint (no model spec); "
-                              "plain state dicts load as teacher.checkpoint in a recipe")
+        raise CheckpointError(
+            f"'{path}' is not a bnn-distill checkpoint (no model spec); "
+            "plain state dicts load as teacher.checkpoint in a recipe"
+        )
     model = create_model(**ck["model_spec"])
     load_model_state(model, ck["model"], f"checkpoint '{path}'")
     return model, ck

@@ -73,8 +73,12 @@ class FolderLock:
                 self._fd = fd
                 self._write_record()
                 return self
-            raise FolderInUse(one_line(f"{self.what} {self.folder} is being locked and released by other processes "
-                                       "in quick succession; wait for them and try again"))
+            raise FolderInUse(
+                one_line(
+                    f"{self.what} {self.folder} is being locked and released by other processes "
+                    "in quick succession; wait for them and try again"
+                )
+            )
         except BaseException:
             if self._fd is not None:
                 self.release()
@@ -114,8 +118,12 @@ class FolderLock:
             if e.errno in WRITE_ERRNOS:
                 raise write_error(e, self.path) from None
             if e.errno in (errno.ENOTDIR, errno.ENOENT):
-                raise UserError(one_line(f"{self.what} {self.folder}: cannot create its lock file {self.path} "
-                                         f"({e.strerror}); give a folder path")) from None
+                raise UserError(
+                    one_line(
+                        f"{self.what} {self.folder}: cannot create its lock file {self.path} "
+                        f"({e.strerror}); give a folder path"
+                    )
+                ) from None
             raise
 
     def _make_parents(self) -> None:
@@ -139,8 +147,9 @@ class FolderLock:
                 if e.errno in WRITE_ERRNOS:
                     raise write_error(e, d) from None
                 if e.errno in (errno.ENOTDIR, errno.ENOENT):
-                    raise UserError(one_line(f"{self.what} {self.folder}: cannot create folder '{d}' "
-                                             f"({e.strerror})")) from None
+                    raise UserError(
+                        one_line(f"{self.what} {self.folder}: cannot create folder '{d}' ({e.strerror})")
+                    ) from None
                 raise
             self._created.append(d)
 
@@ -156,8 +165,13 @@ class FolderLock:
 
     def _write_record(self) -> None:
         assert self._fd is not None
-        record = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time(), "command": self.command,
-                  "folder": str(self.folder)}
+        record = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "started": time.time(),
+            "command": self.command,
+            "folder": str(self.folder),
+        }
         data = (json.dumps(record) + "\n").encode()
         try:
             os.ftruncate(self._fd, 0)

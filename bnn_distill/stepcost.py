@@ -27,13 +27,25 @@ class TimedStep:
     (default: the library's). The student's and teacher's features are hooked at ``head_bn``.
     """
 
-    def __init__(self, name: str, quant: str, terms: Sequence[Term], with_teacher: bool, arch: str,
-                 width_mult: float, teacher: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
-                 channels_last: bool = False, sign: Optional[Callable] = None):
+    def __init__(
+        self,
+        name: str,
+        quant: str,
+        terms: Sequence[Term],
+        with_teacher: bool,
+        arch: str,
+        width_mult: float,
+        teacher: torch.nn.Module,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        channels_last: bool = False,
+        sign: Optional[Callable] = None,
+    ):
         self.name = name
         torch.manual_seed(0)
-        self.student = create_model(arch, 10, in_chans=x.shape[1], quant=quant, width_mult=width_mult,
-                                    weight_scale="learned", recu=True)
+        self.student = create_model(
+            arch, 10, in_chans=x.shape[1], quant=quant, width_mult=width_mult, weight_scale="learned", recu=True
+        )
         self.sign = sign or quant_mod.binary_sign
         if channels_last:
             self.student = self.student.to(memory_format=torch.channels_last)
@@ -66,8 +78,9 @@ class TimedStep:
         self.opt.step()
 
 
-def interleaved_times(steps: Dict[str, Callable[[], None]], rounds: int, warmup: int,
-                      on_round: Optional[Callable[[int], None]] = None) -> Dict[str, List[float]]:
+def interleaved_times(
+    steps: Dict[str, Callable[[], None]], rounds: int, warmup: int, on_round: Optional[Callable[[int], None]] = None
+) -> Dict[str, List[float]]:
     """Seconds of each call of every step: ``warmup`` untimed calls of each, then ``rounds`` rounds
     of one timed call of each, in an order rotated by one every round (no fixed neighbour).
     ``on_round(r)`` is called after round ``r`` (0-based)."""
@@ -76,7 +89,7 @@ def interleaved_times(steps: Dict[str, Callable[[], None]], rounds: int, warmup:
         for _ in range(warmup):
             step()
     for r in range(rounds):
-        order = list(steps)[r % len(steps):] + list(steps)[:r % len(steps)]
+        order = list(steps)[r % len(steps) :] + list(steps)[: r % len(steps)]
         for k in order:
             t0 = time.perf_counter()
             steps[k]()

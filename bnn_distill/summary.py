@@ -127,8 +127,17 @@ class ModelSummary:
     def totals(self) -> Dict[str, Any]:
         """All totals as a flat dict."""
         keys = (
-            "total_params", "binary_params", "fp_params", "total_macs", "xnor_macs", "binary_input_macs",
-            "binary_weight_macs", "fp_macs", "binary_mac_share", "memory_bytes", "fp32_memory_bytes",
+            "total_params",
+            "binary_params",
+            "fp_params",
+            "total_macs",
+            "xnor_macs",
+            "binary_input_macs",
+            "binary_weight_macs",
+            "fp_macs",
+            "binary_mac_share",
+            "memory_bytes",
+            "fp32_memory_bytes",
             "compression_ratio",
         )
         return {k: getattr(self, k) for k in keys}
@@ -149,8 +158,15 @@ class ModelSummary:
 
     def format(self) -> str:
         """A fixed-width text table of the rows, then the totals and the warnings."""
-        cols = (("Layer", 32, "<"), ("Kind", 13, "<"), ("Bits w/a", 8, "<"), ("Output", 14, "<"),
-                ("Params", 10, ">"), ("MACs", 9, ">"), ("Memory", 10, ">"))
+        cols = (
+            ("Layer", 32, "<"),
+            ("Kind", 13, "<"),
+            ("Bits w/a", 8, "<"),
+            ("Output", 14, "<"),
+            ("Params", 10, ">"),
+            ("MACs", 9, ">"),
+            ("Memory", 10, ">"),
+        )
 
         def line(values: Sequence[str]) -> str:
             return "  ".join(f"{v:{align}{w}}" for v, (_, w, align) in zip(values, cols)).rstrip()
@@ -160,8 +176,19 @@ class ModelSummary:
         for r in self.rows:
             bits = f"{r.weight_bits}/{r.act_bits}" if r.weight_bits is not None else "-"
             name = _ellipsize(r.name or "(model)", cols[0][1])
-            out.append(line([name, r.kind[: cols[1][1]], bits, _shape(r.output_shape),
-                             f"{r.params:,}", _count(r.macs), _bytes(r.memory_bytes)]))
+            out.append(
+                line(
+                    [
+                        name,
+                        r.kind[: cols[1][1]],
+                        bits,
+                        _shape(r.output_shape),
+                        f"{r.params:,}",
+                        _count(r.macs),
+                        _bytes(r.memory_bytes),
+                    ]
+                )
+            )
         out.append(rule)
         total = self.total_macs
 
@@ -195,7 +222,7 @@ def _shape(shape: Sequence[int]) -> str:
 
 
 def _ellipsize(text: str, width: int) -> str:
-    return text if len(text) <= width else "..." + text[-(width - 3):]
+    return text if len(text) <= width else "..." + text[-(width - 3) :]
 
 
 def _count(n: float) -> str:
@@ -256,8 +283,13 @@ def _macs(module: nn.Module, out: Tensor) -> int:
     return 0
 
 
-def _memory(module: nn.Module, whole: bool, bits: Optional[Tuple[int, int]],
-            tq: Optional[BinaryWeightTensorQuant], seen: Set[int]) -> Tuple[int, int, float, float]:
+def _memory(
+    module: nn.Module,
+    whole: bool,
+    bits: Optional[Tuple[int, int]],
+    tq: Optional[BinaryWeightTensorQuant],
+    seen: Set[int],
+) -> Tuple[int, int, float, float]:
     """``(params, binary_params, memory_bytes, fp32_memory_bytes)`` of one row (unseen params only)."""
     params = binary = 0
     mem_bits = 0
@@ -292,8 +324,10 @@ def _relu_warning(model: nn.Module, binary_act: Set[str]) -> Optional[str]:
     if not blocks:
         return None
     shown = ", ".join(blocks[:4]) + (f" and {len(blocks) - 4} more" if len(blocks) > 4 else "")
-    return (f"{len(blocks)} block(s) with binary-activation convs use a ReLU activation ({shown}): sign() of "
-            "a non-negative input is always +1, so those convs see a constant input; use hardtanh or PReLU")
+    return (
+        f"{len(blocks)} block(s) with binary-activation convs use a ReLU activation ({shown}): sign() of "
+        "a non-negative input is always +1, so those convs see a constant input; use hardtanh or PReLU"
+    )
 
 
 def summarize(model: nn.Module, input_shape: Tuple[int, ...]) -> ModelSummary:
@@ -314,14 +348,18 @@ def summarize(model: nn.Module, input_shape: Tuple[int, ...]) -> ModelSummary:
             if out is not None:
                 outputs[name].append(out)
                 order.append(name)
+
         return hook
 
     modes = [(m, m.training) for m in model.modules()]
     handles = [m.register_forward_hook(hook_for(name)) for name, m, _ in rows_modules]
     try:
         ref = next(iter(model.parameters()), None)
-        x = torch.zeros((1, *input_shape), dtype=ref.dtype if ref is not None else torch.float32,
-                        device=ref.device if ref is not None else None)
+        x = torch.zeros(
+            (1, *input_shape),
+            dtype=ref.dtype if ref is not None else torch.float32,
+            device=ref.device if ref is not None else None,
+        )
         model.eval()
         with torch.no_grad():
             model(x)
@@ -346,12 +384,20 @@ def summarize(model: nn.Module, input_shape: Tuple[int, ...]) -> ModelSummary:
         if not outs:
             warnings.append(f"{name}: not called in the forward pass; its MACs are not counted")
         macs = sum(_macs(module, o) for o in outs)
-        rows.append(LayerRow(
-            name=name, kind=type(module).__name__, weight_bits=bits[0] if bits else None,
-            act_bits=bits[1] if bits else None, params=params, macs=macs, memory_bytes=mem,
-            output_shape=tuple(outs[-1].shape[1:]) if outs else (), binary_params=binary,
-            fp32_memory_bytes=fp32_mem,
-        ))
+        rows.append(
+            LayerRow(
+                name=name,
+                kind=type(module).__name__,
+                weight_bits=bits[0] if bits else None,
+                act_bits=bits[1] if bits else None,
+                params=params,
+                macs=macs,
+                memory_bytes=mem,
+                output_shape=tuple(outs[-1].shape[1:]) if outs else (),
+                binary_params=binary,
+                fp32_memory_bytes=fp32_mem,
+            )
+        )
         if bits is not None and 1 in bits and getattr(module, "bias", None) is not None:
             warnings.append(f"{name}: binary conv with a bias; a BatchNorm after it makes the bias redundant")
         if bits is not None and bits[1] == 1:
@@ -360,8 +406,10 @@ def summarize(model: nn.Module, input_shape: Tuple[int, ...]) -> ModelSummary:
             nxt = order.index(name) + 1
             nxt_module = by_name.get(order[nxt]) if nxt < len(order) else None
             if not isinstance(nxt_module, _BatchNorm):
-                warnings.append(f"{name}: binary weights without a scale (weight_scale 'none') and no "
-                                "BatchNorm after it; outputs are not rescaled")
+                warnings.append(
+                    f"{name}: binary weights without a scale (weight_scale 'none') and no "
+                    "BatchNorm after it; outputs are not rescaled"
+                )
     relu = _relu_warning(model, binary_act)
     if relu:
         warnings.insert(0, relu)

@@ -26,8 +26,15 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from . import distributed as ddp
-from .checkpoint import (FORMAT, atomic_save, atomic_write_bytes, keep_quantizers, load_checkpoint, load_model_state,
-                         state_dict_of)
+from .checkpoint import (
+    FORMAT,
+    atomic_save,
+    atomic_write_bytes,
+    keep_quantizers,
+    load_checkpoint,
+    load_model_state,
+    state_dict_of,
+)
 from .errors import CheckpointError, Interrupted, UserError
 from .evaluate import evaluate
 from .hooks import FeatureHook, get_module
@@ -121,8 +128,10 @@ class Execution:
 
     def batch(self, x: torch.Tensor, y: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """A batch of images (B, C, H, W) in :attr:`memory_format` and labels (B,), on this device."""
-        return (x.to(self.device, non_blocking=True, memory_format=self.memory_format),
-                y.to(self.device, non_blocking=True))
+        return (
+            x.to(self.device, non_blocking=True, memory_format=self.memory_format),
+            y.to(self.device, non_blocking=True),
+        )
 
     def autocast(self):
         if self.amp_dtype is None:
@@ -138,7 +147,8 @@ class Execution:
         if not self.dist.enabled:
             return module
         return nn.parallel.DistributedDataParallel(
-            module, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+            module, device_ids=[self.device.index] if self.device.type == "cuda" else None
+        )
 
     def all_agree(self, *flags: bool) -> Tuple[bool, ...]:
         """Each flag true on every process (one collective under torchrun; as given otherwise)."""
@@ -157,11 +167,13 @@ def model_spec_dict(recipe: Recipe, cfg: ModelConfig, quant: str, num_classes: i
     stored under ``"model_spec"`` in checkpoints (so they can be rebuilt). Not a
     :class:`bnn_distill.models.ModelSpec`."""
     b = recipe.binary
-    spec: Dict[str, Any] = dict(name=cfg.arch, num_classes=num_classes, in_chans=in_chans, quant=quant,
-                                width_mult=cfg.width_mult)
+    spec: Dict[str, Any] = dict(
+        name=cfg.arch, num_classes=num_classes, in_chans=in_chans, quant=quant, width_mult=cfg.width_mult
+    )
     if quant != "FP":
-        spec.update(weight_scale=b.weight_scale, recu=b.recu, weight_gradient=b.weight_gradient,
-                    act_gradient=b.act_gradient)
+        spec.update(
+            weight_scale=b.weight_scale, recu=b.recu, weight_gradient=b.weight_gradient, act_gradient=b.act_gradient
+        )
     spec.update({k: v for k, v in cfg.model_kwargs().items() if v is not None})
     return spec
 
@@ -213,8 +225,13 @@ class DistillStep(nn.Module):
 class OptimiserStep:
     """Backward pass, optional gradient clipping and the update, through the AMP loss scaler."""
 
-    def __init__(self, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, module: nn.Module,
-                 grad_clip: Optional[float]):
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        scaler: torch.amp.GradScaler,
+        module: nn.Module,
+        grad_clip: Optional[float],
+    ):
         self.optimizer, self.scaler, self.module, self.grad_clip = optimizer, scaler, module, grad_clip
 
     def __call__(self, loss: torch.Tensor) -> None:
@@ -284,15 +301,21 @@ class EpochTally:
 
     def partial(self, batch: int) -> Dict[str, Any]:
         """What a checkpoint saved before batch ``batch`` needs to continue the epoch."""
-        return {"batch": batch, "sums": {k: float(v) for k, v in self.sums.items()}, "correct": float(self.correct),
-                "seen": self.seen, "elapsed": time.perf_counter() - self.t0}
+        return {
+            "batch": batch,
+            "sums": {k: float(v) for k, v in self.sums.items()},
+            "correct": float(self.correct),
+            "seen": self.seen,
+            "elapsed": time.perf_counter() - self.t0,
+        }
 
     def metrics(self, lr: float, steps_per_epoch: int, ex: Execution) -> Dict[str, Any]:
         """The epoch's train metrics, summed over every process (one collective)."""
         elapsed = time.perf_counter() - self.t0
         keys = sorted(self.sums)
-        packed = torch.stack([self.sums[k] for k in keys]
-                             + [self.correct.float(), torch.tensor(float(self.seen), device=self.device)])
+        packed = torch.stack(
+            [self.sums[k] for k in keys] + [self.correct.float(), torch.tensor(float(self.seen), device=self.device)]
+        )
         ddp.all_reduce_sum(packed, ex.dist)
         total_seen = packed[-1].item()
         steps_all = float(steps_per_epoch * ex.dist.world_size)
@@ -354,10 +377,21 @@ def _seed_for(seed: int, stage_index: int, epoch: int) -> int:
 class Trainer:
     """Trains one stage of a recipe: a model (teacher or student), with a frozen teacher if needed."""
 
-    def __init__(self, recipe: Recipe, stage_index: int, model: nn.Module, spec: Dict[str, Any],
-                 teacher: Optional[nn.Module], train_set: Dataset, test_set: Dataset,
-                 run_dir: Union[Path, RunDir], ex: Execution, history: List[Dict[str, Any]],
-                 stop: Optional["StopFlag"] = None, val_set: Optional[Dataset] = None):
+    def __init__(
+        self,
+        recipe: Recipe,
+        stage_index: int,
+        model: nn.Module,
+        spec: Dict[str, Any],
+        teacher: Optional[nn.Module],
+        train_set: Dataset,
+        test_set: Dataset,
+        run_dir: Union[Path, RunDir],
+        ex: Execution,
+        history: List[Dict[str, Any]],
+        stop: Optional["StopFlag"] = None,
+        val_set: Optional[Dataset] = None,
+    ):
         self.recipe = recipe
         self.stage_index = stage_index
         self.stage: StageConfig = recipe.stages[stage_index]
@@ -422,13 +456,19 @@ class Trainer:
         if st.batch_size % world:
             raise UserError(f"stages[{i}].batch_size: {st.batch_size} is not divisible by the {world} processes")
         if n_train < st.batch_size:
-            raise UserError(f"stages[{i}].batch_size: {st.batch_size} is larger than the {n_train} training images; "
-                            "lower it")
+            raise UserError(
+                f"stages[{i}].batch_size: {st.batch_size} is larger than the {n_train} training images; lower it"
+            )
         return st.batch_size // world
 
     def _eval_loader(self, dataset: Dataset) -> DataLoader:
-        return DataLoader(dataset, batch_size=max(self.local_batch, 256), shuffle=False,
-                          num_workers=self.recipe.data.num_workers, pin_memory=self.ex.device.type == "cuda")
+        return DataLoader(
+            dataset,
+            batch_size=max(self.local_batch, 256),
+            shuffle=False,
+            num_workers=self.recipe.data.num_workers,
+            pin_memory=self.ex.device.type == "cuda",
+        )
 
     def _evaluate(self, loader: DataLoader, split: str, model: Optional[nn.Module] = None) -> Dict[str, float]:
         ev = evaluate(model or self.model, loader, self.ex.device, self.ex.amp_dtype)
@@ -438,13 +478,25 @@ class Trainer:
 
     def state(self, complete: bool) -> Dict[str, Any]:
         return {
-            "format": FORMAT, "kind": "last", "stage": self.stage.name, "stage_index": self.stage_index,
-            "recipe": self.recipe.to_dict(), "fingerprint": self.recipe.fingerprint(), "model_spec": self.spec,
-            "model": self.model.state_dict(), "criterion": self.criterion.state_dict(),
-            "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
-            "epoch": self.epoch, "step": self.step, "history": self.history,
-            "best_top1": self.best_top1, "best_epoch": self.best_epoch, "wall_s": self.wall_s,
-            "complete": complete, "partial": self.partial,
+            "format": FORMAT,
+            "kind": "last",
+            "stage": self.stage.name,
+            "stage_index": self.stage_index,
+            "recipe": self.recipe.to_dict(),
+            "fingerprint": self.recipe.fingerprint(),
+            "model_spec": self.spec,
+            "model": self.model.state_dict(),
+            "criterion": self.criterion.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "epoch": self.epoch,
+            "step": self.step,
+            "history": self.history,
+            "best_top1": self.best_top1,
+            "best_epoch": self.best_epoch,
+            "wall_s": self.wall_s,
+            "complete": complete,
+            "partial": self.partial,
         }
 
     def load_state(self, ck: Dict[str, Any]) -> None:
@@ -529,11 +581,18 @@ class Trainer:
         last = self.history[-1] if self.history else {}
         ips = [h["images_per_s"] for h in self.history if "images_per_s" in h]
         keys = ("test_top1", "test_top5", "test_loss", "val_top1", "val_top5", "val_loss")
-        return StageResult(self.stage.name, self.stage.kind, self.stage.quant, self.stage.epochs,
-                           {k: last[k] for k in keys if k in last},
-                           self.best_top1 if self.best_epoch else float("nan"), self.best_epoch,
-                           float(last.get("best_test_top1", float("nan"))), round(self.wall_s, 3),
-                           float(sum(ips) / len(ips)) if ips else float("nan"))
+        return StageResult(
+            self.stage.name,
+            self.stage.kind,
+            self.stage.quant,
+            self.stage.epochs,
+            {k: last[k] for k in keys if k in last},
+            self.best_top1 if self.best_epoch else float("nan"),
+            self.best_epoch,
+            float(last.get("best_test_top1", float("nan"))),
+            round(self.wall_s, 3),
+            float(sum(ips) / len(ips)) if ips else float("nan"),
+        )
 
     def _loader(self, start_batch: int = 0) -> DataLoader:
         """This epoch's batches from ``start_batch`` on, in an order fixed by (seed, stage, epoch)."""
@@ -541,19 +600,27 @@ class Trainer:
         g = torch.Generator().manual_seed(seed)
         dist = self.ex.dist
         if dist.enabled:
-            sampler = DistributedSampler(self.train_set, dist.world_size, dist.rank, shuffle=True, seed=seed,
-                                         drop_last=True)
+            sampler = DistributedSampler(
+                self.train_set, dist.world_size, dist.rank, shuffle=True, seed=seed, drop_last=True
+            )
             sampler.set_epoch(0)
             order = list(sampler)
         else:
             order = torch.randperm(len(self.train_set), generator=g).tolist()
-        order = order[start_batch * self.local_batch: self.steps_per_epoch * self.local_batch]
+        order = order[start_batch * self.local_batch : self.steps_per_epoch * self.local_batch]
         set_seed = getattr(self.train_set, "set_epoch_seed", None)
         if set_seed is not None:  # per-sample augmentation seeds: exact mid-epoch resume
             set_seed(seed)
-        return DataLoader(self.train_set, batch_size=self.local_batch, sampler=order, drop_last=True,
-                          num_workers=self.recipe.data.num_workers, generator=g,
-                          pin_memory=self.ex.device.type == "cuda", persistent_workers=False)
+        return DataLoader(
+            self.train_set,
+            batch_size=self.local_batch,
+            sampler=order,
+            drop_last=True,
+            num_workers=self.recipe.data.num_workers,
+            generator=g,
+            pin_memory=self.ex.device.type == "cuda",
+            persistent_workers=False,
+        )
 
     def _train_epoch(self) -> Dict[str, Any]:
         """One epoch (or the rest of a stopped one): for each batch, teacher outputs, the student's
@@ -565,8 +632,13 @@ class Trainer:
         self.criterion.train()
         tally = EpochTally(self.partial, self.ex.device)
         self.partial = None
-        bar = ProgressBar(self._loader(tally.start), self.ex.progress, f"{st.name} {self.epoch + 1}/{st.epochs}",
-                          self.steps_per_epoch, tally.start)
+        bar = ProgressBar(
+            self._loader(tally.start),
+            self.ex.progress,
+            f"{st.name} {self.epoch + 1}/{st.epochs}",
+            self.steps_per_epoch,
+            tally.start,
+        )
         tally.start_clock()
         lr = self.schedule.lr(self.step)
         stop = False
@@ -622,8 +694,11 @@ class Trainer:
         if save and self.ex.dist.is_main:
             atomic_save(self.state(complete=False), last)
         ddp.barrier(self.ex.dist)
-        raise Interrupted(f"stopped by {self.stop.signal or 'a signal'} in stage '{self.stage.name}', {where}; "
-                          f"progress saved to {last}", self.stop.exit_code)
+        raise Interrupted(
+            f"stopped by {self.stop.signal or 'a signal'} in stage '{self.stage.name}', {where}; "
+            f"progress saved to {last}",
+            self.stop.exit_code,
+        )
 
     def _diverged(self, out: Dict[str, torch.Tensor]) -> None:
         bad = [k for k, v in out.items() if k not in ("logits", "loss") and not torch.isfinite(v).all()]
@@ -632,22 +707,47 @@ class Trainer:
         keep = f"; the last good checkpoint is {last}" if last.exists() else ""
         raise TrainingDiverged(
             f"stage '{self.stage.name}': the loss became non-finite at step {self.step + 1} (epoch {self.epoch + 1}) "
-            f"in {where}{keep}; lower the learning rate or that term's weight, or set grad_clip")
+            f"in {where}{keep}; lower the learning rate or that term's weight, or set grad_clip"
+        )
 
     def _save(self, complete: bool, best: bool) -> None:
         state = self.state(complete)
         if best:  # before last.pt: a last.pt that names a best epoch always has its best.pt on disk
-            atomic_save({k: state[k] for k in ("format", "stage", "stage_index", "recipe", "fingerprint", "model_spec",
-                                               "model", "epoch", "best_top1")} | {"kind": "best"},
-                        self.run.best(self.stage.name))
+            atomic_save(
+                {
+                    k: state[k]
+                    for k in (
+                        "format",
+                        "stage",
+                        "stage_index",
+                        "recipe",
+                        "fingerprint",
+                        "model_spec",
+                        "model",
+                        "epoch",
+                        "best_top1",
+                    )
+                }
+                | {"kind": "best"},
+                self.run.best(self.stage.name),
+            )
         atomic_save(state, self.run.last(self.stage.name))
         self.run.write_metrics(self.prior_history + self.history)
 
     def _log(self, r: Dict[str, Any]) -> None:
         terms = " ".join(f"{k}={v:.4f}" for k, v in r["train"].items())
         test = f" test_top1={r['test_top1']:.2f}%" if "test_top1" in r else ""
-        log.info("[%s] epoch %d/%d %s train_top1=%.2f%%%s lr=%.4g %.0f img/s", r["stage"], r["epoch"],
-                 self.stage.epochs, terms, r["train_top1"], test, r["lr"], r["images_per_s"])
+        log.info(
+            "[%s] epoch %d/%d %s train_top1=%.2f%%%s lr=%.4g %.0f img/s",
+            r["stage"],
+            r["epoch"],
+            self.stage.epochs,
+            terms,
+            r["train_top1"],
+            test,
+            r["lr"],
+            r["images_per_s"],
+        )
         if self.tb is not None:
             g = self.step
             for k, v in r["train"].items():
@@ -715,22 +815,28 @@ def prepare_run_dir(recipe: Recipe, resume: bool, force: bool) -> Path:
     run_dir = run.path
     if resume:
         if not run.recipe_file.exists():
-            raise UserError(f"--resume: '{run_dir}' holds no run to resume (no {RECIPE_FILE}); "
-                            "start it without --resume")
+            raise UserError(
+                f"--resume: '{run_dir}' holds no run to resume (no {RECIPE_FILE}); start it without --resume"
+            )
         from .recipe import load_recipe
 
         try:
             old = load_recipe(run.recipe_file)
         except UserError as e:
-            raise UserError(f"--resume: the saved recipe cannot be read ({e}); "
-                            "start a new run with another name") from None
+            raise UserError(
+                f"--resume: the saved recipe cannot be read ({e}); start a new run with another name"
+            ) from None
         if old.fingerprint() != recipe.fingerprint() and not force:
-            raise UserError(f"--resume: the recipe differs from the one '{run_dir}' was started with; "
-                            "resume with the same recipe, or pass --force to continue with the new one")
+            raise UserError(
+                f"--resume: the recipe differs from the one '{run_dir}' was started with; "
+                "resume with the same recipe, or pass --force to continue with the new one"
+            )
         return run_dir
     if run_dir.exists() and any(run_dir.iterdir()):
-        raise UserError(f"run folder '{run_dir}' already holds a run; pass --resume to continue it, "
-                        f"or choose another name (--set name=NEW) or output_dir")
+        raise UserError(
+            f"run folder '{run_dir}' already holds a run; pass --resume to continue it, "
+            f"or choose another name (--set name=NEW) or output_dir"
+        )
     return run_dir
 
 
@@ -763,8 +869,18 @@ def _setup_run(recipe: Recipe, ex: Execution, resume: bool, force: bool):
         prepare_run_dir(recipe, resume, force)  # checks only: nothing is written before the data loads
     torch.manual_seed(recipe.seed)
     d = recipe.data
-    splits = build_splits(d.dataset, d.root, d.download, d.augment, d.limit_train, d.limit_test, seed=recipe.seed,
-                          val_size=d.val_size, val_fraction=d.val_fraction, val_seed=d.val_seed)
+    splits = build_splits(
+        d.dataset,
+        d.root,
+        d.download,
+        d.augment,
+        d.limit_train,
+        d.limit_test,
+        seed=recipe.seed,
+        val_size=d.val_size,
+        val_fraction=d.val_fraction,
+        val_seed=d.val_seed,
+    )
     if splits.val is None and ex.dist.is_main:
         log.info("no validation split (data.val_size): best.pt is not kept, the last epoch's weights are the result")
     if ex.dist.is_main:
@@ -773,9 +889,16 @@ def _setup_run(recipe: Recipe, ex: Execution, resume: bool, force: bool):
             atomic_write_bytes(run.recipe_file, recipe.to_yaml().encode())
     ddp.barrier(ex.dist)
     info = splits.info
-    log.info("data: %s, %d train / %s validation / %d test images, %d classes, device %s%s", info.name,
-             len(splits.train), len(splits.val) if splits.val is not None else "no", len(splits.test),
-             info.num_classes, ex.device, f", {ex.dist.world_size} processes" if ex.dist.enabled else "")
+    log.info(
+        "data: %s, %d train / %s validation / %d test images, %d classes, device %s%s",
+        info.name,
+        len(splits.train),
+        len(splits.val) if splits.val is not None else "no",
+        len(splits.test),
+        info.num_classes,
+        ex.device,
+        f", {ex.dist.world_size} processes" if ex.dist.enabled else "",
+    )
     return splits
 
 
@@ -805,8 +928,10 @@ class _Stages:
         self._resume_or_init(trainer, resume)
         result = trainer.fit()
         if trainer._stop_after_epoch and i + 1 < len(self.recipe.stages):  # agreed by every process
-            raise Interrupted(f"stopped by {self.stop.signal or 'a signal'} after stage '{st.name}'; "
-                              "its checkpoint is complete", self.stop.exit_code)
+            raise Interrupted(
+                f"stopped by {self.stop.signal or 'a signal'} after stage '{st.name}'; its checkpoint is complete",
+                self.stop.exit_code,
+            )
         self._keep(trainer, result)
 
     def _trainer(self, i: int) -> Trainer:
@@ -818,8 +943,20 @@ class _Stages:
         model = build_model(spec)
         get_module(model, feature_layer(cfg), f"{'teacher' if st.kind == 'teacher' else 'student'}.feature_layer")
         s = self.splits
-        return Trainer(self.recipe, i, model, spec, self.teacher if st.kind == "student" else None, s.train, s.test,
-                       self.run, self.ex, self.history, self.stop, val_set=s.val)
+        return Trainer(
+            self.recipe,
+            i,
+            model,
+            spec,
+            self.teacher if st.kind == "student" else None,
+            s.train,
+            s.test,
+            self.run,
+            self.ex,
+            self.history,
+            self.stop,
+            val_set=s.val,
+        )
 
     def _resume_or_init(self, trainer: Trainer, resume: bool) -> None:
         """Continue from the stage's last checkpoint (``--resume``) or initialise it (``init_from``)."""
@@ -831,8 +968,10 @@ class _Stages:
         if resume and last.exists():
             ck = load_checkpoint(last, map_location=self.ex.device)
             if ck.get("model_spec") != trainer.spec:
-                raise CheckpointError(f"checkpoint '{last}' was written for another model "
-                                      f"({ck.get('model_spec', {}).get('name')}); resume with the recipe that wrote it")
+                raise CheckpointError(
+                    f"checkpoint '{last}' was written for another model "
+                    f"({ck.get('model_spec', {}).get('name')}); resume with the recipe that wrote it"
+                )
             trainer.load_state(ck)
         else:
             _init_stage(trainer, st, self.teacher, self.final_states, self.ex)
@@ -843,16 +982,29 @@ class _Stages:
         st = trainer.stage
         self.results.append(result)
         self.history = self.history + trainer.history
-        self.final_states[st.name] = {"model": {k: v.detach().clone() for k, v in trainer.model.state_dict().items()},
-                                      "criterion": trainer.criterion.state_dict()}
+        self.final_states[st.name] = {
+            "model": {k: v.detach().clone() for k, v in trainer.model.state_dict().items()},
+            "criterion": trainer.criterion.state_dict(),
+        }
         if st.kind == "teacher":
             self.teacher = trainer.model
             self.teacher_eval = result.final
         if self.ex.dist.is_main:
-            best = (f" (best on validation: {result.best_top1:.2f}% at epoch {result.best_epoch}, "
-                    f"test {result.best_test_top1:.2f}%)") if result.best_epoch else ""
-            log.info("[%s] done: test top-1 %.2f%%%s, %.0f s", st.name,
-                     result.final.get("test_top1", float("nan")), best, result.wall_s)
+            best = (
+                (
+                    f" (best on validation: {result.best_top1:.2f}% at epoch {result.best_epoch}, "
+                    f"test {result.best_test_top1:.2f}%)"
+                )
+                if result.best_epoch
+                else ""
+            )
+            log.info(
+                "[%s] done: test top-1 %.2f%%%s, %.0f s",
+                st.name,
+                result.final.get("test_top1", float("nan")),
+                best,
+                result.wall_s,
+            )
 
     def teacher_metrics(self) -> Optional[Dict[str, float]]:
         """The teacher's test metrics: its stage's, else (a loaded teacher) evaluated now by the main process."""
@@ -868,9 +1020,14 @@ def _summary(recipe: Recipe, ex: Execution, stages: _Stages, dataset: str, t_sta
     results = stages.results
     teacher_eval = stages.teacher_metrics()
     return {
-        "run": recipe.name, "fingerprint": recipe.fingerprint(), "dataset": dataset,
-        "teacher": {"arch": recipe.teacher.arch, "source": recipe.teacher.checkpoint or "trained",
-                    **(teacher_eval or {})},
+        "run": recipe.name,
+        "fingerprint": recipe.fingerprint(),
+        "dataset": dataset,
+        "teacher": {
+            "arch": recipe.teacher.arch,
+            "source": recipe.teacher.checkpoint or "trained",
+            **(teacher_eval or {}),
+        },
         "stages": [r.to_dict() for r in results],
         # training time of every stage, summed across interruptions and resumes
         "wall_s": round(sum(r.wall_s for r in results), 1),
@@ -916,19 +1073,30 @@ def load_teacher(recipe: Recipe, spec: Dict[str, Any]) -> nn.Module:
     if not body_fits:  # another architecture, not another head: load_model_state names what differs
         other = []
     if other and not reinit:
-        raise CheckpointError(f"{what}: its classifier '{other[0]}' has shape {tuple(state[other[0]].shape)}, "
-                              f"this data needs {tuple(own[other[0]].shape)}; set teacher.head: reinit to "
-                              "re-initialise it (a teacher stage then fine-tunes it)")
+        raise CheckpointError(
+            f"{what}: its classifier '{other[0]}' has shape {tuple(state[other[0]].shape)}, "
+            f"this data needs {tuple(own[other[0]].shape)}; set teacher.head: reinit to "
+            "re-initialise it (a teacher stage then fine-tunes it)"
+        )
     if other:
-        log.info("teacher.head: reinit: the checkpoint's classifier has %d classes, the data %d; '%s' re-initialised",
-                 state[other[0]].shape[0], own[other[0]].shape[0], other[0].rpartition(".")[0])
+        log.info(
+            "teacher.head: reinit: the checkpoint's classifier has %d classes, the data %d; '%s' re-initialised",
+            state[other[0]].shape[0],
+            own[other[0]].shape[0],
+            other[0].rpartition(".")[0],
+        )
         state.update({k: own[k] for k in head})
     load_model_state(teacher, state, what)
     return teacher
 
 
-def _init_stage(trainer: Trainer, st: StageConfig, teacher: Optional[nn.Module],
-                final_states: Dict[str, Dict[str, Any]], ex: Execution) -> None:
+def _init_stage(
+    trainer: Trainer,
+    st: StageConfig,
+    teacher: Optional[nn.Module],
+    final_states: Dict[str, Dict[str, Any]],
+    ex: Execution,
+) -> None:
     """Initialise a fresh stage from the teacher or an earlier stage (``init_from``); a teacher
     stage after a loaded teacher (checkpoint or hub weights) fine-tunes those weights."""
     if st.kind == "teacher" and teacher is not None:
@@ -961,8 +1129,13 @@ def machine_info(ex: Optional[Execution] = None) -> Dict[str, Any]:
                 break
     except OSError:
         pass
-    info: Dict[str, Any] = {"cpu": cpu, "threads": torch.get_num_threads(), "torch": torch.__version__,
-                            "python": sys.version.split()[0], "platform": platform.platform()}
+    info: Dict[str, Any] = {
+        "cpu": cpu,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+    }
     if ex is not None:
         info["device"] = str(ex.device)
         info["world_size"] = ex.dist.world_size

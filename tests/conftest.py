@@ -20,8 +20,12 @@ ITRD = [
 
 def tiny_recipe_dict(out: Path, epochs: int = 1, name: str = "tiny") -> Dict[str, Any]:
     """Teacher + W32A1 + W1A1 on 64 synthetic CIFAR-shaped images, ResNet-20 at quarter width."""
-    stage = {"epochs": epochs, "batch_size": 16, "optimizer": {"name": "sgd", "lr": 0.05},
-             "schedule": {"name": "cosine", "warmup_epochs": 0}}
+    stage = {
+        "epochs": epochs,
+        "batch_size": 16,
+        "optimizer": {"name": "sgd", "lr": 0.05},
+        "schedule": {"name": "cosine", "warmup_epochs": 0},
+    }
     return {
         "name": name,
         "seed": 3,
@@ -31,8 +35,20 @@ def tiny_recipe_dict(out: Path, epochs: int = 1, name: str = "tiny") -> Dict[str
         "student": {"arch": "cifar_resnet20", "width_mult": 0.25},
         "stages": [
             {"name": "teacher", "kind": "teacher", "quant": "FP", **copy.deepcopy(stage), "losses": [{"name": "ce"}]},
-            {"name": "stage1", "quant": "W32A1", "init_from": "teacher", **copy.deepcopy(stage), "losses": copy.deepcopy(ITRD)},
-            {"name": "stage2", "quant": "W1A1", "init_from": "stage1", **copy.deepcopy(stage), "losses": copy.deepcopy(ITRD)},
+            {
+                "name": "stage1",
+                "quant": "W32A1",
+                "init_from": "teacher",
+                **copy.deepcopy(stage),
+                "losses": copy.deepcopy(ITRD),
+            },
+            {
+                "name": "stage2",
+                "quant": "W1A1",
+                "init_from": "stage1",
+                **copy.deepcopy(stage),
+                "losses": copy.deepcopy(ITRD),
+            },
         ],
     }
 

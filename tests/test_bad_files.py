@@ -17,14 +17,12 @@ from pathlib import Path
 from typing import Callable, Dict, List, Tuple
 
 import pytest
-import torch
+from conftest import tiny_recipe_dict
 
 from bnn_distill.checkpoint import atomic_save, load_checkpoint
 from bnn_distill.cli import build_parser, main
 from bnn_distill.recipe import recipe_from_dict
 from bnn_distill.train import build_model, run_recipe
-
-from conftest import tiny_recipe_dict
 
 PNG = b"\x89PNG\r\n\x1a\n" + b"\x00" * 64
 BENCH = ["--batch", "1", "--threads", "1", "--repeats", "1", "--warmup", "0", "--burst", "1", "--no-accuracy"]
@@ -61,8 +59,13 @@ def world(tmp_path_factory):
     # a checkpoint of another recipe: wider student, other seed, other fingerprint
     ck = load_checkpoint(run / "checkpoints" / "stage2" / "last.pt")
     spec = {**ck["model_spec"], "width_mult": 0.5}
-    other = dict(ck, model_spec=spec, model=build_model(spec).state_dict(), fingerprint="0123456789abcdef",
-                 recipe={**ck["recipe"], "seed": 99, "name": "other"})
+    other = dict(
+        ck,
+        model_spec=spec,
+        model=build_model(spec).state_dict(),
+        fingerprint="0123456789abcdef",
+        recipe={**ck["recipe"], "seed": 99, "name": "other"},
+    )
     foreign_ck = base / "other_last.pt"
     atomic_save(other, foreign_ck)
     # an export folder of another run (same files, the manifest names another run and fingerprint)
@@ -89,6 +92,7 @@ def _edit_manifest(fn: Callable[[dict], object]) -> Callable[[Path], None]:
         m = json.loads((folder / "manifest.json").read_text())
         r = fn(m)
         (folder / "manifest.json").write_text(json.dumps(m if r is None else r))
+
     return edit
 
 
@@ -147,8 +151,11 @@ def test_predict_with_a_damaged_export_folder(world, tmp_path, case):
 
 
 @pytest.mark.skipif(not HAS_PREDICT, reason="no predict command in this version")
-@pytest.mark.parametrize("content", [b"not an image at all", PNG, b"", b"\xff\xd8\xff\xe0 truncated jpeg"],
-                         ids=["text", "png_header_only", "empty", "truncated_jpeg"])
+@pytest.mark.parametrize(
+    "content",
+    [b"not an image at all", PNG, b"", b"\xff\xd8\xff\xe0 truncated jpeg"],
+    ids=["text", "png_header_only", "empty", "truncated_jpeg"],
+)
 @pytest.mark.parametrize("suffix", [".png", ".jpg", ".npy"])
 def test_predict_of_a_file_that_is_not_an_image(world, tmp_path, content, suffix):
     img = tmp_path / f"img{suffix}"
@@ -174,7 +181,8 @@ EVAL_CASES = {
     "png_as_checkpoint": lambda w, t: (_run_copy(w, t) / "checkpoints" / "stage2" / "last.pt").write_bytes(PNG),
     "recipe_edited_to_garbage": lambda w, t: (_run_copy(w, t) / "recipe.yaml").write_text("stages: [\n"),
     "recipe_edited_unknown_key": lambda w, t: (_run_copy(w, t) / "recipe.yaml").write_text(
-        (w["run"] / "recipe.yaml").read_text() + "\nbogus_key: 1\n"),
+        (w["run"] / "recipe.yaml").read_text() + "\nbogus_key: 1\n"
+    ),
 }
 
 
@@ -186,8 +194,11 @@ def test_eval_of_a_damaged_run_folder(world, tmp_path, case):
 
 @pytest.mark.parametrize("what", ["onnx", "png", "text", "folder_not_a_run", "missing"])
 def test_eval_of_a_file_that_is_not_a_checkpoint(world, tmp_path, what):
-    target = {"onnx": world["export"] / "student_binary.onnx", "folder_not_a_run": world["export"],
-              "missing": tmp_path / "nope.pt"}.get(what, tmp_path / f"x.{what}")
+    target = {
+        "onnx": world["export"] / "student_binary.onnx",
+        "folder_not_a_run": world["export"],
+        "missing": tmp_path / "nope.pt",
+    }.get(what, tmp_path / f"x.{what}")
     if what == "png":
         target.write_bytes(PNG)
     elif what == "text":
@@ -195,8 +206,11 @@ def test_eval_of_a_file_that_is_not_a_checkpoint(world, tmp_path, what):
     _one_line(*_cli("eval", str(target))[::2])
 
 
-@pytest.mark.xfail(strict=True, reason="eval of a run folder does not check that the stage checkpoint belongs to the run "
-                                       "(ck['fingerprint'] vs the run's recipe); cli._resolve_checkpoint/cmd_eval")
+@pytest.mark.xfail(
+    strict=True,
+    reason="eval of a run folder does not check that the stage checkpoint belongs to the run "
+    "(ck['fingerprint'] vs the run's recipe); cli._resolve_checkpoint/cmd_eval",
+)
 def test_eval_of_a_run_folder_holding_another_recipes_checkpoint(world, tmp_path):
     run = _run_copy(world, tmp_path)
     shutil.copy(world["foreign_ck"], run / "checkpoints" / "stage2" / "last.pt")
@@ -214,8 +228,17 @@ def test_export_into_another_runs_export_folder_is_refused(world, tmp_path):
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
-@pytest.mark.parametrize("case", ["truncated_checkpoint", "png_as_checkpoint", "recipe_edited_to_garbage",
-                                  "recipe_edited_unknown_key", "teacher_checkpoint_missing", "out_is_a_file"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "truncated_checkpoint",
+        "png_as_checkpoint",
+        "recipe_edited_to_garbage",
+        "recipe_edited_unknown_key",
+        "teacher_checkpoint_missing",
+        "out_is_a_file",
+    ],
+)
 def test_export_of_a_damaged_run_folder(world, tmp_path, case):
     out = tmp_path / "export" / "good"
     if case in EVAL_CASES:
@@ -233,9 +256,12 @@ def test_export_of_a_damaged_run_folder(world, tmp_path, case):
         assert not out.exists() or not (out / "manifest.json").exists()
 
 
-@pytest.mark.xfail(strict=True, reason="export_run builds the student from the checkpoint's own model_spec and does not "
-                                       "compare ck['fingerprint'] with the run's recipe: another recipe's checkpoint "
-                                       "is exported under this run's name (export.export_run)")
+@pytest.mark.xfail(
+    strict=True,
+    reason="export_run builds the student from the checkpoint's own model_spec and does not "
+    "compare ck['fingerprint'] with the run's recipe: another recipe's checkpoint "
+    "is exported under this run's name (export.export_run)",
+)
 def test_export_of_a_run_folder_holding_another_recipes_checkpoint(world, tmp_path):
     run = _run_copy(world, tmp_path)
     shutil.copy(world["foreign_ck"], run / "checkpoints" / "stage2" / "last.pt")

@@ -7,14 +7,13 @@ import json
 import numpy as np
 import pytest
 import torch
+from test_export import _randomize
 
-from bnn_distill.bench import split_burst, machine, run_bench, time_interleaved
+from bnn_distill.bench import machine, run_bench, split_burst, time_interleaved
 from bnn_distill.cli import main
 from bnn_distill.errors import UserError
 from bnn_distill.export import ExportInfo, export_models
 from bnn_distill.models import create_model
-
-from test_export import _randomize
 
 
 @pytest.fixture(scope="module")
@@ -23,14 +22,21 @@ def export_dir(tmp_path_factory):
     torch.manual_seed(0)
     # BatchNorm statistics drawn at random: a freshly initialised binary net has sums that cancel to
     # exactly 0, whose sign PyTorch's rounded float conv then decides at random (parity would flag it)
-    student = _randomize(create_model("cifar_resnet20", 10, quant="W1A1", width_mult=0.25, weight_scale="learned",
-                                      recu=True))
-    spec = dict(name="cifar_resnet20", num_classes=10, in_chans=3, quant="W1A1", width_mult=0.25,
-                weight_scale="learned", recu=True)
+    student = _randomize(
+        create_model("cifar_resnet20", 10, quant="W1A1", width_mult=0.25, weight_scale="learned", recu=True)
+    )
+    spec = dict(
+        name="cifar_resnet20",
+        num_classes=10,
+        in_chans=3,
+        quant="W1A1",
+        width_mult=0.25,
+        weight_scale="learned",
+        recu=True,
+    )
     teacher = _randomize(create_model("cifar_resnet20", 10, width_mult=0.25))
     out = tmp_path_factory.mktemp("bench") / "exp"
-    export_models(student, spec, out, ExportInfo(input_shape=(3, 16, 16), run="rand", fingerprint="x"),
-                  teacher=teacher)
+    export_models(student, spec, out, ExportInfo(input_shape=(3, 16, 16), run="rand", fingerprint="x"), teacher=teacher)
     return out
 
 
@@ -45,7 +51,9 @@ def test_bench_writes_json_markdown_and_plot(export_dir):
     for row in r["latency"]:
         assert set(row["models"]) == {"teacher", "student_fp32", "student_binary"}
         for s in row["models"].values():
-            assert s["n"] == 2 * 2 and 0 < s["p50_ms"] <= s["p90_ms"] and s["speedup_vs_teacher"] > 0  # 2 rounds x 2 warm calls
+            assert (
+                s["n"] == 2 * 2 and 0 < s["p50_ms"] <= s["p90_ms"] and s["speedup_vs_teacher"] > 0
+            )  # 2 rounds x 2 warm calls
             assert s["cold_p50_ms"] > 0 and s["cold_speedup_vs_teacher"] > 0
         assert row["models"]["teacher"]["speedup_vs_teacher"] == 1.0
     assert r["fusion"]["student_binary"]["MatMulIntegerToFloat"] == 18
@@ -73,8 +81,7 @@ def _fakes(names, calls):
 
 def test_interleaved_rounds_rotate_the_order():
     calls = []
-    times = time_interleaved(_fakes("abc", calls), np.zeros(1), repeats=3, warmup=1,
-                             budget_s=0)
+    times = time_interleaved(_fakes("abc", calls), np.zeros(1), repeats=3, warmup=1, budget_s=0)
     assert {k: len(v) for k, v in times.items()} == {"a": 3, "b": 3, "c": 3}
     assert calls[3:] == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]
 
@@ -90,20 +97,56 @@ def test_bursts_repeat_each_model_and_split_cold_from_warm():
 
 
 def test_cli_bench(export_dir, capsys):
-    assert main(["bench", str(export_dir), "--batch", "1", "--threads", "1", "--repeats", "2", "--warmup", "1",
-                 "--no-accuracy"]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                str(export_dir),
+                "--batch",
+                "1",
+                "--threads",
+                "1",
+                "--repeats",
+                "2",
+                "--warmup",
+                "1",
+                "--no-accuracy",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "binary student" in out and "speed-up" in out
     assert "accuracy" not in json.loads((export_dir / "bench.json").read_text())
-    assert main(["bench", str(export_dir), "--batch", "1", "--threads", "1", "--repeats", "1", "--warmup", "1",
-                 "--no-accuracy", "--no-openvino"]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                str(export_dir),
+                "--batch",
+                "1",
+                "--threads",
+                "1",
+                "--repeats",
+                "1",
+                "--warmup",
+                "1",
+                "--no-accuracy",
+                "--no-openvino",
+            ]
+        )
+        == 0
+    )
     assert "OpenVINO" not in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("args,expect", [
-    ([], "not a finished export"),
-    (["--batch", "0"], None),
-])
+@pytest.mark.parametrize(
+    "args,expect",
+    [
+        ([], "not a finished export"),
+        (["--batch", "0"], None),
+    ],
+)
 def test_cli_bench_user_errors(export_dir, tmp_path, capsys, args, expect):
     target = tmp_path if expect else export_dir
     assert main(["bench", str(target), *args]) == 2
@@ -130,12 +173,30 @@ def test_bench_without_the_test_split_still_writes_latency(export_dir, tmp_path)
 
 def _report():
     """A hand-made bench report: two settings, three models, whiskers far above the bars."""
+
     def s(p50, p90, sp):
         return {"p50_ms": p50, "p90_ms": p90, "speedup_vs_teacher": sp}
-    rows = [{"batch": 1, "threads": 1, "models": {"teacher": s(10.0, 30.0, 1.0), "student_fp32": s(8.0, 9.0, 1.25),
-                                                  "student_binary": s(2.0, 6.0, 5.0)}},
-            {"batch": 32, "threads": 2, "models": {"teacher": s(100.0, 110.0, 1.0), "student_fp32": s(90.0, 400.0, 1.11),
-                                                   "student_binary": s(20.0, 25.0, 5.0)}}]
+
+    rows = [
+        {
+            "batch": 1,
+            "threads": 1,
+            "models": {
+                "teacher": s(10.0, 30.0, 1.0),
+                "student_fp32": s(8.0, 9.0, 1.25),
+                "student_binary": s(2.0, 6.0, 5.0),
+            },
+        },
+        {
+            "batch": 32,
+            "threads": 2,
+            "models": {
+                "teacher": s(100.0, 110.0, 1.0),
+                "student_fp32": s(90.0, 400.0, 1.11),
+                "student_binary": s(20.0, 25.0, 5.0),
+            },
+        },
+    ]
     return {"latency": rows, "machine": {"onnxruntime": "1.x", "cpu": "test cpu"}}
 
 
@@ -147,7 +208,12 @@ def test_bench_png_labels_sit_above_the_whiskers():
     fig.canvas.draw()
     texts = ax.texts
     assert sorted(t.get_text() for t in texts) == ["1.11x", "1.25x", "5.00x", "5.00x"]  # not the teacher's 1.00x
-    whiskers = {("student_fp32", 0): 9.0, ("student_fp32", 1): 400.0, ("student_binary", 0): 6.0, ("student_binary", 1): 25.0}
+    whiskers = {
+        ("student_fp32", 0): 9.0,
+        ("student_fp32", 1): 400.0,
+        ("student_binary", 0): 6.0,
+        ("student_binary", 1): 25.0,
+    }
     renderer = fig.canvas.get_renderer()
     boxes = [t.get_window_extent(renderer) for t in texts]
     for t, box in zip(texts, boxes):
@@ -183,8 +249,25 @@ def test_progress_bars_only_when_asked(export_dir, capsys):
     run_bench(export_dir, batches=[1], threads=[1], repeats=1, warmup=1, accuracy=False, progress=False)
     assert "bench:" not in capsys.readouterr().err
     # the CLI: a bar on a terminal only, never with --no-progress (capsys is not a terminal)
-    assert main(["bench", str(export_dir), "--batch", "1", "--threads", "1", "--repeats", "1", "--warmup", "1",
-                 "--no-accuracy", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                str(export_dir),
+                "--batch",
+                "1",
+                "--threads",
+                "1",
+                "--repeats",
+                "1",
+                "--warmup",
+                "1",
+                "--no-accuracy",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert "setting/s" not in capsys.readouterr().err
 
 
@@ -253,8 +336,10 @@ def test_openvino_row_wiring_without_openvino(export_dir, tmp_path, monkeypatch)
     for row in r["latency"]:
         s, t = row["models"]["teacher_openvino"], row["models"]["teacher"]
         assert s["n"] == 1 and abs(s["speedup_vs_teacher"] - t["p50_ms"] / s["p50_ms"]) < 1e-12
-    assert r["openvino"]["compiled"] == {"1 threads": {"INFERENCE_NUM_THREADS": "1"},
-                                         "2 threads": {"INFERENCE_NUM_THREADS": "2"}}
+    assert r["openvino"]["compiled"] == {
+        "1 threads": {"INFERENCE_NUM_THREADS": "1"},
+        "2 threads": {"INFERENCE_NUM_THREADS": "2"},
+    }
     assert "teacher_openvino" not in r["fusion"]  # onnxruntime's op counts are for onnxruntime's sessions
     # asked for but absent: one line naming the extra
     monkeypatch.setattr(openvino_rt, "available", lambda: False)

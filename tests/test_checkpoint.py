@@ -12,8 +12,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from bnn_distill.checkpoint import (FORMAT, atomic_save, atomic_write_bytes, load_checkpoint, load_model_state,
-                                    state_dict_of)
+from bnn_distill.checkpoint import (
+    FORMAT,
+    atomic_save,
+    atomic_write_bytes,
+    load_checkpoint,
+    load_model_state,
+    state_dict_of,
+)
 from bnn_distill.errors import CheckpointError, UserError
 from bnn_distill.models import create_model
 
@@ -63,8 +69,9 @@ def test_round_trip(tmp_path) -> None:
     for k, v in obj["model"].items():
         assert torch.equal(back["model"][k], v) and back["model"][k].dtype == v.dtype
     assert torch.equal(back["rng"], obj["rng"])
-    assert {k: back[k] for k in ("format", "epoch", "stage", "history", "best")} == \
-        {k: obj[k] for k in ("format", "epoch", "stage", "history", "best")}
+    assert {k: back[k] for k in ("format", "epoch", "stage", "history", "best")} == {
+        k: obj[k] for k in ("format", "epoch", "stage", "history", "best")
+    }
     assert state_dict_of(back) is back["model"]
 
 
@@ -165,16 +172,19 @@ def test_real_checkpoint_loads(tmp_path, real_checkpoint: bytes, small_model) ->
     assert load_model_state(create_model("cifar_resnet20", 10, width_mult=0.25), state_dict_of(ck), "ck") == set()
 
 
-@pytest.mark.parametrize("content", [
-    pytest.param(random.Random(0).randbytes(4096), id="random_bytes_seed0"),
-    pytest.param(random.Random(195).randbytes(4096), id="random_bytes_seed195"),
-    pytest.param(b"", id="empty"),
-    pytest.param(b"\x80\x02}q\x00.", id="pickle_not_torch"),
-    pytest.param(b"PK\x03\x04 not really a zip", id="zip_magic"),
-    pytest.param(b"\x00" * 100, id="zeros"),
-    pytest.param(random.Random(2).randbytes(4096), id="random_bytes_seed2"),
-    pytest.param(b"hello world, not a checkpoint\n", id="text_file"),
-])
+@pytest.mark.parametrize(
+    "content",
+    [
+        pytest.param(random.Random(0).randbytes(4096), id="random_bytes_seed0"),
+        pytest.param(random.Random(195).randbytes(4096), id="random_bytes_seed195"),
+        pytest.param(b"", id="empty"),
+        pytest.param(b"\x80\x02}q\x00.", id="pickle_not_torch"),
+        pytest.param(b"PK\x03\x04 not really a zip", id="zip_magic"),
+        pytest.param(b"\x00" * 100, id="zeros"),
+        pytest.param(random.Random(2).randbytes(4096), id="random_bytes_seed2"),
+        pytest.param(b"hello world, not a checkpoint\n", id="text_file"),
+    ],
+)
 def test_garbage_file(tmp_path, content: bytes) -> None:
     path = tmp_path / "garbage.pt"
     path.write_bytes(content)
@@ -183,8 +193,9 @@ def test_garbage_file(tmp_path, content: bytes) -> None:
     assert str(path) in _one_line(exc)
 
 
-@pytest.mark.parametrize("content", [random.Random(0).randbytes(4096), b"name: tiny\nstages: []\n"],
-                         ids=["random_bytes", "yaml_text"])
+@pytest.mark.parametrize(
+    "content", [random.Random(0).randbytes(4096), b"name: tiny\nstages: []\n"], ids=["random_bytes", "yaml_text"]
+)
 def test_garbage_is_not_called_unsafe(tmp_path, content: bytes) -> None:
     path = tmp_path / "garbage.pt"
     path.write_bytes(content)
@@ -299,10 +310,18 @@ def test_state_dict_of() -> None:
     assert state_dict_of({"model": sd, "optimizer": {}}) is sd
 
 
-@pytest.mark.parametrize("obj", [
-    {}, {"a": 1}, {"a": torch.zeros(1), "b": "text"}, {"model": 3}, {"state_dict": [torch.zeros(1)]},
-    {"format": "other/2", "weights": {"a": torch.zeros(1)}},
-], ids=["empty", "ints", "mixed", "model_int", "state_dict_list", "other_format"])
+@pytest.mark.parametrize(
+    "obj",
+    [
+        {},
+        {"a": 1},
+        {"a": torch.zeros(1), "b": "text"},
+        {"model": 3},
+        {"state_dict": [torch.zeros(1)]},
+        {"format": "other/2", "weights": {"a": torch.zeros(1)}},
+    ],
+    ids=["empty", "ints", "mixed", "model_int", "state_dict_list", "other_format"],
+)
 def test_state_dict_of_garbage(obj) -> None:
     with pytest.raises(CheckpointError) as exc:
         state_dict_of(obj)

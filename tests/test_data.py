@@ -15,15 +15,15 @@ import torch
 from PIL import Image
 
 from bnn_distill import data
-from bnn_distill.data import (balanced_indices, build_datasets, dataset_info, dataset_names,
-                              synthetic_arrays)
+from bnn_distill.data import balanced_indices, build_datasets, dataset_info, dataset_names, synthetic_arrays
 from bnn_distill.errors import DataError, RecipeError
 
 REPO = Path(__file__).resolve().parent.parent
 DEBIAN = Path("/usr/share/datasets/fashion-mnist")
 needs_debian = pytest.mark.skipif(
     not all((DEBIAN / f"{n}.gz").is_file() for n in data.FASHION_MNIST_FILES),
-    reason=f"Debian package dataset-fashion-mnist not installed (no files in {DEBIAN})")
+    reason=f"Debian package dataset-fashion-mnist not installed (no files in {DEBIAN})",
+)
 
 
 def _one_line(exc: pytest.ExceptionInfo) -> str:
@@ -41,8 +41,9 @@ def _counts(ds) -> list[int]:
 
 
 def test_registry_names() -> None:
-    assert dataset_names() == sorted(["cifar10", "cifar100", "mnist", "fashion_mnist",
-                                      "imagefolder", "fmnist_subset", "synthetic"])
+    assert dataset_names() == sorted(
+        ["cifar10", "cifar100", "mnist", "fashion_mnist", "imagefolder", "fmnist_subset", "synthetic"]
+    )
     assert set(data.DATASETS) == set(dataset_names())
 
 
@@ -104,18 +105,24 @@ def test_augmentation_seeded_and_effective() -> None:
     first = draw()
     torch.manual_seed(0)
     assert torch.equal(first, draw())
-    assert not torch.equal(first, draw())                   # next draws differ
+    assert not torch.equal(first, draw())  # next draws differ
     clean = torch.stack([plain[i][0] for i in range(len(plain))])
     changed = (first != clean).flatten(1).any(1).float().mean().item()
-    assert changed > 0.7, changed                           # P(no change) = 1/25 * 1/2
-    assert torch.equal(test[0][0], test[0][0])              # test split never augmented
+    assert changed > 0.7, changed  # P(no change) = 1/25 * 1/2
+    assert torch.equal(test[0][0], test[0][0])  # test split never augmented
     # every augmented image is a 28x28 window of the 2-px zero-padded image, maybe mirrored
     padded = torch.nn.functional.pad(train.images[:8].float() / 255, (2, 2, 2, 2))
     normalised = (padded - info.mean[0]) / info.std[0]
     for i in range(8):
-        windows = [w for dy in range(5) for dx in range(5)
-                   for w in (normalised[i, :, dy:dy + 28, dx:dx + 28],
-                             normalised[i, :, dy:dy + 28, dx:dx + 28].flip(-1))]
+        windows = [
+            w
+            for dy in range(5)
+            for dx in range(5)
+            for w in (
+                normalised[i, :, dy : dy + 28, dx : dx + 28],
+                normalised[i, :, dy : dy + 28, dx : dx + 28].flip(-1),
+            )
+        ]
         assert any(torch.allclose(first[i], w, atol=1e-5) for w in windows), i
 
 
@@ -135,8 +142,9 @@ def test_limits_are_balanced_first_n() -> None:
     assert _counts(test) == [2] * 10
     full, _, _ = build_datasets("fmnist_subset")
     first_of_class = [int((full.targets == k).nonzero()[0]) for k in range(10)]
-    assert torch.equal(train.images[train.targets.argsort(stable=True)][[0, 3, 6, 9, 12]],
-                       full.images[first_of_class[:5]])
+    assert torch.equal(
+        train.images[train.targets.argsort(stable=True)][[0, 3, 6, 9, 12]], full.images[first_of_class[:5]]
+    )
 
 
 # --------------------------------------------------------------------------- torchvision sets
@@ -208,15 +216,14 @@ def test_fake_cifar10(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     rng = np.random.default_rng(0)
     images = {}
     for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        pixels = rng.integers(0, 256, (20, 3 * 32 * 32), dtype=np.uint8)   # rows: R, G, B planes
+        pixels = rng.integers(0, 256, (20, 3 * 32 * 32), dtype=np.uint8)  # rows: R, G, B planes
         images[name] = pixels
         with open(folder / name, "wb") as f:
             pickle.dump({"data": pixels, "labels": [i % 10 for i in range(20)]}, f)
     with open(folder / "batches.meta", "wb") as f:
         pickle.dump({"label_names": list(data.CIFAR10_INFO.classes)}, f)
 
-    train, test, info = build_datasets("cifar10", root=str(tmp_path), augment=False,
-                                       limit_train=50)
+    train, test, info = build_datasets("cifar10", root=str(tmp_path), augment=False, limit_train=50)
     assert (len(train), len(test), info.num_classes) == (50, 20, 10)
     assert torch.bincount(train.targets).tolist() == [5] * 10
     x, y = test[3]
@@ -280,8 +287,9 @@ def test_synthetic_deterministic_and_learnable() -> None:
     assert (len(small), len(small_test)) == (40, 10)
     assert torch.bincount(small.targets).tolist() == [4] * 10
     # nearest class mean separates the classes: the data carries signal
-    x_train, y_train, x_test, y_test = (t.float().flatten(1) if t.dtype == torch.uint8 else t
-                                        for t in synthetic_arrays(0))
+    x_train, y_train, x_test, y_test = (
+        t.float().flatten(1) if t.dtype == torch.uint8 else t for t in synthetic_arrays(0)
+    )
     centroids = torch.stack([x_train[y_train == k].mean(0) for k in range(10)])
     accuracy = (torch.cdist(x_test, centroids).argmin(1) == y_test).float().mean()
     assert accuracy > 0.9
@@ -292,15 +300,13 @@ def test_synthetic_deterministic_and_learnable() -> None:
 
 @needs_debian
 def test_script_reproduces_packaged_file(tmp_path: Path) -> None:
-    spec = importlib.util.spec_from_file_location("make_fmnist_subset",
-                                                  REPO / "scripts" / "make_fmnist_subset.py")
+    spec = importlib.util.spec_from_file_location("make_fmnist_subset", REPO / "scripts" / "make_fmnist_subset.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     out = tmp_path / "subset.npz"
     script.main(["--src", str(DEBIAN), "--out", str(out)])
     packaged = REPO / "bnn_distill" / "datasets" / "fmnist_subset.npz"
-    assert hashlib.sha256(out.read_bytes()).hexdigest() == \
-        hashlib.sha256(packaged.read_bytes()).hexdigest()
+    assert hashlib.sha256(out.read_bytes()).hexdigest() == hashlib.sha256(packaged.read_bytes()).hexdigest()
     readme = (packaged.parent / "README.md").read_text()
     assert hashlib.sha256(packaged.read_bytes()).hexdigest() in readme
     assert (packaged.parent / "LICENSE").read_text().count("Zalando SE") == 1

@@ -19,14 +19,15 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import tiny_recipe_dict
 
 from bnn_distill.cli import main
 from bnn_distill.distributed import peer_failure
 
-from conftest import tiny_recipe_dict
-
-GLOO_GONE = ("[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:561] Connection closed by peer "
-             "[127.0.0.1]:1937. This is typically caused by a remote worker crashing.")
+GLOO_GONE = (
+    "[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:561] Connection closed by peer "
+    "[127.0.0.1]:1937. This is typically caused by a remote worker crashing."
+)
 
 
 def test_peer_failure_names_the_other_rank(monkeypatch):
@@ -110,9 +111,24 @@ def test_a_rank_killed_mid_epoch_ends_the_other_with_one_line_then_resume(tmp_pa
     run = tmp_path / "runs" / "ddp"
     env = dict(os.environ, OMP_NUM_THREADS="1", BNN_DISTILL_DIST_TIMEOUT_S="120")
     env.pop("RANK", None)
-    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                             "-m", "bnn_distill", "train", str(path), "--no-progress"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            "-m",
+            "bnn_distill",
+            "train",
+            str(path),
+            "--no-progress",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     try:
         t0 = time.monotonic()
         while not (run / "checkpoints" / "teacher" / "last.pt").exists():

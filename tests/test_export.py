@@ -12,16 +12,26 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from conftest import tiny_recipe_dict
 
 from bnn_distill.cli import main
-from bnn_distill.export import (ExportError, ExportInfo, avgpool_indices, binary_weight_matrix, check_parity,
-                                export_models, im2col_indices, lower, optimized_op_counts, ort_session,
-                                parity_inputs, probe_outputs)
+from bnn_distill.export import (
+    ExportError,
+    ExportInfo,
+    avgpool_indices,
+    binary_weight_matrix,
+    check_parity,
+    export_models,
+    im2col_indices,
+    lower,
+    optimized_op_counts,
+    ort_session,
+    parity_inputs,
+    probe_outputs,
+)
 from bnn_distill.models import create_model
 from bnn_distill.recipe import recipe_from_dict
 from bnn_distill.train import run_recipe
-
-from conftest import tiny_recipe_dict
 
 README = Path(__file__).resolve().parents[1] / "export" / "README.md"
 
@@ -77,8 +87,9 @@ def test_avgpool_indices_match_pytorch_ceil_mode(h, w):
 
 
 def test_binary_weights_come_from_the_quantiser_exactly():
-    model = _randomize(create_model("cifar_resnet20", 10, quant="W1A1", weight_scale="learned", recu=True,
-                                    width_mult=0.25))
+    model = _randomize(
+        create_model("cifar_resnet20", 10, quant="W1A1", weight_scale="learned", recu=True, width_mult=0.25)
+    )
     conv = model.layer2[0].conv1
     wq, scale = binary_weight_matrix(conv)
     assert wq.dtype == np.int8 and set(np.unique(wq)) <= {-1, 1} and (scale >= 0).all()
@@ -91,15 +102,21 @@ def test_binary_weights_come_from_the_quantiser_exactly():
 
 
 @pytest.mark.parametrize("quant", ["W1A1", "W32A1", "FP"])
-@pytest.mark.parametrize("kw", [
-    dict(),  # Bi-Real blocks, hardtanh, avg-pool + zero-pad shortcuts
-    dict(bireal=False, shortcut="conv", act="relu"),  # He et al. blocks, 1x1 conv shortcuts, exact zeros from ReLU
-    dict(act="prelu", head_norm=False),
-])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(),  # Bi-Real blocks, hardtanh, avg-pool + zero-pad shortcuts
+        dict(bireal=False, shortcut="conv", act="relu"),  # He et al. blocks, 1x1 conv shortcuts, exact zeros from ReLU
+        dict(act="prelu", head_norm=False),
+    ],
+)
 def test_parity_random_weights(quant, kw):
     # width 0.3: 5, 10 and 19 channels; 28x28 input: 28, 14, 7 (odd) after the stride-2 stages
-    model = _randomize(create_model("cifar_resnet20", 10, in_chans=1, quant=quant, width_mult=0.3,
-                                    weight_scale="learned", recu=True, **kw))
+    model = _randomize(
+        create_model(
+            "cifar_resnet20", 10, in_chans=1, quant=quant, width_mult=0.3, weight_scale="learned", recu=True, **kw
+        )
+    )
     assert [model.layer1[0].conv1.out_channels, model.layer2[0].conv1.out_channels] == [5, 10]
     proto, _, res = _parity(model, (1, 28, 28), role="student_binary" if quant != "FP" else "teacher")
     ops = {n.op_type for n in proto.graph.node}
@@ -141,8 +158,11 @@ def test_sign_of_zero_is_plus_one_in_the_graph():
     got = outs[conv.output.name].reshape(2, 16, 16, -1)[:, 8, 8]  # an interior position: every tap is 0
     blk = model.layer1[0]
     with torch.no_grad():
+
         def bn_conv(v):
-            return blk.bn1(F.conv2d(torch.full((1, 4, 16, 16), v), blk.conv1.quant_weight().value, padding=1))[0, :, 8, 8]
+            return blk.bn1(F.conv2d(torch.full((1, 4, 16, 16), v), blk.conv1.quant_weight().value, padding=1))[
+                0, :, 8, 8
+            ]
 
         plus, minus = bn_conv(1.0).numpy(), bn_conv(-1.0).numpy()
     assert np.allclose(got, plus, rtol=1e-5, atol=1e-6)  # ... and every tap counts as +1
@@ -155,7 +175,7 @@ def test_dynamic_batch():
     sess = ort_session(proto)
     x = torch.randn(5, 3, 16, 16)
     full = sess.run(["logits"], {"input": x.numpy()})[0]
-    one = np.concatenate([sess.run(["logits"], {"input": x[i:i + 1].numpy()})[0] for i in range(5)])
+    one = np.concatenate([sess.run(["logits"], {"input": x[i : i + 1].numpy()})[0] for i in range(5)])
     with torch.no_grad():
         ref = model(x).numpy()
     assert full.shape == (5, 10) and np.allclose(full, one, atol=1e-5) and np.allclose(full, ref, atol=1e-4)
@@ -266,10 +286,13 @@ def test_cli_export_refuses_another_runs_folder(tiny_run, tiny_export, tmp_path,
     assert not (out / "bench.json").exists()
 
 
-@pytest.mark.parametrize("args,expect", [
-    (["--stage", "teacher"], "not a binary student"),
-    (["--stage", "nope"], "no stage named 'nope'"),
-])
+@pytest.mark.parametrize(
+    "args,expect",
+    [
+        (["--stage", "teacher"], "not a binary student"),
+        (["--stage", "nope"], "no stage named 'nope'"),
+    ],
+)
 def test_cli_export_user_errors(tiny_run, tmp_path, capsys, args, expect):
     assert main(["export", str(tiny_run), "--out", str(tmp_path / "e"), *args]) == 2
     err = capsys.readouterr().err.strip()
@@ -304,8 +327,9 @@ def test_failed_parity_stops_the_export(tiny_run, tiny_export, tmp_path, monkeyp
     out = tmp_path / "bad"
     shutil.copytree(tiny_export, out)  # an earlier export there, to be replaced (--force)
     with pytest.raises(ExportError) as e:
-        export_models(student, ck["model_spec"], out, ExportInfo(input_shape=(3, 32, 32), run="t", fingerprint="f"),
-                      force=True)
+        export_models(
+            student, ck["model_spec"], out, ExportInfo(input_shape=(3, 32, 32), run="t", fingerprint="f"), force=True
+        )
     assert "first diverging layer 'layer3.1.conv1+bn1'" in str(e.value) and "student_binary" in str(e.value)
     assert sorted(p.name for p in out.iterdir()) == ["parity.json"]
     assert not json.loads((out / "parity.json").read_text())["passed"]
@@ -327,8 +351,16 @@ def test_readme_snippet_runs_with_onnxruntime_and_numpy(tiny_export):
     text = README.read_text()
     code = re.search(r"```python\n(.*?)```", text, re.S).group(1)
     assert 'export_dir = "export/quick_fmnist"' in code
-    for name in ("student_binary.onnx", "student_fp32.onnx", "teacher_fp32.onnx", "parity.json", "manifest.json",
-                 "bench.json", "bench.md", "bench.png"):
+    for name in (
+        "student_binary.onnx",
+        "student_fp32.onnx",
+        "teacher_fp32.onnx",
+        "parity.json",
+        "manifest.json",
+        "bench.json",
+        "bench.md",
+        "bench.png",
+    ):
         assert name in text, name
     code = code.replace('export_dir = "export/quick_fmnist"', f'export_dir = "{tiny_export}"')
     scope: dict = {}
@@ -389,16 +421,23 @@ def test_a_top1_change_explained_by_a_near_zero_flip_passes_unless_strict(monkey
         differ = (model(x).argmax(1) != other(x).argmax(1)).nonzero().flatten().tolist()
     assert differ
     flip = {"layer": "layer1.0.conv1", "signs_differing": 1, "value": 3e-8, "rel": 3e-8}
-    monkeypatch.setattr(ex, "diagnose", lambda m, o, p, imgs, rtol: {"local": None, "flips": [flip] * len(imgs),
-                                                                      "drift": None})
+    monkeypatch.setattr(
+        ex, "diagnose", lambda m, o, p, imgs, rtol: {"local": None, "flips": [flip] * len(imgs), "drift": None}
+    )
     res = check_parity("student_binary", model, proto, probes, x)
     assert res.passed and res.top1_changed_by_flips == differ and res.top1_agree == 16 - len(differ)
     strict = check_parity("student_binary", model, proto, probes, x, strict_top1=True)
     assert not strict.passed and "near-tied prediction" in parity_message(strict)
     # an unexplained difference still fails either way
-    monkeypatch.setattr(ex, "diagnose", lambda m, o, p, imgs, rtol: {"local": {"layer": "layer1.0", "check": "local",
-                                                                                "max_rel_diff": 0.5},
-                                                                      "flips": [None] * len(imgs), "drift": None})
+    monkeypatch.setattr(
+        ex,
+        "diagnose",
+        lambda m, o, p, imgs, rtol: {
+            "local": {"layer": "layer1.0", "check": "local", "max_rel_diff": 0.5},
+            "flips": [None] * len(imgs),
+            "drift": None,
+        },
+    )
     assert not check_parity("student_binary", model, proto, probes, x).passed
 
 
@@ -414,10 +453,14 @@ def test_the_standard_file_is_at_most_twice_the_native_one():
     inits = {t.name: onnx.numpy_helper.to_array(t) for t in std.graph.initializer}
     # the binary weights as bits: 9 * Cin * Cout / 8 bytes per conv, by hand for 16/32/64 channels
     bits = sum(a.size for n, a in inits.items() if n.endswith(".weight_int8_bits"))
-    assert bits == 6 * 9 * 16 * 16 // 8 + 9 * 16 * 32 // 8 + 5 * 9 * 32 * 32 // 8 + 9 * 32 * 64 // 8 + 5 * 9 * 64 * 64 // 8
+    assert (
+        bits == 6 * 9 * 16 * 16 // 8 + 9 * 16 * 32 // 8 + 5 * 9 * 32 * 32 // 8 + 9 * 32 * 64 // 8 + 5 * 9 * 64 * 64 // 8
+    )
     # one index tensor per geometry: 28x28 s1, 28->14 s2, 14x14 s1, 14->7 s2, 7x7 s1; the smallest type
     idx = {n: a for n, a in inits.items() if n.startswith("im2col_index")}
-    assert len(idx) == 5 and sum(1 for n in std.graph.node if n.op_type == "Gather" and n.name.endswith("/im2col")) == 18
+    assert (
+        len(idx) == 5 and sum(1 for n in std.graph.node if n.op_type == "Gather" and n.name.endswith("/im2col")) == 18
+    )
     for n, a in idx.items():
         assert a.dtype == (np.uint8 if a.max() <= 255 else np.uint16), n
     # per-channel constants are stored per channel (the graph tiles them; onnxruntime folds that)
@@ -505,8 +548,11 @@ def test_a_differing_image_is_diagnosed_inside_the_batch_it_was_run_in(monkeypat
     def fake(m, o, p, imgs, rtol):
         calls.append(imgs.clone())
         # a flip only for the rows that really differ: the row index must map back to the image
-        return {"local": None, "drift": None,
-                "flips": [{"layer": "l", "signs_differing": 1, "value": 1e-8, "rel": 1e-8} for _ in imgs]}
+        return {
+            "local": None,
+            "drift": None,
+            "flips": [{"layer": "l", "signs_differing": 1, "value": 1e-8, "rel": 1e-8} for _ in imgs],
+        }
 
     monkeypatch.setattr(ex, "diagnose", fake)
     res = ex.check_parity("student_binary", model, proto, probes, x, batch=4)
@@ -514,6 +560,6 @@ def test_a_differing_image_is_diagnosed_inside_the_batch_it_was_run_in(monkeypat
     starts = sorted({j // 4 * 4 for j in differ})
     assert len(calls) == len(starts)
     for start, imgs in zip(starts, calls):
-        assert torch.equal(imgs, x[start:start + 4])  # the parity batch itself, last one short
+        assert torch.equal(imgs, x[start : start + 4])  # the parity batch itself, last one short
     assert ex.parity_batch((3, 32, 32)) == 256 and ex.parity_batch((3, 224, 224)) == 5
     assert ex.parity_batch((1, 28, 28)) == 256 and ex.parity_batch((3, 4096, 4096)) == 1

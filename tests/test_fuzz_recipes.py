@@ -15,8 +15,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
-import math
-import os
 from collections import Counter
 from pathlib import Path
 from typing import Any, List
@@ -25,13 +23,12 @@ import pytest
 import yaml
 
 hypothesis = pytest.importorskip("hypothesis")
+from conftest import tiny_recipe_dict  # noqa: E402
 from hypothesis import HealthCheck, given, seed, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 import bnn_distill.train as train_module  # noqa: E402
 from bnn_distill.cli import main  # noqa: E402
-
-from conftest import tiny_recipe_dict  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SEED = 16  # issue 16
@@ -46,23 +43,113 @@ class _Accepted(Exception):
 
 # ---------------------------------------------------------------- values the fuzzer inserts
 
-HUGE = st.sampled_from([10**30, -10**30, 2**63, 2**63 - 1, -2**63, 2**31, 2**64 + 1, 1e308, -1e308,
-                        1e-320, 5e-324, float("inf"), float("-inf"), float("nan"), -0.0, 0, -1, 1, 16, 16.0001,
-                        0.5, 1e6, 100001, 1000001])
-ODD_TEXT = st.sampled_from(["", " ", "W1A1 ", " teacher", "stage1", "ce", "teacher", "FP", "W32A1", "itrd_mi",
-                            "cifar10", "synthetic", "名前", "😀", "\u2028", "a\nb", "x\ry", "tab\there", "\x00",
-                            "\x85", "null", "~", "yes", "1e5", "0x10", "../..", "/", ".", "-", "stage1\u200b",
-                            "ｓｔａｇｅ１", "\ufeffname", "e\u0301", "A" * 300])
-SCALARS = st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70), HUGE,
-                    st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=12), ODD_TEXT)
-VALUES = st.recursive(SCALARS, lambda inner: st.one_of(st.lists(inner, max_size=3),
-                                                      st.dictionaries(st.one_of(st.text(max_size=8), ODD_TEXT), inner,
-                                                                      max_size=3)),
-                      max_leaves=6)
-BROKEN_YAML = st.sampled_from(["[", "{a: ", "]", "a: b: c", "!!python/object/apply:os.system ['echo pwned']",
-                               "!!python/name:os.system", "&a [*a]", "*nowhere", "%YAML 1.1", "---\n---\nx: 1",
-                               "- a\n- b", "? complex\n: key", "\t", "'unterminated", '"\\xZZ"', "{name: [}",
-                               "!!binary AAAA", "!!set {a, b}", "<<: *x", "@reserved", "`tick"])
+HUGE = st.sampled_from(
+    [
+        10**30,
+        -(10**30),
+        2**63,
+        2**63 - 1,
+        -(2**63),
+        2**31,
+        2**64 + 1,
+        1e308,
+        -1e308,
+        1e-320,
+        5e-324,
+        float("inf"),
+        float("-inf"),
+        float("nan"),
+        -0.0,
+        0,
+        -1,
+        1,
+        16,
+        16.0001,
+        0.5,
+        1e6,
+        100001,
+        1000001,
+    ]
+)
+ODD_TEXT = st.sampled_from(
+    [
+        "",
+        " ",
+        "W1A1 ",
+        " teacher",
+        "stage1",
+        "ce",
+        "teacher",
+        "FP",
+        "W32A1",
+        "itrd_mi",
+        "cifar10",
+        "synthetic",
+        "名前",
+        "😀",
+        "\u2028",
+        "a\nb",
+        "x\ry",
+        "tab\there",
+        "\x00",
+        "\x85",
+        "null",
+        "~",
+        "yes",
+        "1e5",
+        "0x10",
+        "../..",
+        "/",
+        ".",
+        "-",
+        "stage1\u200b",
+        "ｓｔａｇｅ１",
+        "\ufeffname",
+        "e\u0301",
+        "A" * 300,
+    ]
+)
+SCALARS = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**70), 2**70),
+    HUGE,
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=12),
+    ODD_TEXT,
+)
+VALUES = st.recursive(
+    SCALARS,
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=3), st.dictionaries(st.one_of(st.text(max_size=8), ODD_TEXT), inner, max_size=3)
+    ),
+    max_leaves=6,
+)
+BROKEN_YAML = st.sampled_from(
+    [
+        "[",
+        "{a: ",
+        "]",
+        "a: b: c",
+        "!!python/object/apply:os.system ['echo pwned']",
+        "!!python/name:os.system",
+        "&a [*a]",
+        "*nowhere",
+        "%YAML 1.1",
+        "---\n---\nx: 1",
+        "- a\n- b",
+        "? complex\n: key",
+        "\t",
+        "'unterminated",
+        '"\\xZZ"',
+        "{name: [}",
+        "!!binary AAAA",
+        "!!set {a, b}",
+        "<<: *x",
+        "@reserved",
+        "`tick",
+    ]
+)
 
 
 def _bases() -> List[dict]:
@@ -96,8 +183,21 @@ def _get(node: Any, path):
     return node
 
 
-OPS = ("delete", "replace", "huge", "odd_text", "wrap_list", "wrap_dict", "stringify", "unicode_in_string",
-       "add_key", "dup_stage_name", "dup_stage", "dup_loss", "swap_siblings")
+OPS = (
+    "delete",
+    "replace",
+    "huge",
+    "odd_text",
+    "wrap_list",
+    "wrap_dict",
+    "stringify",
+    "unicode_in_string",
+    "add_key",
+    "dup_stage_name",
+    "dup_stage",
+    "dup_loss",
+    "swap_siblings",
+)
 
 
 def _mutate(raw: Any, data) -> Any:
@@ -113,8 +213,12 @@ def _mutate(raw: Any, data) -> Any:
             stages[j]["name"] = stages[i].get("name")
         elif op == "dup_stage":
             stages.insert(j, copy.deepcopy(stages[i]))
-        elif op == "dup_loss" and isinstance(stages[i], dict) and isinstance(stages[i].get("losses"), list) \
-                and stages[i]["losses"]:
+        elif (
+            op == "dup_loss"
+            and isinstance(stages[i], dict)
+            and isinstance(stages[i].get("losses"), list)
+            and stages[i]["losses"]
+        ):
             losses = stages[i]["losses"]
             losses.append(copy.deepcopy(losses[data.draw(st.integers(0, len(losses) - 1))]))
         return raw
@@ -165,7 +269,7 @@ def _damage_text(text: str, data) -> str:
     if how == "insert":
         return text[:at] + data.draw(st.one_of(BROKEN_YAML, st.text(min_size=1, max_size=4))) + text[at:]
     if how == "delete":
-        return text[:at] + text[at + data.draw(st.integers(1, 20)):]
+        return text[:at] + text[at + data.draw(st.integers(1, 20)) :]
     return text + "\n" + data.draw(BROKEN_YAML)
 
 
@@ -200,6 +304,7 @@ def _check_case(argv: List[str], work: Path, stats: Counter) -> None:
 @pytest.fixture
 def stubbed(tmp_path, monkeypatch):
     """Training replaced by a stub; the working folder is an empty folder watched for writes."""
+
     def stub(recipe, **kwargs):
         raise _Accepted(recipe.name)
 
@@ -219,8 +324,7 @@ def _run_recipe_fuzz(stubbed, n: int) -> Counter:
     path = recipes / "fuzzed.yaml"
 
     @seed(SEED)
-    @settings(max_examples=n, deadline=None, database=None, derandomize=False,
-              suppress_health_check=list(HealthCheck))
+    @settings(max_examples=n, deadline=None, database=None, derandomize=False, suppress_health_check=list(HealthCheck))
     @given(st.data())
     def case(data):
         raw = copy.deepcopy(data.draw(st.sampled_from(BASES), label="base"))
@@ -246,18 +350,46 @@ def _run_set_fuzz(stubbed, n: int) -> Counter:
     path = recipes / "tiny.yaml"
     base = tiny_recipe_dict(Path("runs"))
     path.write_text(yaml.safe_dump(base))
-    real_keys = sorted({".".join(str(k) for k in p) for p in _paths(base) if p}
-                       | {"stages.teacher.epochs", "stages.stage1.losses.itrd_corr.weight", "stages.stage2.quant",
-                          "stages.-1.epochs", "stages.3.epochs", "stages.nope.epochs", "data.limit_train",
-                          "name", "output_dir.x", "seed.x", "stages.stage1.losses.0.name.x"})
+    real_keys = sorted(
+        {".".join(str(k) for k in p) for p in _paths(base) if p}
+        | {
+            "stages.teacher.epochs",
+            "stages.stage1.losses.itrd_corr.weight",
+            "stages.stage2.quant",
+            "stages.-1.epochs",
+            "stages.3.epochs",
+            "stages.nope.epochs",
+            "data.limit_train",
+            "name",
+            "output_dir.x",
+            "seed.x",
+            "stages.stage1.losses.0.name.x",
+        }
+    )
     key_part = st.one_of(st.text(max_size=6), ODD_TEXT, st.sampled_from(["", "0", "-1", "99", "stages", "name"]))
-    keys = st.one_of(st.sampled_from(real_keys), st.lists(key_part, min_size=1, max_size=4).map(".".join),
-                     st.sampled_from(real_keys).flatmap(lambda k: key_part.map(lambda p: f"{k}.{p}")))
-    values = st.one_of(VALUES.map(lambda v: yaml.dump(v, Dumper=_DUMPER, default_flow_style=True, allow_unicode=True)
-                                  .removesuffix("\n...\n").strip()),
-                       st.text(max_size=12), BROKEN_YAML, ODD_TEXT, HUGE.map(str))
-    item = st.one_of(st.tuples(keys, values).map(lambda kv: f"{kv[0]}={kv[1]}"),
-                     keys, st.tuples(keys, st.sampled_from(["==", "= ", " =", "=="])).map("".join))
+    keys = st.one_of(
+        st.sampled_from(real_keys),
+        st.lists(key_part, min_size=1, max_size=4).map(".".join),
+        st.sampled_from(real_keys).flatmap(lambda k: key_part.map(lambda p: f"{k}.{p}")),
+    )
+    values = st.one_of(
+        VALUES.map(
+            lambda v: (
+                yaml.dump(v, Dumper=_DUMPER, default_flow_style=True, allow_unicode=True)
+                .removesuffix("\n...\n")
+                .strip()
+            )
+        ),
+        st.text(max_size=12),
+        BROKEN_YAML,
+        ODD_TEXT,
+        HUGE.map(str),
+    )
+    item = st.one_of(
+        st.tuples(keys, values).map(lambda kv: f"{kv[0]}={kv[1]}"),
+        keys,
+        st.tuples(keys, st.sampled_from(["==", "= ", " =", "=="])).map("".join),
+    )
 
     @seed(SEED)
     @settings(max_examples=n, deadline=None, database=None, suppress_health_check=list(HealthCheck))

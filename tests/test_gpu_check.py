@@ -37,23 +37,33 @@ def test_smoke_run_through_the_wrapper(tmp_path):
     env = dict(os.environ, OUT=str(out), PYTHON=sys.executable)
     env.pop("CUDA_VISIBLE_DEVICES", None)
     t0 = time.monotonic()
-    proc = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh"), "--smoke", "--work", str(tmp_path / "work")],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        ["bash", str(REPO / "benchmarks" / "gpu_check.sh"), "--smoke", "--work", str(tmp_path / "work")],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     wall = time.monotonic() - t0
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert sorted(p.name for p in out.iterdir()) == ["gpu_check.json", "gpu_check.log", "gpu_check.md"]
     report = json.loads((out / "gpu_check.json").read_text())
     sec = report["sections"]
     assert list(sec) == list(gc.SMOKE_SECTIONS)
-    assert {k: v["status"] for k, v in sec.items()} == {k: "ok" for k in gc.SMOKE_SECTIONS}, \
-        {k: v.get("error") for k, v in sec.items() if v["status"] != "ok"}
+    assert {k: v["status"] for k, v in sec.items()} == {k: "ok" for k in gc.SMOKE_SECTIONS}, {
+        k: v.get("error") for k, v in sec.items() if v["status"] != "ok"
+    }
     assert report["meta"]["wall_s"] <= report["meta"]["budget_s"] + 30 and wall < 900
 
     rows = sec["steps"]["rows"]
     assert set(rows) == {label for label in rows} and len(rows) == 8
     for label, r in rows.items():
         assert r["finite"] and r["images_per_s"] > 0, label
-        assert all(dt == "torch.float32" for k, dt in r["term_dtypes"].items() if k != "logits"), (label, r["term_dtypes"])
+        assert all(dt == "torch.float32" for k, dt in r["term_dtypes"].items() if k != "logits"), (
+            label,
+            r["term_dtypes"],
+        )
     assert rows["W1A1 ITRD, tau without host sync (diagnostic)"]["quantisers_patched"] == 16
     assert set(rows["W1A1 ITRD (stage2)"]["terms_last"]) == {"ce", "itrd_corr", "itrd_mi", "loss"}
     assert set(sec["steps"]["eval_images_per_s"]) == {"W1A1 student", "FP teacher"}
@@ -67,7 +77,9 @@ def test_smoke_run_through_the_wrapper(tmp_path):
     tr = sec["torchrun"]["variants"]["nccl_ddp"]
     assert tr["passed"], tr
     assert "backend=gloo" in tr["first"]["process_group"][0]
-    assert tr["first"]["rc"] not in (0, None) and tr["first"]["interrupted_line"].startswith("interrupted: stopped by SIGTERM")
+    assert tr["first"]["rc"] not in (0, None) and tr["first"]["interrupted_line"].startswith(
+        "interrupted: stopped by SIGTERM"
+    )
     assert tr["resume"]["rc"] == 0 and tr["resume"]["epochs_logged"] == {"teacher": [1], "stage1": [1], "stage2": [1]}
 
     ex = sec["export"]
@@ -134,35 +146,100 @@ def test_the_budget_skips_sections_it_cannot_fit(tmp_path):
 
 def _gpu_like_results():
     """Results shaped as the CUDA run writes them (numbers invented), for the report code."""
-    row = lambda ms, syncs=None, **kw: {"median_ms": ms, "images_per_s": 256 / (ms / 1000), "finite": True,
-                                        "term_dtypes": {"ce": "torch.float32", "loss": "torch.float32", "logits": "torch.bfloat16"},
-                                        "feature_dtype": "torch.bfloat16", "step_transient_mib": 900.0, "static_mib": 180.0,
-                                        "syncs_per_step": syncs, "loss_first": 3.0, "loss_last": 2.0, **kw}
+    row = lambda ms, syncs=None, **kw: {
+        "median_ms": ms,
+        "images_per_s": 256 / (ms / 1000),
+        "finite": True,
+        "term_dtypes": {"ce": "torch.float32", "loss": "torch.float32", "logits": "torch.bfloat16"},
+        "feature_dtype": "torch.bfloat16",
+        "step_transient_mib": 900.0,
+        "static_mib": 180.0,
+        "syncs_per_step": syncs,
+        "loss_first": 3.0,
+        "loss_last": 2.0,
+        **kw,
+    }
     return {
-        "env": {"status": "ok", "gpu": "NVIDIA H200", "gpu_memory_gib": 139.8, "capability": "9.0", "bf16_supported": True},
-        "steps": {"status": "ok", "batch": 256, "amp_dtype": "torch.bfloat16", "device": "cuda", "rounds": 12, "steps_per_round": 5,
-                  "rows": {"teacher FP, CE (teacher stage)": row(10.0),
-                           "W32A1 ITRD (stage1)": row(20.0),
-                           "W1A1 ITRD (stage2)": row(25.0, {"count": 17, "sources": {"quant.py:138": 16, "gpu_check.py:1": 1}}),
-                           "FP student, ITRD (same network and loss in FP)": row(12.0),
-                           "W1A1 ITRD, tau without host sync (diagnostic)": row(20.0, {"count": 1, "sources": {}})},
-                  "eval_images_per_s": {"W1A1 student": 40000.0, "FP teacher": 60000.0}},
-        "itrd_run": {"status": "ok", "summary_stages": [{"name": "stage2", "images_per_s": 5000.0}],
-                     "metrics": {"stage2": {"quant": "W1A1", "terms_expected": ["ce", "loss"], "every_term_logged": True,
-                                            "finite": True, "loss_first": 3.0, "loss_last": 3.5, "loss_down": False,
-                                            "epochs": [{"epoch": 1, "ce": 3.0, "loss": 3.0}]}}},
-        "torchrun": {"status": "ok", "variants": {
-            "nccl_ddp": {"passed": True, "sigterm_after_s": 3.0, "first": {"rc": 1, "process_group": ["GPU_CHECK_SHIM backend=nccl"]},
-                         "resume": {"rc": 0, "epochs_logged": {"teacher": [1]}}},
-            "cli": {"passed": False, "first": {"rc": 1, "process_group": []}, "resume": {"rc": 2}}}},
-        "export": {"status": "error", "command": "bnn-distill export x", "rc": 2, "parity_passed": False,
-                   "checkpoint_plain_load_without_map_location": "RuntimeError: Attempting to deserialize object on a CUDA device",
-                   "failed_images_probe": {"batch": 256, "atol": 0.003, "batch_dependent": True,
-                                           "images": [{"image": 14, "torch_batch_vs_alone": 0.29, "onnx_vs_torch_alone": 0.0}]}},
-        "compile": {"status": "ok", "backend": "inductor", "models": {
-            "W1A1": {"status": "ok", "first_step_s": 60.0, "eager_ms": 25.0, "compiled_ms": 12.5, "speedup": 2.0,
-                     "compiled_images_per_s": 20480.0, "graph_breaks": {"Tensor.item()": 36}},
-            "FP": {"status": "error", "error": {"type": "BackendCompilerFailed", "message": "boom", "where": []}}}},
+        "env": {
+            "status": "ok",
+            "gpu": "NVIDIA H200",
+            "gpu_memory_gib": 139.8,
+            "capability": "9.0",
+            "bf16_supported": True,
+        },
+        "steps": {
+            "status": "ok",
+            "batch": 256,
+            "amp_dtype": "torch.bfloat16",
+            "device": "cuda",
+            "rounds": 12,
+            "steps_per_round": 5,
+            "rows": {
+                "teacher FP, CE (teacher stage)": row(10.0),
+                "W32A1 ITRD (stage1)": row(20.0),
+                "W1A1 ITRD (stage2)": row(25.0, {"count": 17, "sources": {"quant.py:138": 16, "gpu_check.py:1": 1}}),
+                "FP student, ITRD (same network and loss in FP)": row(12.0),
+                "W1A1 ITRD, tau without host sync (diagnostic)": row(20.0, {"count": 1, "sources": {}}),
+            },
+            "eval_images_per_s": {"W1A1 student": 40000.0, "FP teacher": 60000.0},
+        },
+        "itrd_run": {
+            "status": "ok",
+            "summary_stages": [{"name": "stage2", "images_per_s": 5000.0}],
+            "metrics": {
+                "stage2": {
+                    "quant": "W1A1",
+                    "terms_expected": ["ce", "loss"],
+                    "every_term_logged": True,
+                    "finite": True,
+                    "loss_first": 3.0,
+                    "loss_last": 3.5,
+                    "loss_down": False,
+                    "epochs": [{"epoch": 1, "ce": 3.0, "loss": 3.0}],
+                }
+            },
+        },
+        "torchrun": {
+            "status": "ok",
+            "variants": {
+                "nccl_ddp": {
+                    "passed": True,
+                    "sigterm_after_s": 3.0,
+                    "first": {"rc": 1, "process_group": ["GPU_CHECK_SHIM backend=nccl"]},
+                    "resume": {"rc": 0, "epochs_logged": {"teacher": [1]}},
+                },
+                "cli": {"passed": False, "first": {"rc": 1, "process_group": []}, "resume": {"rc": 2}},
+            },
+        },
+        "export": {
+            "status": "error",
+            "command": "bnn-distill export x",
+            "rc": 2,
+            "parity_passed": False,
+            "checkpoint_plain_load_without_map_location": "RuntimeError: Attempting to deserialize object on a CUDA device",
+            "failed_images_probe": {
+                "batch": 256,
+                "atol": 0.003,
+                "batch_dependent": True,
+                "images": [{"image": 14, "torch_batch_vs_alone": 0.29, "onnx_vs_torch_alone": 0.0}],
+            },
+        },
+        "compile": {
+            "status": "ok",
+            "backend": "inductor",
+            "models": {
+                "W1A1": {
+                    "status": "ok",
+                    "first_step_s": 60.0,
+                    "eager_ms": 25.0,
+                    "compiled_ms": 12.5,
+                    "speedup": 2.0,
+                    "compiled_images_per_s": 20480.0,
+                    "graph_breaks": {"Tensor.item()": 36},
+                },
+                "FP": {"status": "error", "error": {"type": "BackendCompilerFailed", "message": "boom", "where": []}},
+            },
+        },
     }
 
 
@@ -182,8 +259,20 @@ def test_estimate_findings_and_report_from_gpu_shaped_results():
     assert "ISSUE bnn_distill/export.py check_parity" in text
     assert "OK checkpoints written on CUDA hold CUDA tensors" in text
     assert "NOTE torch.compile of the FP student failed: BackendCompilerFailed" in text
-    report = {"meta": {"smoke": False, "started": "now", "wall_s": 400.0, "budget_s": 450.0, "device": "cuda", "width_mult": 1.0,
-                       "sections": list(res)}, "sections": res, "estimate": est, "findings": f}
+    report = {
+        "meta": {
+            "smoke": False,
+            "started": "now",
+            "wall_s": 400.0,
+            "budget_s": 450.0,
+            "device": "cuda",
+            "width_mult": 1.0,
+            "sections": list(res),
+        },
+        "sections": res,
+        "estimate": est,
+        "findings": f,
+    }
     md = gc.render_md(report)
     assert "GPU: **NVIDIA H200**" in md and "| W1A1 ITRD (stage2) | 25.00 | 10240 |" in md
     assert "| W1A1 | ok | 60.0 | 25.00 | 12.50 | 2.000 |" in md and "error: BackendCompilerFailed: boom" in md
@@ -193,9 +282,27 @@ def test_estimate_findings_and_report_from_gpu_shaped_results():
 def test_compile_section_on_cpu_with_the_eager_backend(tmp_path):
     """Dynamo traces the Brevitas student (graph breaks recorded); about a minute on 2 cores."""
     out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--sections", "compile", "--out", str(out),
-                           "--work", str(tmp_path / "work")], cwd=REPO, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(SCRIPT),
+            "--smoke",
+            "--sections",
+            "compile",
+            "--out",
+            str(out),
+            "--work",
+            str(tmp_path / "work"),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     m = json.loads((out / "gpu_check.json").read_text())["sections"]["compile"]["models"]["W1A1"]
-    assert m["status"] == "ok" and m["compiled_ms"] > 0 and m["first_step_loss"]["compiled"] == pytest.approx(
-        m["first_step_loss"]["eager"], rel=1e-4)
+    assert (
+        m["status"] == "ok"
+        and m["compiled_ms"] > 0
+        and m["first_step_loss"]["compiled"] == pytest.approx(m["first_step_loss"]["eager"], rel=1e-4)
+    )

@@ -23,16 +23,49 @@ def _grid():
 def _recipe_args(tmp_path):
     import argparse
 
-    return argparse.Namespace(dataset="fmnist_subset", root=None, arch="cifar_resnet20", width_mult=1.0,
-                              limit_train=None, limit_test=None, runs=str(tmp_path), batch_size=128, lr=2e-3,
-                              teacher_epochs=3, stage_epochs=4, regime="teacher_init", warmup_epochs=1.0,
-                              val_size=500, out=str(tmp_path / "grid"))
+    return argparse.Namespace(
+        dataset="fmnist_subset",
+        root=None,
+        arch="cifar_resnet20",
+        width_mult=1.0,
+        limit_train=None,
+        limit_test=None,
+        runs=str(tmp_path),
+        batch_size=128,
+        lr=2e-3,
+        teacher_epochs=3,
+        stage_epochs=4,
+        regime="teacher_init",
+        warmup_epochs=1.0,
+        val_size=500,
+        out=str(tmp_path / "grid"),
+    )
 
 
 def _args(grid, tmp_path, *extra):
-    return ["--dataset", "synthetic", "--limit-train", "64", "--limit-test", "32", "--width-mult", "0.25",
-            "--teacher-epochs", "1", "--stage-epochs", "1", "--batch-size", "16", "--seeds", "0",
-            "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "grid"), *extra]
+    return [
+        "--dataset",
+        "synthetic",
+        "--limit-train",
+        "64",
+        "--limit-test",
+        "32",
+        "--width-mult",
+        "0.25",
+        "--teacher-epochs",
+        "1",
+        "--stage-epochs",
+        "1",
+        "--batch-size",
+        "16",
+        "--seeds",
+        "0",
+        "--runs",
+        str(tmp_path / "runs"),
+        "--out",
+        str(tmp_path / "grid"),
+        *extra,
+    ]
 
 
 def test_every_row_is_a_valid_recipe_with_the_same_budget(tmp_path):
@@ -67,8 +100,12 @@ def test_scratch_rows_start_from_random_weights_with_the_papers_optimiser(tmp_pa
         assert r.data.val_size == 500 and r.data.limit_train == 2000 and r.data.val_seed == 0
         assert r.stages[0].init_from is None and sum(st.epochs for st in r.stages) == 8
         for st in r.stages:
-            assert (st.optimizer.name, st.optimizer.lr, st.optimizer.momentum, st.optimizer.weight_decay) == \
-                ("sgd", 0.1, 0.9, 5e-4)
+            assert (st.optimizer.name, st.optimizer.lr, st.optimizer.momentum, st.optimizer.weight_decay) == (
+                "sgd",
+                0.1,
+                0.9,
+                5e-4,
+            )
             assert st.schedule.name == "cosine" and st.schedule.warmup_epochs == 1.0
         if row != "itrd_single":
             assert [st.init_from for st in r.stages] == [None, "stage1"]
@@ -123,8 +160,15 @@ def test_step_cost_is_measured_side_by_side_and_cached(tmp_path):
     import argparse
 
     grid = _grid()
-    args = argparse.Namespace(dataset="synthetic", root=None, arch="cifar_resnet20", width_mult=0.25, batch_size=8,
-                              runs=str(tmp_path), remeasure_cost=False)
+    args = argparse.Namespace(
+        dataset="synthetic",
+        root=None,
+        arch="cifar_resnet20",
+        width_mult=0.25,
+        batch_size=8,
+        runs=str(tmp_path),
+        remeasure_cost=False,
+    )
     cost = grid.step_cost(args, rounds=2, warmup=1)
     assert set(cost["images_per_s"]) == set(grid.METHODS) and cost["vs_ce"]["ce"] == 1.0
     assert all(v > 0 for v in cost["images_per_s"].values())

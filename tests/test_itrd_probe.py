@@ -67,7 +67,7 @@ def test_probe_of_the_teacher_against_itself():
     assert m["top1"] == 100.0 and m["agree"] == 100.0
     assert m["kd"] == pytest.approx(0.0, abs=1e-5)
     # L_gram of a feature with itself is not 0: with G the cosine Gram of a batch, (1/n^2) sum(G^2 - G^4)
-    g = [torch.nn.functional.normalize(feat[i:i + 16], dim=1) for i in range(0, 64, 16)]
+    g = [torch.nn.functional.normalize(feat[i : i + 16], dim=1) for i in range(0, 64, 16)]
     g = [z @ z.t() for z in g]
     assert m["L_gram"] == pytest.approx(sum(float((x.pow(2) - x.pow(4)).sum()) / 256 for x in g) / 4, rel=1e-5)
     assert m["cka"] == pytest.approx(1.0, abs=1e-6)
@@ -97,15 +97,63 @@ def test_probe_runs_on_a_finished_grid(tmp_path):
     grid = importlib.util.module_from_spec(grid_spec)
     grid_spec.loader.exec_module(grid)
     runs = tmp_path / "runs"
-    assert grid.main(["--dataset", "synthetic", "--limit-train", "64", "--limit-test", "32", "--width-mult", "0.25",
-                      "--teacher-epochs", "1", "--stage-epochs", "1", "--batch-size", "16", "--seeds", "0",
-                      "--runs", str(runs), "--out", str(tmp_path / "grid"), "--rows", "ce", "itrd", "--no-cost"]) == 0
+    assert (
+        grid.main(
+            [
+                "--dataset",
+                "synthetic",
+                "--limit-train",
+                "64",
+                "--limit-test",
+                "32",
+                "--width-mult",
+                "0.25",
+                "--teacher-epochs",
+                "1",
+                "--stage-epochs",
+                "1",
+                "--batch-size",
+                "16",
+                "--seeds",
+                "0",
+                "--runs",
+                str(runs),
+                "--out",
+                str(tmp_path / "grid"),
+                "--rows",
+                "ce",
+                "itrd",
+                "--no-cost",
+            ]
+        )
+        == 0
+    )
     p = _probe()
-    assert p.main(["--runs", str(runs), "--dataset", "synthetic", "--limit-test", "32", "--batch-size", "16",
-                   "--out", str(tmp_path / "probe")]) == 0
+    assert (
+        p.main(
+            [
+                "--runs",
+                str(runs),
+                "--dataset",
+                "synthetic",
+                "--limit-test",
+                "32",
+                "--batch-size",
+                "16",
+                "--out",
+                str(tmp_path / "probe"),
+            ]
+        )
+        == 0
+    )
     out = json.loads((tmp_path / "probe.json").read_text())
-    assert set(out["rows"]) == {"teacher weights binarised, untrained (W1A1)", "ce / stage1 (W32A1)", "ce / stage2 (W1A1)",
-                                "itrd / stage1 (W32A1)", "itrd / stage2 (W1A1)"}
+    assert set(out["rows"]) == {
+        "teacher weights binarised, untrained (W1A1)",
+        "ce / stage1 (W32A1)",
+        "ce / stage2 (W1A1)",
+        "itrd / stage1 (W32A1)",
+        "itrd / stage2 (W1A1)",
+    }
     assert out["rows"]["ce / stage2 (W1A1)"]["n"] == 1 and out["test_images"] == 32
     (pair,) = out["paired_vs_itrd"]["ce"]
     assert pair["seed"] == 0 and 0 <= pair["only_row"] <= 32 and 0.0 <= pair["p"] <= 1.0

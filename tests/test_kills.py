@@ -78,9 +78,13 @@ def _in_progress(run: Path) -> str:
 def _start(path: Path, resume: bool) -> subprocess.Popen:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env.pop("RANK", None)
-    return subprocess.Popen([sys.executable, "-m", "bnn_distill", "train", str(path), "--no-progress",
-                             *(["--resume"] if resume else [])],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    return subprocess.Popen(
+        [sys.executable, "-m", "bnn_distill", "train", str(path), "--no-progress", *(["--resume"] if resume else [])],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
 
 
 def _kill_at(proc: subprocess.Popen, run: Path, stage: str, delay: float, timeout: float = 900.0) -> Optional[str]:

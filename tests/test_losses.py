@@ -10,8 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from bnn_distill.errors import RecipeError
-from bnn_distill.losses import (LOSSES, Criterion, LossInputs, Term, itrd_correlation,
-                                itrd_mutual_information, kd_loss)
+from bnn_distill.losses import LOSSES, Criterion, LossInputs, Term, itrd_correlation, itrd_mutual_information, kd_loss
 
 
 def _t(rows) -> torch.Tensor:
@@ -38,11 +37,14 @@ HAND_ZT = [[0.0, 1.0], [0.0, 2.0], [3.0, 3.0]]
 HAND_V = (1 / math.sqrt(3), -2 / 3)
 
 
-@pytest.mark.parametrize("alpha, expected", [
-    (1.0, math.log2(37 / 9 - 2 / math.sqrt(3))),
-    (1.5, math.log2(4.7051287)),
-    (1.01, math.log2(sum(abs(v - 1) ** 2.02 for v in HAND_V))),
-])
+@pytest.mark.parametrize(
+    "alpha, expected",
+    [
+        (1.0, math.log2(37 / 9 - 2 / math.sqrt(3))),
+        (1.5, math.log2(4.7051287)),
+        (1.01, math.log2(sum(abs(v - 1) ** 2.02 for v in HAND_V))),
+    ],
+)
 def test_correlation_hand_example(alpha, expected):
     got = itrd_correlation(_t(HAND_ZS), _t(HAND_ZT), alpha=alpha, eps=0.0)
     assert got.item() == pytest.approx(expected, abs=1e-5)
@@ -120,6 +122,7 @@ def test_correlation_rejects_shape_mismatch():
 
 # --------------------------------------------------------------------------- mutual information
 
+
 def _gram_closed_form(z_s: torch.Tensor, z_t: torch.Tensor) -> float:
     """(1/n^2) sum_ij G_s^2 (1 - G_t^2), written with explicit loops over cosines in float64."""
     zs, zt = z_s.double(), z_t.double()
@@ -130,7 +133,7 @@ def _gram_closed_form(z_s: torch.Tensor, z_t: torch.Tensor) -> float:
             cs = float(zs[i] @ zs[j]) / float(zs[i].norm() * zs[j].norm())
             ct = float(zt[i] @ zt[j]) / float(zt[i].norm() * zt[j].norm())
             total += cs * cs * (1 - ct * ct)
-    return total / n ** 2
+    return total / n**2
 
 
 def test_gram_hand_example_2x2():
@@ -145,8 +148,7 @@ def test_gram_hand_example_3x2():
     # Student rows [1,0], [0,1], [1,1]: off-diagonal cosines (0,1)=0, (0,2)=(1,2)=1/sqrt2.
     # Teacher rows [1,0], [1,0], [0,1]: off-diagonal cosines (0,1)=1, (0,2)=(1,2)=0.
     # ||A||^2 = (3 + 2*(0 + 1/2 + 1/2)) / 9 = 5/9;  G_st = I so ||B||^2 = 3/9;  L = 2/9.
-    got = itrd_mutual_information(_t([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]),
-                                  _t([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]]))
+    got = itrd_mutual_information(_t([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]), _t([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]]))
     assert got.item() == pytest.approx(2 / 9, abs=1e-6)
 
 
@@ -195,7 +197,7 @@ def test_gram_positive_when_teacher_separates_what_student_merges():
     n = 4
     z_s = torch.ones(n, 3)
     z_t = torch.eye(n)
-    assert itrd_mutual_information(z_s, z_t).item() == pytest.approx((n * n - n) / n ** 2, abs=1e-6)
+    assert itrd_mutual_information(z_s, z_t).item() == pytest.approx((n * n - n) / n**2, abs=1e-6)
 
 
 def test_gram_invariances():
@@ -217,6 +219,7 @@ def test_gram_rejects_batch_mismatch():
 
 
 # --------------------------------------------------------------------------- KD
+
 
 def test_kd_hand_example():
     # T = 4, teacher logits [4 ln3, 0] -> p_t = softmax([ln3, 0]) = [3/4, 1/4]; student [0, 0] ->
@@ -241,6 +244,7 @@ def test_kd_zero_for_equal_logits_and_positive_otherwise():
 
 # --------------------------------------------------------------------------- Criterion
 
+
 def _inputs(n=8, d_s=6, d_t=6, classes=5, seed=0, dtype=torch.float32):
     g = torch.Generator().manual_seed(seed)
     return LossInputs(
@@ -252,8 +256,12 @@ def _inputs(n=8, d_s=6, d_t=6, classes=5, seed=0, dtype=torch.float32):
     )
 
 
-ALL_TERMS = [Term("ce", 1.0, {}), Term("kd", 0.5, {"temperature": 2.0}),
-             Term("itrd_corr", 2.0, {"alpha": 1.5}), Term("itrd_mi", 0.25, {})]
+ALL_TERMS = [
+    Term("ce", 1.0, {}),
+    Term("kd", 0.5, {"temperature": 2.0}),
+    Term("itrd_corr", 2.0, {"alpha": 1.5}),
+    Term("itrd_mi", 0.25, {}),
+]
 
 
 def test_registry_names():
@@ -295,8 +303,7 @@ def test_itrd_mi_uses_embed_only_when_dims_differ():
     same = Criterion([Term("itrd_mi", 1.0, {})], student_dim=6, teacher_dim=6)
     x = _inputs(d_s=6, d_t=6)
     out = same(x)
-    assert out["itrd_mi"].item() == pytest.approx(
-        itrd_mutual_information(x.feat, x.teacher_feat).item(), abs=1e-6)
+    assert out["itrd_mi"].item() == pytest.approx(itrd_mutual_information(x.feat, x.teacher_feat).item(), abs=1e-6)
     out["loss"].backward()
     assert same.embed.weight.grad is None and same.embed.bias.grad is None
     assert x.feat.grad is not None
@@ -365,6 +372,9 @@ def test_itrd_criterion_has_the_paper_weights():
     z_s, z_t = torch.randn(8, 6), torch.randn(8, 4)
     out = crit(LossInputs(logits, labels, None, z_s, z_t))
     proj = crit.embed(z_s)
-    expected = (torch.nn.functional.cross_entropy(logits, labels) + 2.0 * itrd_correlation(proj, z_t)
-                + itrd_mutual_information(proj, z_t))
+    expected = (
+        torch.nn.functional.cross_entropy(logits, labels)
+        + 2.0 * itrd_correlation(proj, z_t)
+        + itrd_mutual_information(proj, z_t)
+    )
     assert torch.allclose(out["loss"], expected)

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import re
 
+import brevitas.nn as qnn
 import pytest
 import torch
 import torch.nn as nn
 import torchvision
-
-import brevitas.nn as qnn
 
 from bnn_distill.errors import RecipeError
 from bnn_distill.models import MODELS, BasicBlock, PadShortcut, ResNet, create_model
@@ -73,8 +72,12 @@ def test_quantisation_only_in_body_convs(name, mode):
             assert layer_bits(m) in (None, (32, 32)), mname
         elif _is_brevitas(m):
             # only the quantisers' own submodules live under a body conv
-            assert BODY_CONV.match(mname.split(".weight_quant")[0].split(".input_quant")[0]
-                                   .split(".output_quant")[0].split(".bias_quant")[0]), mname
+            assert BODY_CONV.match(
+                mname.split(".weight_quant")[0]
+                .split(".input_quant")[0]
+                .split(".output_quant")[0]
+                .split(".bias_quant")[0]
+            ), mname
     assert n_body == 2 * sum(MODELS[name].blocks)
     assert type(model.conv1) is nn.Conv2d and type(model.fc) is nn.Linear
     assert all(m.bias is None for m in model.modules() if isinstance(m, nn.Conv2d))
@@ -93,9 +96,12 @@ def test_state_dict_keys_across_modes(name):
         extra = w1 - fp
         assert all(is_quant_param(k) for k in extra)
         assert not any(is_quant_param(k) for k in fp)
-        expected = {f"{conv}.weight_quant.tensor_quant.{p}"
-                    for conv, _ in fp_model.named_modules() if BODY_CONV.match(conv)
-                    for p in per_conv}
+        expected = {
+            f"{conv}.weight_quant.tensor_quant.{p}"
+            for conv, _ in fp_model.named_modules()
+            if BODY_CONV.match(conv)
+            for p in per_conv
+        }
         assert extra == expected
 
 
@@ -128,14 +134,15 @@ def test_torchvision_state_dict_loads_and_matches(name):
 
 # --------------------------------------------------------------------------- blocks and shortcuts
 
+
 def test_pad_shortcut_stride2_hand_values():
     x = torch.arange(32, dtype=torch.float32).view(1, 2, 4, 4)
     y = PadShortcut(2, 3, stride=2)(x)
     # channel 0 = [[0..3], [4..7], [8..11], [12..15]]: 2x2 means (0+1+4+5)/4 = 2.5, (2+3+6+7)/4 = 4.5,
     # (8+9+12+13)/4 = 10.5, (10+11+14+15)/4 = 12.5; channel 1 is channel 0 + 16; channel 2 appended zeros.
-    expected = torch.tensor([[[2.5, 4.5], [10.5, 12.5]],
-                             [[18.5, 20.5], [26.5, 28.5]],
-                             [[0.0, 0.0], [0.0, 0.0]]]).unsqueeze(0)
+    expected = torch.tensor(
+        [[[2.5, 4.5], [10.5, 12.5]], [[18.5, 20.5], [26.5, 28.5]], [[0.0, 0.0], [0.0, 0.0]]]
+    ).unsqueeze(0)
     assert torch.equal(y, expected)
 
 
@@ -188,8 +195,9 @@ def test_conv_shortcut_builds_downsample():
     assert p.layer2[0].downsample is None and isinstance(p.layer2[0].shortcut, PadShortcut)
 
 
-@pytest.mark.parametrize("mult, widths", [(1.0, (16, 32, 64)), (2.0, (32, 64, 128)), (0.5, (8, 16, 32)),
-                                          (0.3, (5, 10, 19))])  # rounded: 4.8, 9.6, 19.2
+@pytest.mark.parametrize(
+    "mult, widths", [(1.0, (16, 32, 64)), (2.0, (32, 64, 128)), (0.5, (8, 16, 32)), (0.3, (5, 10, 19))]
+)  # rounded: 4.8, 9.6, 19.2
 def test_width_mult(mult, widths):
     m = create_model("cifar_resnet20", 10, width_mult=mult)
     got = tuple(getattr(m, s)[-1].conv2.out_channels for s in m.stage_names)

@@ -12,7 +12,9 @@ import onnx
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import tiny_recipe_dict
 from onnx import TensorProto, helper, numpy_helper
+from test_export import _randomize
 
 from bnn_distill import native
 from bnn_distill.cli import main
@@ -20,9 +22,6 @@ from bnn_distill.export import check_parity, lower, optimized_op_counts, ort_ses
 from bnn_distill.models import create_model
 from bnn_distill.recipe import recipe_from_dict
 from bnn_distill.train import run_recipe
-
-from conftest import tiny_recipe_dict
-from test_export import _randomize
 
 
 @pytest.fixture(scope="session")
@@ -82,15 +81,31 @@ def _op_model(shape, q, stride, scale, shift, residual=False, act=None, pooled=F
     b, c, h, w = shape
     n, _, k, _ = q.shape
     pad = k // 2
-    inits = [numpy_helper.from_array(native.pack_weights(q), "w"),
-             numpy_helper.from_array(native.border_corrections(q, pad), "corr"),
-             numpy_helper.from_array(scale.astype(np.float32), "scale"),
-             numpy_helper.from_array(shift.astype(np.float32), "shift")]
+    inits = [
+        numpy_helper.from_array(native.pack_weights(q), "w"),
+        numpy_helper.from_array(native.border_corrections(q, pad), "corr"),
+        numpy_helper.from_array(scale.astype(np.float32), "scale"),
+        numpy_helper.from_array(shift.astype(np.float32), "shift"),
+    ]
     ins = ["x", "w", "corr", "scale", "shift"] + (["r"] if residual else [])
     lo, hi = act if act else (0.0, 0.0)
-    node = helper.make_node(native.OP, ins, ["y"], domain=native.DOMAIN, in_h=h, in_w=w, in_c=c, out_c=n, kernel=k,
-                            stride=stride, pad=pad, act=int(act is not None), act_min=lo, act_max=hi,
-                            residual=int(pooled))
+    node = helper.make_node(
+        native.OP,
+        ins,
+        ["y"],
+        domain=native.DOMAIN,
+        in_h=h,
+        in_w=w,
+        in_c=c,
+        out_c=n,
+        kernel=k,
+        stride=stride,
+        pad=pad,
+        act=int(act is not None),
+        act_min=lo,
+        act_max=hi,
+        residual=int(pooled),
+    )
     graph_in = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", h * w, c])]
     if residual:
         graph_in.append(helper.make_tensor_value_info("r", TensorProto.FLOAT, None))
@@ -106,19 +121,33 @@ def _bits_models(shape, q, stride, thresholds):
     n, _, k, _ = q.shape
     pad = k // 2
     common = dict(domain=native.DOMAIN, in_h=h, in_w=w, in_c=c, out_c=n, kernel=k, stride=stride, pad=pad)
-    w_init = [numpy_helper.from_array(native.pack_weights(q), "w"),
-              numpy_helper.from_array(native.border_corrections(q, pad), "corr")]
+    w_init = [
+        numpy_helper.from_array(native.pack_weights(q), "w"),
+        numpy_helper.from_array(native.border_corrections(q, pad), "corr"),
+    ]
     models = []
     for op, extra, x_type, y_type in (
-            (native.OP_TO_BITS, [numpy_helper.from_array(thresholds, "t")], TensorProto.FLOAT, TensorProto.UINT64),
-            (native.OP_FROM_BITS, [numpy_helper.from_array(np.ones(n, np.float32), "scale"),
-                                   numpy_helper.from_array(np.zeros(n, np.float32), "shift")], TensorProto.UINT64,
-             TensorProto.FLOAT)):
+        (native.OP_TO_BITS, [numpy_helper.from_array(thresholds, "t")], TensorProto.FLOAT, TensorProto.UINT64),
+        (
+            native.OP_FROM_BITS,
+            [
+                numpy_helper.from_array(np.ones(n, np.float32), "scale"),
+                numpy_helper.from_array(np.zeros(n, np.float32), "shift"),
+            ],
+            TensorProto.UINT64,
+            TensorProto.FLOAT,
+        ),
+    ):
         ins = ["x", "w", "corr"] + [t.name for t in extra]
         attrs = common if op == native.OP_TO_BITS else dict(common, act=0, act_min=0.0, act_max=0.0)
         node = helper.make_node(op, ins, ["y"], **attrs)
-        g = helper.make_graph([node], "op", [helper.make_tensor_value_info("x", x_type, None)],
-                              [helper.make_tensor_value_info("y", y_type, None)], w_init + extra)
+        g = helper.make_graph(
+            [node],
+            "op",
+            [helper.make_tensor_value_info("x", x_type, None)],
+            [helper.make_tensor_value_info("y", y_type, None)],
+            w_init + extra,
+        )
         m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(native.DOMAIN, 1)])
         m.ir_version = 8
         models.append(m)
@@ -163,8 +192,9 @@ def test_op_equals_float_conv_of_signs(native_lib, monkeypatch, isa, shape):
     scale = rng.uniform(-2, 2, n).astype(np.float32)
     shift = rng.uniform(-3, 3, n).astype(np.float32)
     r = rng.standard_normal((b, ho * wo, n)).astype(np.float32)
-    sess = ort_session(_op_model(x.shape, q, s, scale, shift, residual=True, act=(-1.0, 1.0)), threads=1,
-                       native_lib=native_lib)
+    sess = ort_session(
+        _op_model(x.shape, q, s, scale, shift, residual=True, act=(-1.0, 1.0)), threads=1, native_lib=native_lib
+    )
     got = sess.run(None, {"x": flat, "r": r})[0]
     d = dot.transpose(0, 2, 3, 1).reshape(b, ho * wo, n)
     want = np.clip(d * scale + shift + r, np.float32(-1), np.float32(1))
@@ -189,15 +219,22 @@ def test_op_equals_float_conv_of_signs(native_lib, monkeypatch, isa, shape):
         from bnn_distill.models import PadShortcut
 
         sc = PadShortcut(c, n, s)(torch.from_numpy(x)).numpy()  # (b, n, ho, wo)
-        sess = ort_session(_op_model(x.shape, q, s, scale, shift, residual=True, act=(-1.0, 1.0), pooled=True),
-                           threads=2, native_lib=native_lib)
+        sess = ort_session(
+            _op_model(x.shape, q, s, scale, shift, residual=True, act=(-1.0, 1.0), pooled=True),
+            threads=2,
+            native_lib=native_lib,
+        )
         got = sess.run(None, {"x": flat, "r": flat})[0]
-        want = np.clip(d * scale + shift + sc.transpose(0, 2, 3, 1).reshape(b, ho * wo, n), np.float32(-1), np.float32(1))
+        want = np.clip(
+            d * scale + shift + sc.transpose(0, 2, 3, 1).reshape(b, ho * wo, n), np.float32(-1), np.float32(1)
+        )
         np.testing.assert_array_equal(got, want)
 
 
 def test_every_kernel_family_gives_the_same_network_output(native_lib, monkeypatch):
-    model = _randomize(create_model("cifar_resnet18", 10, quant="W1A1", width_mult=0.25, weight_scale="learned", recu=True))
+    model = _randomize(
+        create_model("cifar_resnet18", 10, quant="W1A1", width_mult=0.25, weight_scale="learned", recu=True)
+    )
     proto, _ = lower(model, (3, 20, 20), native=True)
     x = parity_inputs((3, 20, 20), n=3).numpy()
     outs = {}
@@ -228,17 +265,23 @@ def test_op_rejects_a_mismatched_input(native_lib):
 # ---------------------------------------------------------------- whole networks against PyTorch
 
 
-@pytest.mark.parametrize("kw,ops", [
-    (dict(), {native.OP: 18}),  # Bi-Real blocks, hardtanh fused, avg-pool + zero-pad shortcuts
-    # He et al. blocks: conv1's BatchNorm, activation and the next sign fold into integer thresholds
-    (dict(bireal=False, shortcut="conv", act="relu"), {native.OP_TO_BITS: 9, native.OP_FROM_BITS: 9}),
-    (dict(bireal=False, shortcut="conv", act="hardtanh"), {native.OP_TO_BITS: 9, native.OP_FROM_BITS: 9}),
-    (dict(act="prelu", head_norm=False), {native.OP: 18}),  # an activation the op does not fuse: it runs after
-])
+@pytest.mark.parametrize(
+    "kw,ops",
+    [
+        (dict(), {native.OP: 18}),  # Bi-Real blocks, hardtanh fused, avg-pool + zero-pad shortcuts
+        # He et al. blocks: conv1's BatchNorm, activation and the next sign fold into integer thresholds
+        (dict(bireal=False, shortcut="conv", act="relu"), {native.OP_TO_BITS: 9, native.OP_FROM_BITS: 9}),
+        (dict(bireal=False, shortcut="conv", act="hardtanh"), {native.OP_TO_BITS: 9, native.OP_FROM_BITS: 9}),
+        (dict(act="prelu", head_norm=False), {native.OP: 18}),  # an activation the op does not fuse: it runs after
+    ],
+)
 def test_native_parity_random_weights(native_lib, kw, ops):
     # width 0.3: 5, 10 and 19 channels; 28 -> 14 -> 7 (odd) maps
-    model = _randomize(create_model("cifar_resnet20", 10, in_chans=1, quant="W1A1", width_mult=0.3,
-                                    weight_scale="learned", recu=True, **kw))
+    model = _randomize(
+        create_model(
+            "cifar_resnet20", 10, in_chans=1, quant="W1A1", width_mult=0.3, weight_scale="learned", recu=True, **kw
+        )
+    )
     proto, probes = lower(model, (1, 28, 28), native=True)
     onnx.checker.check_model(proto, full_check=True)
     got = {}
@@ -253,8 +296,11 @@ def test_native_parity_random_weights(native_lib, kw, ops):
 
 
 def test_prelu_with_a_negative_slope_folds_to_constant_signs(native_lib):
-    model = _randomize(create_model("cifar_resnet20", 10, in_chans=1, quant="W1A1", width_mult=0.3, bireal=False,
-                                    shortcut="conv", act="prelu"))
+    model = _randomize(
+        create_model(
+            "cifar_resnet20", 10, in_chans=1, quant="W1A1", width_mult=0.3, bireal=False, shortcut="conv", act="prelu"
+        )
+    )
     with torch.no_grad():
         model.layer1[0].act1.weight.fill_(-0.5)  # prelu(y) >= 0 for every y: the next signs are all +1
     proto, probes = lower(model, (1, 28, 28), native=True)
@@ -443,8 +489,12 @@ def test_export_readme_native_snippet_runs(native_export, native_lib):
     first, snippet = blocks[0], blocks[1]
     assert "register_custom_ops_library" in snippet and "student_binary_native.onnx" in snippet
     scope: dict = {}
-    exec(compile(first.replace('export_dir = "export/quick_fmnist"', f'export_dir = "{native_export}"'),
-                 str(readme), "exec"), scope)  # noqa: S102 - our own documentation
+    exec(
+        compile(
+            first.replace('export_dir = "export/quick_fmnist"', f'export_dir = "{native_export}"'), str(readme), "exec"
+        ),
+        scope,
+    )  # noqa: S102 - our own documentation
     snippet = re.sub(r'register_custom_ops_library\("[^"]*"\)', f'register_custom_ops_library("{native_lib}")', snippet)
     exec(compile(snippet, str(readme), "exec"), scope)  # noqa: S102
     x = scope["x"]

@@ -12,13 +12,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from onnx import TensorProto, helper
+from test_export import _randomize
+from test_native import _isas, _op_model, native_lib  # noqa: F401  (the fixture)
 
 from bnn_distill import native
 from bnn_distill.export import lower, ort_session, parity_inputs
 from bnn_distill.models import create_model
-
-from test_export import _randomize
-from test_native import _isas, _op_model, native_lib  # noqa: F401  (the fixture)
 
 SHAPES = [  # (batch, Cin, H, W, Cout, stride): odd widths and channel counts, 1-wide maps, deep and shallow
     (1, 64, 9, 7, 64, 1),
@@ -96,8 +95,9 @@ def test_thread_pools_give_the_same_network_output(native_lib, monkeypatch, pool
     monkeypatch.setenv("BNN_DISTILL_NATIVE_POOL", pool)
     outs = {}
     for kw in (dict(), dict(bireal=False, shortcut="conv", act="relu")):
-        model = _randomize(create_model("cifar_resnet18", 10, quant="W1A1", width_mult=0.25, weight_scale="learned",
-                                        recu=True, **kw))
+        model = _randomize(
+            create_model("cifar_resnet18", 10, quant="W1A1", width_mult=0.25, weight_scale="learned", recu=True, **kw)
+        )
         proto, _ = lower(model, (3, 20, 20), native=True)
         x = parity_inputs((3, 20, 20), n=5).numpy()
         monkeypatch.delenv("BNN_DISTILL_NATIVE_POOL")
@@ -112,8 +112,9 @@ def test_thread_pools_give_the_same_network_output(native_lib, monkeypatch, pool
 
 def test_two_sessions_share_the_pool(native_lib, monkeypatch):
     """Sessions of different thread counts in turn: the pool grows, and a smaller job leaves workers out."""
-    model = _randomize(create_model("cifar_resnet18", 10, quant="W1A1", width_mult=0.25, weight_scale="learned",
-                                    recu=True))
+    model = _randomize(
+        create_model("cifar_resnet18", 10, quant="W1A1", width_mult=0.25, weight_scale="learned", recu=True)
+    )
     proto, _ = lower(model, (3, 16, 16), native=True)
     x = parity_inputs((3, 16, 16), n=2).numpy()
     ref = ort_session(proto, threads=1, native_lib=native_lib).run(None, {"input": x})[0]

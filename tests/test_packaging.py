@@ -35,8 +35,11 @@ def test_py_typed_and_classifiers():
     p = _project()
     assert (ROOT / "bnn_distill" / "py.typed").is_file()
     assert "py.typed" in p["tool"]["setuptools"]["package-data"]["bnn_distill"]
-    versions = {c.rsplit(" ", 1)[-1] for c in p["project"]["classifiers"]
-                if c.startswith("Programming Language :: Python :: 3.")}
+    versions = {
+        c.rsplit(" ", 1)[-1]
+        for c in p["project"]["classifiers"]
+        if c.startswith("Programming Language :: Python :: 3.")
+    }
     assert versions == {"3.10", "3.11", "3.12", "3.13"}
 
 
@@ -66,8 +69,11 @@ def test_help_imports_neither_torch_nor_brevitas():
     res = _python("-X", "importtime", "-m", "bnn_distill", "--help")
     assert res.returncode == 0, res.stderr
     assert "usage: bnn-distill" in res.stdout
-    imported = {line.rsplit("|", 1)[-1].strip().split(".")[0] for line in res.stderr.splitlines()
-                if line.startswith("import time:")}
+    imported = {
+        line.rsplit("|", 1)[-1].strip().split(".")[0]
+        for line in res.stderr.splitlines()
+        if line.startswith("import time:")
+    }
     assert "bnn_distill" in imported and "argparse" in imported  # the listing is what it says
     assert not imported & set(HEAVY), sorted(imported & set(HEAVY))
 
@@ -95,5 +101,6 @@ def test_public_names_resolve_lazily():
     for name in bnn_distill.__all__:
         assert getattr(bnn_distill, name) is not None, name
     from bnn_distill import Criterion, create_model, load_recipe  # noqa: F401
+
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         bnn_distill.nope  # noqa: B018

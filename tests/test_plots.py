@@ -10,13 +10,40 @@ import pytest
 from bnn_distill import plots
 
 HISTORY = [
-    {"stage": "teacher", "epoch": 1, "lr": 0.1, "train": {"ce": 2.0, "loss": 2.0}, "train_top1": 30.0, "test_top1": 40.0},
-    {"stage": "teacher", "epoch": 2, "lr": 0.05, "train": {"ce": 1.0, "loss": 1.0}, "train_top1": 50.0,
-     "val_top1": 55.0, "test_top1": 60.0},
-    {"stage": "stage1", "epoch": 1, "lr": 0.002, "train": {"ce": 0.9, "itrd_corr": -3.0, "itrd_mi": 0.004, "loss": -5.1},
-     "train_top1": 52.0, "test_top1": 58.0},
-    {"stage": "stage2", "epoch": 1, "lr": 0.001, "tau": 0.99, "train": {"ce": 0.8, "itrd_corr": -3.2, "itrd_mi": 0.003,
-                                                                      "loss": -5.6}, "train_top1": 53.0, "test_top1": 57.0},
+    {
+        "stage": "teacher",
+        "epoch": 1,
+        "lr": 0.1,
+        "train": {"ce": 2.0, "loss": 2.0},
+        "train_top1": 30.0,
+        "test_top1": 40.0,
+    },
+    {
+        "stage": "teacher",
+        "epoch": 2,
+        "lr": 0.05,
+        "train": {"ce": 1.0, "loss": 1.0},
+        "train_top1": 50.0,
+        "val_top1": 55.0,
+        "test_top1": 60.0,
+    },
+    {
+        "stage": "stage1",
+        "epoch": 1,
+        "lr": 0.002,
+        "train": {"ce": 0.9, "itrd_corr": -3.0, "itrd_mi": 0.004, "loss": -5.1},
+        "train_top1": 52.0,
+        "test_top1": 58.0,
+    },
+    {
+        "stage": "stage2",
+        "epoch": 1,
+        "lr": 0.001,
+        "tau": 0.99,
+        "train": {"ce": 0.8, "itrd_corr": -3.2, "itrd_mi": 0.003, "loss": -5.6},
+        "train_top1": 53.0,
+        "test_top1": 57.0,
+    },
 ]
 
 
@@ -29,8 +56,12 @@ def test_curve_data_by_hand():
     assert s1["loss"] == {"ce": [(3, 0.9)], "itrd_corr": [(3, -3.0)], "itrd_mi": [(3, 0.004)], "loss": [(3, -5.1)]}
     assert s2["lr"] == [(4, 0.001)] and s2["tau"] == [(4, 0.99)] and t["tau"] == []
     # one colour per term over all stages, all different; the total is black
-    assert d["colours"] == {"ce": plots.TERM_COLOURS[0], "itrd_corr": plots.TERM_COLOURS[1],
-                            "itrd_mi": plots.TERM_COLOURS[2], "loss": "black"}
+    assert d["colours"] == {
+        "ce": plots.TERM_COLOURS[0],
+        "itrd_corr": plots.TERM_COLOURS[1],
+        "itrd_mi": plots.TERM_COLOURS[2],
+        "loss": "black",
+    }
     assert plots._linthresh([2.0, -3.0, 0.004, 0.0]) == pytest.approx(0.0004)
 
 

@@ -31,8 +31,9 @@ def _fmnist_student(n_train: int = 600) -> torch.nn.Module:
     ``n_train`` training images. About 50% test top-1 on the subset (chance: 10%)."""
     train, _, _ = build_datasets("fmnist_subset", None, False, False, n_train, 1, seed=0)
     torch.manual_seed(0)
-    m = create_model("cifar_resnet20", 10, in_chans=1, quant="W1A1", width_mult=0.5, weight_scale="learned",
-                     recu=True).eval()
+    m = create_model(
+        "cifar_resnet20", 10, in_chans=1, quant="W1A1", width_mult=0.5, weight_scale="learned", recu=True
+    ).eval()
     x = torch.stack([train[i][0] for i in range(len(train))])
     y = torch.tensor([train[i][1] for i in range(len(train))])
     feats = {}
@@ -58,16 +59,24 @@ def _fmnist_student(n_train: int = 600) -> torch.nn.Module:
     return m
 
 
-SPEC = dict(name="cifar_resnet20", num_classes=10, in_chans=1, quant="W1A1", width_mult=0.5, weight_scale="learned",
-            recu=True)
+SPEC = dict(
+    name="cifar_resnet20", num_classes=10, in_chans=1, quant="W1A1", width_mult=0.5, weight_scale="learned", recu=True
+)
 
 
 def _info(limit: int = N_TEST) -> ExportInfo:
     i = FMNIST_SUBSET_INFO
-    return ExportInfo(input_shape=(1, 28, 28), mean=tuple(i.mean), std=tuple(i.std), classes=tuple(i.classes),
-                      run="fm", fingerprint="fm-ridge", stage="stage2", quant="W1A1",
-                      dataset={"name": "fmnist_subset", "root": None, "limit_test": limit, "seed": 0,
-                               "test_images": limit})
+    return ExportInfo(
+        input_shape=(1, 28, 28),
+        mean=tuple(i.mean),
+        std=tuple(i.std),
+        classes=tuple(i.classes),
+        run="fm",
+        fingerprint="fm-ridge",
+        stage="stage2",
+        quant="W1A1",
+        dataset={"name": "fmnist_subset", "root": None, "limit_test": limit, "seed": 0, "test_images": limit},
+    )
 
 
 @pytest.fixture(scope="module")
@@ -190,8 +199,13 @@ def test_npy_layouts_give_the_image_logits(fm, pngs, tmp_path):
     out, _, test = fm
     paths, _ = pngs
     pix = np.asarray(Image.open(paths[0]))  # (28, 28) uint8
-    files = {"hw": pix, "hw1": pix[:, :, None], "chw": pix[None], "nchw": pix[None, None],
-             "float": test[0][0].numpy()}  # already normalised
+    files = {
+        "hw": pix,
+        "hw1": pix[:, :, None],
+        "chw": pix[None],
+        "nchw": pix[None, None],
+        "float": test[0][0].numpy(),
+    }  # already normalised
     for name, arr in files.items():
         np.save(tmp_path / f"{name}.npy", arr)
     res = pr.predict(out, [paths[0]] + [tmp_path / f"{n}.npy" for n in files], top_k=1)
@@ -216,14 +230,17 @@ def test_a_bad_image_is_one_line(fm, tmp_path, capsys):
     _one_line_error(capsys, ["predict", str(out), str(junk)], "as a .npy array")
 
 
-@pytest.mark.parametrize("arr,expect", [
-    (np.zeros((27, 28), np.uint8), "shape (27, 28)"),
-    (np.zeros((3, 28, 28), np.uint8), "shape (3, 28, 28)"),
-    (np.zeros((2, 1, 28, 28), np.float32), "shape (2, 1, 28, 28)"),
-    (np.full((28, 28), 300, np.int32), "0..255"),
-    (np.zeros((28, 28), bool), "holds bool"),
-    (np.full((1, 28, 28), np.nan, np.float32), "holds float32"),
-])
+@pytest.mark.parametrize(
+    "arr,expect",
+    [
+        (np.zeros((27, 28), np.uint8), "shape (27, 28)"),
+        (np.zeros((3, 28, 28), np.uint8), "shape (3, 28, 28)"),
+        (np.zeros((2, 1, 28, 28), np.float32), "shape (2, 1, 28, 28)"),
+        (np.full((28, 28), 300, np.int32), "0..255"),
+        (np.zeros((28, 28), bool), "holds bool"),
+        (np.full((1, 28, 28), np.nan, np.float32), "holds float32"),
+    ],
+)
 def test_a_wrong_array_is_one_line(fm, tmp_path, capsys, arr, expect):
     out, _, _ = fm
     p = tmp_path / "a.npy"
@@ -276,8 +293,12 @@ def test_other_models_of_the_export(fm, pngs, capsys):
 
 
 def test_the_manifest_constants_match_the_exporter():
-    assert (pr.EXPORT_FORMAT, pr.MANIFEST, pr.INPUT_NAME, pr.OUTPUT_NAME) == (EXPORT_FORMAT, MANIFEST, INPUT_NAME,
-                                                                              OUTPUT_NAME)
+    assert (pr.EXPORT_FORMAT, pr.MANIFEST, pr.INPUT_NAME, pr.OUTPUT_NAME) == (
+        EXPORT_FORMAT,
+        MANIFEST,
+        INPUT_NAME,
+        OUTPUT_NAME,
+    )
 
 
 # ---------------------------------------------------------------- no torch in the core
@@ -294,7 +315,7 @@ class Block(importlib.abc.MetaPathFinder):
         if name.split('.')[0] in ('torch', 'torchvision', 'brevitas', 'onnx', 'matplotlib'):
             raise ImportError('blocked: ' + name)
 sys.meta_path.insert(0, Block())
-pkg = types.ModuleType('bnn_distill'); pkg.__path__ = [{str(ROOT / 'bnn_distill')!r}]
+pkg = types.ModuleType('bnn_distill'); pkg.__path__ = [{str(ROOT / "bnn_distill")!r}]
 sys.modules['bnn_distill'] = pkg
 from bnn_distill import predict
 r = predict.predict({str(out)!r}, [{str(pngs[0][0])!r}], top_k=1)
@@ -326,7 +347,7 @@ class Block(importlib.abc.MetaPathFinder):
         if name.split('.')[0] in ('torch', 'torchvision', 'brevitas'):
             raise ImportError('blocked: ' + name)
 sys.meta_path.insert(0, Block())
-pkg = types.ModuleType('bnn_distill'); pkg.__path__ = [{str(ROOT / 'bnn_distill')!r}]
+pkg = types.ModuleType('bnn_distill'); pkg.__path__ = [{str(ROOT / "bnn_distill")!r}]
 sys.modules['bnn_distill'] = pkg
 import bnn_distill.manifest, bnn_distill.onnxrt
 assert 'torch' not in sys.modules

@@ -5,18 +5,28 @@ from __future__ import annotations
 
 import math
 
+import brevitas.nn as qnn
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import brevitas.nn as qnn
-
 from bnn_distill.errors import RecipeError
-from bnn_distill.quant import (BinaryActTensorQuant, BinaryWeightTensorQuant, binary_sign,
-                               conv_factory, init_binary_scales, is_quant_param, layer_bits,
-                               mean_abs_scale, recu_tau_clamp, set_tau, sign_grad, sign_with_grad,
-                               tau_at)
+from bnn_distill.quant import (
+    BinaryActTensorQuant,
+    BinaryWeightTensorQuant,
+    binary_sign,
+    conv_factory,
+    init_binary_scales,
+    is_quant_param,
+    layer_bits,
+    mean_abs_scale,
+    recu_tau_clamp,
+    set_tau,
+    sign_grad,
+    sign_with_grad,
+    tau_at,
+)
 
 SEEDS = range(8)
 
@@ -38,6 +48,7 @@ def _pm1(x: torch.Tensor) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------- binary_sign
+
 
 def test_binary_sign_hand_values():
     x = torch.tensor([-2.0, -1e-30, -0.0, 0.0, 1e-30, 3.0])
@@ -84,9 +95,11 @@ def test_sign_grad_unknown_kind():
 
 def _approx_sign_poly(x: torch.Tensor) -> torch.Tensor:
     """Bi-Real Net's piecewise polynomial, whose derivative is the ApproxSign gradient."""
-    return torch.where(x < -1, -torch.ones_like(x),
-           torch.where(x < 0, 2 * x + x * x,
-           torch.where(x < 1, 2 * x - x * x, torch.ones_like(x))))
+    return torch.where(
+        x < -1,
+        -torch.ones_like(x),
+        torch.where(x < 0, 2 * x + x * x, torch.where(x < 1, 2 * x - x * x, torch.ones_like(x))),
+    )
 
 
 @pytest.mark.parametrize("seed", SEEDS)
@@ -100,6 +113,7 @@ def test_approx_sign_gradient_is_derivative_of_bireal_polynomial(seed):
 
 
 # --------------------------------------------------------------------------- weight tensor quant
+
 
 @pytest.mark.parametrize("seed", SEEDS)
 def test_weight_quant_mean_abs(seed):
@@ -170,6 +184,7 @@ def test_act_quant_values_and_gradient():
 
 # --------------------------------------------------------------------------- ReCU clamp and tau
 
+
 def test_recu_clamp_hand_example():
     # One filter [-3, -1, 1, 3]: mean 0, unbiased var 20/3, std 2.5819889.
     # w1 = [-1.1618950, -0.3872983, 0.3872983, 1.1618950], E = mean|w1| = 0.7745967.
@@ -225,6 +240,7 @@ def test_tau_at():
 
 
 # --------------------------------------------------------------------------- Brevitas layers
+
 
 def _conv_input(seed, shape=(2, 3, 6, 6)):
     x = _rand(seed, *shape)

@@ -21,11 +21,10 @@ from pathlib import Path
 from typing import Dict, List, Sequence, Tuple
 
 import pytest
+from conftest import make_image_folder
 
 from bnn_distill.errors import RecipeError
 from bnn_distill.recipe import Recipe, apply_override, load_recipe, parse_overrides, recipe_from_dict
-
-from conftest import make_image_folder
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
@@ -116,122 +115,263 @@ def _line(text: str) -> int:
 # (id, yaml text, substrings the one-line message must contain[, marks])
 CASES: List[Tuple] = [
     # ---- not YAML / not a mapping
-    ("yaml_unclosed_flow", broken("optimizer: {name: sgd, lr: 0.1}", "optimizer: {name: sgd, lr: 0.1"),
-     ("is not valid YAML", "line ", "column ")),
-    ("yaml_tab_indent", broken("    quant: W32A1\n", "\tquant: W32A1\n"), ("is not valid YAML", f"line {_line('    quant: W32A1')}, column 1")),
+    (
+        "yaml_unclosed_flow",
+        broken("optimizer: {name: sgd, lr: 0.1}", "optimizer: {name: sgd, lr: 0.1"),
+        ("is not valid YAML", "line ", "column "),
+    ),
+    (
+        "yaml_tab_indent",
+        broken("    quant: W32A1\n", "\tquant: W32A1\n"),
+        ("is not valid YAML", f"line {_line('    quant: W32A1')}, column 1"),
+    ),
     ("yaml_unterminated_quote", broken("name: tiny\n", 'name: "tiny\n'), ("is not valid YAML", "line ")),
-    ("yaml_bad_indent", broken("    kind: student\n", "      kind: student\n"), ("is not valid YAML", f"line {_line('    kind: student')}")),
+    (
+        "yaml_bad_indent",
+        broken("    kind: student\n", "      kind: student\n"),
+        ("is not valid YAML", f"line {_line('    kind: student')}"),
+    ),
     ("empty_file", "", ("empty", "'name'", "'stages'")),
     ("comments_only", "# a recipe\n# nothing else\n", ("empty", "'stages'")),
     ("top_level_list", "- name: tiny\n- stages: []\n", ("top level", "got a list")),
     ("top_level_scalar", "tiny\n", ("top level", "'tiny'")),
     # ---- wrong nesting
-    ("stages_mapping", HEAD + "stages:\n  teacher:\n    kind: teacher\n    quant: FP\n",
-     ("stages: expected a list", "got a mapping")),
-    ("optimizer_string", broken("optimizer: {name: sgd, lr: 0.1}", "optimizer: sgd"),
-     ("stages[0].optimizer: expected a mapping", "'sgd'")),
-    ("data_list", broken("data:\n  dataset: fmnist_subset", "data:\n  - dataset: fmnist_subset"),
-     ("data: expected a mapping", "got a list")),
-    ("losses_mapping", broken("    losses:\n      - {name: ce}\n  - name: stage1", "    losses: {name: ce}\n  - name: stage1"),
-     ("stages[0].losses: expected a list", "got a mapping")),
-    ("loss_as_string", broken("    losses:\n      - {name: ce}\n  - name: stage1", "    losses: [ce]\n  - name: stage1"),
-     ("stages[0].losses[0]: expected a mapping", "'ce'")),
+    (
+        "stages_mapping",
+        HEAD + "stages:\n  teacher:\n    kind: teacher\n    quant: FP\n",
+        ("stages: expected a list", "got a mapping"),
+    ),
+    (
+        "optimizer_string",
+        broken("optimizer: {name: sgd, lr: 0.1}", "optimizer: sgd"),
+        ("stages[0].optimizer: expected a mapping", "'sgd'"),
+    ),
+    (
+        "data_list",
+        broken("data:\n  dataset: fmnist_subset", "data:\n  - dataset: fmnist_subset"),
+        ("data: expected a mapping", "got a list"),
+    ),
+    (
+        "losses_mapping",
+        broken("    losses:\n      - {name: ce}\n  - name: stage1", "    losses: {name: ce}\n  - name: stage1"),
+        ("stages[0].losses: expected a list", "got a mapping"),
+    ),
+    (
+        "loss_as_string",
+        broken("    losses:\n      - {name: ce}\n  - name: stage1", "    losses: [ce]\n  - name: stage1"),
+        ("stages[0].losses[0]: expected a mapping", "'ce'"),
+    ),
     ("stage_as_string", BASE + "  - stage2\n", ("stages[2]: expected a mapping", "'stage2'")),
     # ---- wrong types
     ("epochs_string", broken("epochs: 2", "epochs: ten"), ("stages[1].epochs: expected an integer", "'ten'")),
-    ("batch_size_float", broken("batch_size: 32", "batch_size: 3.5"), ("stages[0].batch_size: expected an integer", "3.5")),
+    (
+        "batch_size_float",
+        broken("batch_size: 32", "batch_size: 3.5"),
+        ("stages[0].batch_size: expected an integer", "3.5"),
+    ),
     ("lr_string", broken("lr: 0.002", "lr: fast"), ("stages[1].optimizer.lr: expected a number", "'fast'")),
-    ("augment_string", broken("  dataset: fmnist_subset\n", '  dataset: fmnist_subset\n  augment: "yes"\n'),
-     ("data.augment: expected true/false", "'yes'")),
-    ("width_mult_string", broken("width_mult: 0.25\nstages", "width_mult: half\nstages"),
-     ("student.width_mult: expected a number", "'half'")),
-    ("betas_one_value", broken("{name: adam, lr: 0.002}", "{name: adam, lr: 0.002, betas: [0.9]}"),
-     ("stages[1].optimizer.betas", "2 values")),
+    (
+        "augment_string",
+        broken("  dataset: fmnist_subset\n", '  dataset: fmnist_subset\n  augment: "yes"\n'),
+        ("data.augment: expected true/false", "'yes'"),
+    ),
+    (
+        "width_mult_string",
+        broken("width_mult: 0.25\nstages", "width_mult: half\nstages"),
+        ("student.width_mult: expected a number", "'half'"),
+    ),
+    (
+        "betas_one_value",
+        broken("{name: adam, lr: 0.002}", "{name: adam, lr: 0.002, betas: [0.9]}"),
+        ("stages[1].optimizer.betas", "2 values"),
+    ),
     # PyYAML reads '1e-3' (no dot) as a string; the message says what it got, not why
     ("lr_yaml11_exponent", broken("lr: 0.002", "lr: 1e-3"), ("stages[1].optimizer.lr: expected a number", "'1e-3'")),
     # ---- unknown keys and typos
-    ("epoch_typo", broken("epochs: 2", "epoch: 2"), ("stages[1].epoch: unknown key", "did you mean 'epochs'", "'batch_size'")),
-    ("optimiser_typo", broken("optimizer: {name: adam", "optimiser: {name: adam"),
-     ("stages[1].optimiser: unknown key", "did you mean 'optimizer'")),
+    (
+        "epoch_typo",
+        broken("epochs: 2", "epoch: 2"),
+        ("stages[1].epoch: unknown key", "did you mean 'epochs'", "'batch_size'"),
+    ),
+    (
+        "optimiser_typo",
+        broken("optimizer: {name: adam", "optimiser: {name: adam"),
+        ("stages[1].optimiser: unknown key", "did you mean 'optimizer'"),
+    ),
     ("stagse_typo", broken("stages:\n", "stagse:\n"), ("stagse: unknown key", "did you mean 'stages'")),
-    ("datset_typo", broken("  dataset: fmnist_subset", "  datset: fmnist_subset"),
-     ("data.datset: unknown key", "did you mean 'dataset'")),
-    ("warmup_typo", broken("warmup_epochs: 0.5", "warmup_epoch: 0.5"),
-     ("stages[0].schedule.warmup_epoch: unknown key", "did you mean 'warmup_epochs'")),
-    ("alpah_typo", broken("alpha: 1.01", "alpah: 1.01"),
-     ("stages[1].losses[1].alpah", "did you mean 'alpha'", "'eps'")),
+    (
+        "datset_typo",
+        broken("  dataset: fmnist_subset", "  datset: fmnist_subset"),
+        ("data.datset: unknown key", "did you mean 'dataset'"),
+    ),
+    (
+        "warmup_typo",
+        broken("warmup_epochs: 0.5", "warmup_epoch: 0.5"),
+        ("stages[0].schedule.warmup_epoch: unknown key", "did you mean 'warmup_epochs'"),
+    ),
+    (
+        "alpah_typo",
+        broken("alpha: 1.01", "alpah: 1.01"),
+        ("stages[1].losses[1].alpah", "did you mean 'alpha'", "'eps'"),
+    ),
     ("missing_name", broken("name: tiny\n", ""), ("name: missing",)),
-    ("stage_missing_name", broken("  - name: stage1\n    kind: student", "  - kind: student"),
-     ("stages[1].name: missing",)),
+    (
+        "stage_missing_name",
+        broken("  - name: stage1\n    kind: student", "  - kind: student"),
+        ("stages[1].name: missing",),
+    ),
     # ---- impossible numbers
     ("epochs_zero", broken("epochs: 2", "epochs: 0"), ("stages[1].epochs: 0", "> 0")),
     ("epochs_negative", broken("epochs: 3", "epochs: -3"), ("stages[0].epochs: -3", "> 0")),
     ("batch_size_zero", broken("batch_size: 64", "batch_size: 0"), ("stages[1].batch_size: 0", "> 0")),
     ("batch_size_negative", broken("batch_size: 32", "batch_size: -32"), ("stages[0].batch_size: -32", "> 0")),
-    ("epochs_absurd", broken("epochs: 2", "epochs: 1000000000"), ("stages[1].epochs: 1000000000", "absurd", "1..100000")),
-    ("batch_size_absurd", broken("batch_size: 64", "batch_size: 1000000000"),
-     ("stages[1].batch_size: 1000000000", "absurd", "1..1000000")),
-    ("width_mult_absurd", broken("width_mult: 0.25\nstages", "width_mult: 1000\nstages"),
-     ("student.width_mult: 1000", "(0, 16]")),
-    ("num_workers_absurd", broken("  dataset: fmnist_subset\n", "  dataset: fmnist_subset\n  num_workers: 1000\n"),
-     ("data.num_workers: 1000", "0..64")),
+    (
+        "epochs_absurd",
+        broken("epochs: 2", "epochs: 1000000000"),
+        ("stages[1].epochs: 1000000000", "absurd", "1..100000"),
+    ),
+    (
+        "batch_size_absurd",
+        broken("batch_size: 64", "batch_size: 1000000000"),
+        ("stages[1].batch_size: 1000000000", "absurd", "1..1000000"),
+    ),
+    (
+        "width_mult_absurd",
+        broken("width_mult: 0.25\nstages", "width_mult: 1000\nstages"),
+        ("student.width_mult: 1000", "(0, 16]"),
+    ),
+    (
+        "num_workers_absurd",
+        broken("  dataset: fmnist_subset\n", "  dataset: fmnist_subset\n  num_workers: 1000\n"),
+        ("data.num_workers: 1000", "0..64"),
+    ),
     ("lr_nan", broken("lr: 0.1}", "lr: .nan}"), ("stages[0].optimizer.lr", "not a finite number")),
-    ("warmup_inf", broken("warmup_epochs: 0.5", "warmup_epochs: .inf"), ("stages[0].schedule.warmup_epochs", "not a finite")),
+    (
+        "warmup_inf",
+        broken("warmup_epochs: 0.5", "warmup_epochs: .inf"),
+        ("stages[0].schedule.warmup_epochs", "not a finite"),
+    ),
     ("loss_weight_inf", broken("weight: 2.0", "weight: .inf"), ("stages[1].losses[1].weight", "finite")),
-    ("loss_weight_negative", broken("{name: itrd_mi}", "{name: itrd_mi, weight: -1}"), ("stages[1].losses[2].weight", ">= 0")),
+    (
+        "loss_weight_negative",
+        broken("{name: itrd_mi}", "{name: itrd_mi, weight: -1}"),
+        ("stages[1].losses[2].weight", ">= 0"),
+    ),
     ("alpha_nan", broken("alpha: 1.01", "alpha: .nan"), ("stages[1].losses[1].alpha", "out of range")),
-    ("label_smoothing_out_of_range", broken("      - {name: ce}\n  - name: stage1", "      - {name: ce, label_smoothing: 5}\n  - name: stage1"),
-     ("stages[0].losses[0].label_smoothing",)),
-    ("warmup_longer_than_stage", broken("warmup_epochs: 0.5", "warmup_epochs: 5"),
-     ("stages[0].schedule.warmup_epochs: 5", "exceeds", "3 epochs")),
+    (
+        "label_smoothing_out_of_range",
+        broken("      - {name: ce}\n  - name: stage1", "      - {name: ce, label_smoothing: 5}\n  - name: stage1"),
+        ("stages[0].losses[0].label_smoothing",),
+    ),
+    (
+        "warmup_longer_than_stage",
+        broken("warmup_epochs: 0.5", "warmup_epochs: 5"),
+        ("stages[0].schedule.warmup_epochs: 5", "exceeds", "3 epochs"),
+    ),
     ("milestone_out_of_range", broken("milestones: [1]", "milestones: [5]"), ("stages[1].schedule.milestones", "1..2")),
-    ("milestones_decreasing", broken("milestones: [1]", "milestones: [2, 1]"), ("stages[1].schedule.milestones", "increasing")),
+    (
+        "milestones_decreasing",
+        broken("milestones: [1]", "milestones: [2, 1]"),
+        ("stages[1].schedule.milestones", "increasing"),
+    ),
     ("tau_out_of_range", BASE + "binary: {tau_start: 1.5}\n", ("binary.tau_start: 1.5", "[0.5, 1)")),
     ("seed_negative", broken("name: tiny\n", "name: tiny\nseed: -1\n"), ("seed: -1", ">= 0")),
     # ---- unknown names
-    ("model_typo", broken("arch: cifar_resnet20\n  width_mult: 0.25\nstages", "arch: cifar_resnet2O\n  width_mult: 0.25\nstages"),
-     ("student.arch: 'cifar_resnet2O'", "did you mean 'cifar_resnet20'", "valid: ", "'cifar_resnet18'")),
-    ("loss_typo", broken("{name: itrd_corr", "{name: itrd_cor"),
-     ("stages[1].losses[1].name", "'itrd_cor'", "did you mean 'itrd_corr'", "'itrd_mi'")),
-    ("dataset_typo", broken("  dataset: fmnist_subset", "  dataset: fmnist_subst"),
-     ("data.dataset: 'fmnist_subst'", "did you mean 'fmnist_subset'", "'cifar10'")),
-    ("optimizer_typo", broken("{name: adam,", "{name: adamm,"),
-     ("stages[1].optimizer.name: 'adamm'", "did you mean 'adam'", "'adamw'", "'sgd'")),
-    ("schedule_typo", broken("name: cosine", "name: cosin"),
-     ("stages[0].schedule.name: 'cosin'", "did you mean 'cosine'", "'step'", "'constant'")),
+    (
+        "model_typo",
+        broken("arch: cifar_resnet20\n  width_mult: 0.25\nstages", "arch: cifar_resnet2O\n  width_mult: 0.25\nstages"),
+        ("student.arch: 'cifar_resnet2O'", "did you mean 'cifar_resnet20'", "valid: ", "'cifar_resnet18'"),
+    ),
+    (
+        "loss_typo",
+        broken("{name: itrd_corr", "{name: itrd_cor"),
+        ("stages[1].losses[1].name", "'itrd_cor'", "did you mean 'itrd_corr'", "'itrd_mi'"),
+    ),
+    (
+        "dataset_typo",
+        broken("  dataset: fmnist_subset", "  dataset: fmnist_subst"),
+        ("data.dataset: 'fmnist_subst'", "did you mean 'fmnist_subset'", "'cifar10'"),
+    ),
+    (
+        "optimizer_typo",
+        broken("{name: adam,", "{name: adamm,"),
+        ("stages[1].optimizer.name: 'adamm'", "did you mean 'adam'", "'adamw'", "'sgd'"),
+    ),
+    (
+        "schedule_typo",
+        broken("name: cosine", "name: cosin"),
+        ("stages[0].schedule.name: 'cosin'", "did you mean 'cosine'", "'step'", "'constant'"),
+    ),
     ("quant_unknown", broken("quant: W32A1", "quant: int8"), ("stages[1].quant: 'int8'", "'FP'", "'W1A1'", "'W32A1'")),
     ("quant_typo", broken("quant: W32A1", "quant: W1A2"), ("stages[1].quant: 'W1A2'", "did you mean 'W1A1'")),
     ("kind_typo", broken("kind: student", "kind: studnet"), ("stages[1].kind: 'studnet'", "did you mean 'student'")),
     ("device_unknown", broken("name: tiny\n", "name: tiny\ndevice: gpu\n"), ("device: 'gpu'", "'cuda'", "'cpu'")),
     ("run_name_space", broken("name: tiny\n", "name: my run\n"), ("name: 'my run'", "letters, digits")),
-    ("dataset_block_scalar", broken("  dataset: fmnist_subset\n", "  dataset: |\n    fmnist_subset\n"),
-     ("data.dataset",)),
-    ("feature_layer_typo", broken("width_mult: 0.25\nstages", "width_mult: 0.25\n  feature_layer: head_bnn\nstages"),
-     ("student.feature_layer", "head_bn")),
+    (
+        "dataset_block_scalar",
+        broken("  dataset: fmnist_subset\n", "  dataset: |\n    fmnist_subset\n"),
+        ("data.dataset",),
+    ),
+    (
+        "feature_layer_typo",
+        broken("width_mult: 0.25\nstages", "width_mult: 0.25\n  feature_layer: head_bnn\nstages"),
+        ("student.feature_layer", "head_bn"),
+    ),
     # ---- stage structure
-    ("init_from_not_earlier", broken("init_from: teacher", "init_from: stage1"),
-     ("stages[1].init_from", "no earlier stage named 'stage1'", "'teacher'")),
-    ("no_teacher", NO_TEACHER.replace("init_from: null", "init_from: teacher"),
-     ("teacher: a stage distils from a teacher", "kind: teacher", "teacher.checkpoint")),
+    (
+        "init_from_not_earlier",
+        broken("init_from: teacher", "init_from: stage1"),
+        ("stages[1].init_from", "no earlier stage named 'stage1'", "'teacher'"),
+    ),
+    (
+        "no_teacher",
+        NO_TEACHER.replace("init_from: null", "init_from: teacher"),
+        ("teacher: a stage distils from a teacher", "kind: teacher", "teacher.checkpoint"),
+    ),
     ("no_teacher_itrd_only", NO_TEACHER, ("teacher: a stage distils from a teacher", "teacher.checkpoint")),
     ("teacher_stage_w1a1", broken("quant: FP", "quant: W1A1"), ("stages[0].quant", "quant: FP")),
-    ("teacher_stage_itrd_loss", broken("      - {name: ce}\n  - name: stage1", "      - {name: ce}\n      - {name: itrd_mi}\n  - name: stage1"),
-     ("stages[0].losses[1].name", "'itrd_mi'", "use ce")),
-    ("teacher_stage_not_first", BASE + TEACHER_STAGE.replace("name: teacher", "name: teacher2"), ("stages[2].kind", "first")),
-    ("duplicate_stage_name", BASE + STUDENT_STAGE.replace("init_from: teacher", "init_from: stage1"),
-     ("stages[2].name: 'stage1'", "earlier stage")),
-    ("duplicate_loss_term", broken("{name: itrd_mi}", "{name: itrd_mi}\n      - {name: ce}"),
-     ("stages[1].losses[3].name", "'ce' is already listed at losses[0]")),
+    (
+        "teacher_stage_itrd_loss",
+        broken("      - {name: ce}\n  - name: stage1", "      - {name: ce}\n      - {name: itrd_mi}\n  - name: stage1"),
+        ("stages[0].losses[1].name", "'itrd_mi'", "use ce"),
+    ),
+    (
+        "teacher_stage_not_first",
+        BASE + TEACHER_STAGE.replace("name: teacher", "name: teacher2"),
+        ("stages[2].kind", "first"),
+    ),
+    (
+        "duplicate_stage_name",
+        BASE + STUDENT_STAGE.replace("init_from: teacher", "init_from: stage1"),
+        ("stages[2].name: 'stage1'", "earlier stage"),
+    ),
+    (
+        "duplicate_loss_term",
+        broken("{name: itrd_mi}", "{name: itrd_mi}\n      - {name: ce}"),
+        ("stages[1].losses[3].name", "'ce' is already listed at losses[0]"),
+    ),
     ("empty_stages", HEAD + "stages: []\n", ("stages: empty",)),
-    ("teacher_init_from", broken("  - name: teacher\n", "  - name: teacher\n    init_from: stage1\n"),
-     ("stages[0].init_from",)),
-    ("init_from_teacher_width_mismatch", broken("width_mult: 0.25\nstages", "width_mult: 0.5\nstages"),
-     ("width_mult",)),
+    (
+        "teacher_init_from",
+        broken("  - name: teacher\n", "  - name: teacher\n    init_from: stage1\n"),
+        ("stages[0].init_from",),
+    ),
+    (
+        "init_from_teacher_width_mismatch",
+        broken("width_mult: 0.25\nstages", "width_mult: 0.5\nstages"),
+        ("width_mult",),
+    ),
     # ---- paths
-    ("teacher_checkpoint_missing", broken("teacher:\n", "teacher:\n  checkpoint: /nonexistent/teacher.pt\n"),
-     ("teacher.checkpoint", "'/nonexistent/teacher.pt'", "does not exist")),
-    ("data_root_missing", broken("  dataset: fmnist_subset\n", "  dataset: fmnist_subset\n  root: /nonexistent/data\n"),
-     ("data.root", "'/nonexistent/data'", "does not exist", "download")),
+    (
+        "teacher_checkpoint_missing",
+        broken("teacher:\n", "teacher:\n  checkpoint: /nonexistent/teacher.pt\n"),
+        ("teacher.checkpoint", "'/nonexistent/teacher.pt'", "does not exist"),
+    ),
+    (
+        "data_root_missing",
+        broken("  dataset: fmnist_subset\n", "  dataset: fmnist_subset\n  root: /nonexistent/data\n"),
+        ("data.root", "'/nonexistent/data'", "does not exist", "download"),
+    ),
 ]
 
 IDS = [c[0] for c in CASES]
@@ -323,29 +463,64 @@ def cli_runs(tmp_path_factory):
         path = root / "bad" / f"{case_id}.yaml"
         path.parent.mkdir(exist_ok=True)
         path.write_text(text)
-        jobs.append([f"bad/{case_id}", ["train", str(path), "--set", f"output_dir={root / 'out' / case_id}"], str(path)])
+        jobs.append(
+            [f"bad/{case_id}", ["train", str(path), "--set", f"output_dir={root / 'out' / case_id}"], str(path)]
+        )
     images = make_image_folder(root / "imagefolder")  # for recipes that name no data.root (ImageNet)
     for p in RECIPES:
         if p.stem != REAL_DRY_RUN:
             extra = ["--set", f"data.root={images}"] if load_recipe(p).data.dataset == "imagefolder" else []
-            jobs.append([f"dry/{p.stem}", ["train", str(p), "--dry-run", "--set", f"output_dir={root / 'out' / p.stem}",
-                                           *extra], None])
+            jobs.append(
+                [
+                    f"dry/{p.stem}",
+                    ["train", str(p), "--dry-run", "--set", f"output_dir={root / 'out' / p.stem}", *extra],
+                    None,
+                ]
+            )
 
     def start(key: str, args: List[str]) -> subprocess.Popen:
         cwd = root / "cwd" / key
         cwd.mkdir(parents=True)
-        return subprocess.Popen(_cli() + args, cwd=cwd, env=_env(), stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)
+        return subprocess.Popen(
+            _cli() + args, cwd=cwd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
 
-    real = {f"dry/{REAL_DRY_RUN}": start(f"dry/{REAL_DRY_RUN}", [
-        "train", str(REPO / "recipes" / f"{REAL_DRY_RUN}.yaml"), "--dry-run", "--set", f"output_dir={root / 'out' / REAL_DRY_RUN}"])}
+    real = {
+        f"dry/{REAL_DRY_RUN}": start(
+            f"dry/{REAL_DRY_RUN}",
+            [
+                "train",
+                str(REPO / "recipes" / f"{REAL_DRY_RUN}.yaml"),
+                "--dry-run",
+                "--set",
+                f"output_dir={root / 'out' / REAL_DRY_RUN}",
+            ],
+        )
+    }
     for case_id in REAL_CLI:
-        real[f"bad/{case_id}"] = start(f"bad/{case_id}", [
-            "train", str(root / "bad" / f"{case_id}.yaml"), "--set", f"output_dir={root / 'real_out' / case_id}"])
-    real["debug"] = start("debug", ["train", str(root / "bad" / "epoch_typo.yaml"), "--debug",
-                                    "--set", f"output_dir={root / 'real_out' / 'debug'}"])
-    helper = subprocess.run([sys.executable, "-c", HELPER], input=json.dumps(jobs), cwd=root / "helper_cwd",
-                            env=_env(), capture_output=True, text=True, timeout=300)
+        real[f"bad/{case_id}"] = start(
+            f"bad/{case_id}",
+            ["train", str(root / "bad" / f"{case_id}.yaml"), "--set", f"output_dir={root / 'real_out' / case_id}"],
+        )
+    real["debug"] = start(
+        "debug",
+        [
+            "train",
+            str(root / "bad" / "epoch_typo.yaml"),
+            "--debug",
+            "--set",
+            f"output_dir={root / 'real_out' / 'debug'}",
+        ],
+    )
+    helper = subprocess.run(
+        [sys.executable, "-c", HELPER],
+        input=json.dumps(jobs),
+        cwd=root / "helper_cwd",
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     real_results = {}
     for key, proc in real.items():
         out, err = proc.communicate(timeout=300)
@@ -353,7 +528,7 @@ def cli_runs(tmp_path_factory):
     assert helper.returncode == 0, helper.stderr[-3000:]
     line = [ln for ln in helper.stdout.splitlines() if ln.startswith("RESULTS ")]
     assert line, helper.stdout[-3000:]
-    return {"helper": json.loads(line[0][len("RESULTS "):]), "real": real_results, "root": root}
+    return {"helper": json.loads(line[0][len("RESULTS ") :]), "real": real_results, "root": root}
 
 
 def _check_cli_error(rc, err: str, out: str, out_dir: Path, expected: Sequence[str]) -> None:
@@ -454,8 +629,14 @@ def test_fingerprint_tracks_results_not_places(tmp_path) -> None:
     assert len(fp) == 16
     for ov in ("output_dir=/elsewhere", "device=cpu", "description=hello", "data.num_workers=2"):
         assert load_recipe(path, [ov]).fingerprint() == fp, ov
-    for ov in ("stages.stage1.epochs=1", "seed=1", "stages.teacher.optimizer.lr=0.2", "binary.tau_end=0.95",
-               "stages.stage1.losses.itrd_corr.alpha=1.5", "data.limit_train=10"):
+    for ov in (
+        "stages.stage1.epochs=1",
+        "seed=1",
+        "stages.teacher.optimizer.lr=0.2",
+        "binary.tau_end=0.95",
+        "stages.stage1.losses.itrd_corr.alpha=1.5",
+        "data.limit_train=10",
+    ):
         assert load_recipe(path, [ov]).fingerprint() != fp, ov
 
 
@@ -501,7 +682,14 @@ def test_override_creates_nested_keys(base_path) -> None:
 
 def test_override_values_are_yaml_scalars() -> None:
     assert parse_overrides(["a=2", "b=2.5", "c=true", "d=null", "e=[1, 2]", "f=x=y", "g="]) == [
-        ("a", 2), ("b", 2.5), ("c", True), ("d", None), ("e", [1, 2]), ("f", "x=y"), ("g", None)]
+        ("a", 2),
+        ("b", 2.5),
+        ("c", True),
+        ("d", None),
+        ("e", [1, 2]),
+        ("f", "x=y"),
+        ("g", None),
+    ]
 
 
 BAD_OVERRIDES = [

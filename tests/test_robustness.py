@@ -12,13 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import tiny_recipe_dict
 
 from bnn_distill.checkpoint import load_checkpoint
 from bnn_distill.errors import CheckpointError
 from bnn_distill.recipe import recipe_from_dict
 from bnn_distill.train import run_recipe
-
-from conftest import tiny_recipe_dict
 
 STAGES = ("teacher", "stage1", "stage2")
 
@@ -31,8 +30,13 @@ def _recipe(out: Path, name: str = "r") -> dict:
 
 def _start(path: Path, *extra: str) -> subprocess.Popen:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    return subprocess.Popen([sys.executable, "-m", "bnn_distill", "train", str(path), "--no-progress", *extra],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    return subprocess.Popen(
+        [sys.executable, "-m", "bnn_distill", "train", str(path), "--no-progress", *extra],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
 
 
 def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300.0) -> None:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import tiny_recipe_dict
 
 from bnn_distill.cli import main
 from bnn_distill.errors import FolderInUse
@@ -28,10 +29,10 @@ from bnn_distill.recipe import recipe_from_dict
 from bnn_distill.runlock import FolderLock, hold, lock_file
 from bnn_distill.train import run_recipe
 
-from conftest import tiny_recipe_dict
-
-BUSY = re.compile(r"^error: (run|export) folder (?P<folder>.+) is in use by process (?P<pid>\d+) "
-                  r"\(started (?P<at>\d\d:\d\d|\d{4}-\d\d-\d\d \d\d:\d\d)\); wait for it or stop it$")
+BUSY = re.compile(
+    r"^error: (run|export) folder (?P<folder>.+) is in use by process (?P<pid>\d+) "
+    r"\(started (?P<at>\d\d:\d\d|\d{4}-\d\d-\d\d \d\d:\d\d)\); wait for it or stop it$"
+)
 
 
 def _cli(*argv: str):
@@ -52,8 +53,11 @@ def _refused(code: int, err: str, pid: int, folder) -> None:
 
 
 def _snapshot(folder: Path) -> dict:
-    return {str(p.relative_to(folder)): (p.stat().st_mtime_ns, p.stat().st_size)
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): (p.stat().st_mtime_ns, p.stat().st_size)
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 def _wait(cond, proc: subprocess.Popen, what: str, timeout: float = 300.0) -> None:
@@ -108,7 +112,9 @@ def test_another_hosts_holder_and_an_unreadable_record_are_named(tmp_path):
     with FolderLock(run) as lock:
         started = time.time() - 3 * 86400
         lock.path.write_text(json.dumps({"pid": 4321, "host": "elsewhere", "started": started}) + "\n")
-        with pytest.raises(FolderInUse, match=r"in use by process 4321 on elsewhere \(started \d{4}-\d\d-\d\d \d\d:\d\d\)"):
+        with pytest.raises(
+            FolderInUse, match=r"in use by process 4321 on elsewhere \(started \d{4}-\d\d-\d\d \d\d:\d\d\)"
+        ):
             FolderLock(run).acquire()
         lock.path.write_text("not json\n")
         with pytest.raises(FolderInUse, match=r"in use by another process; wait for it or stop it$"):
@@ -134,8 +140,9 @@ time.sleep(600)
 def test_a_killed_holder_does_not_block(tmp_path):
     sig = signal.SIGKILL
     run = tmp_path / "r"
-    proc = subprocess.Popen([sys.executable, "-c", _HOLDER, str(run)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _HOLDER, str(run)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     assert proc.stdout.readline().strip() == "locked", proc.stderr.read()
     with pytest.raises(FolderInUse, match=f"in use by process {proc.pid} "):
         FolderLock(run).acquire()
@@ -183,8 +190,9 @@ def _holder_recipe(tmp_path: Path) -> Path:
 def _start(*argv: str) -> subprocess.Popen:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env.pop("RANK", None)
-    return subprocess.Popen([sys.executable, "-m", "bnn_distill", *argv], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env)
+    return subprocess.Popen(
+        [sys.executable, "-m", "bnn_distill", *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+    )
 
 
 def test_second_train_and_resume_are_refused_while_a_run_trains_then_resume_after_a_kill(tmp_path):
@@ -196,10 +204,12 @@ def test_second_train_and_resume_are_refused_while_a_run_trains_then_resume_afte
         first.send_signal(signal.SIGSTOP)  # frozen mid-training, holding the lock; nothing changes under the attempts
         before = _snapshot(run)
         attempts = refused = 0
-        for argv in (["train", str(path), "--no-progress"],
-                     ["train", str(path), "--resume", "--no-progress"],
-                     ["train", str(path), "--resume", "--force", "--no-progress"],
-                     ["train", str(path), "--resume", "--force", "--set", "stages.stage2.epochs=2", "--no-progress"]):
+        for argv in (
+            ["train", str(path), "--no-progress"],
+            ["train", str(path), "--resume", "--no-progress"],
+            ["train", str(path), "--resume", "--force", "--no-progress"],
+            ["train", str(path), "--resume", "--force", "--set", "stages.stage2.epochs=2", "--no-progress"],
+        ):
             attempts += 1
             code, out, err = _cli(*argv)
             _refused(code, err, first.pid, run)
@@ -247,8 +257,13 @@ sys.exit(main(sys.argv[1:]))
 
 def test_second_export_into_the_same_folder_is_refused_and_a_killed_one_does_not_block(trained, tmp_path):
     out = tmp_path / "export" / "exp"
-    first = subprocess.Popen([sys.executable, "-c", _GATED_EXPORT, "export", str(trained), "--out", str(out)],
-                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = subprocess.Popen(
+        [sys.executable, "-c", _GATED_EXPORT, "export", str(trained), "--out", str(out)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert first.stdout.readline().strip() == "holding", first.stderr.read()
         attempts = refused = 0

@@ -32,8 +32,10 @@ def conv_macs(h_out: int, w_out: int, c_out: int, c_in: int, k: int = 3) -> int:
 # the first conv of stages 2 and 3 strides and takes the narrower input.
 BODY_MACS = (
     6 * conv_macs(8, 8, 4, 4)
-    + conv_macs(4, 4, 8, 4) + 5 * conv_macs(4, 4, 8, 8)
-    + conv_macs(2, 2, 16, 8) + 5 * conv_macs(2, 2, 16, 16)
+    + conv_macs(4, 4, 8, 4)
+    + 5 * conv_macs(4, 4, 8, 8)
+    + conv_macs(2, 2, 16, 8)
+    + 5 * conv_macs(2, 2, 16, 16)
 )
 STEM_MACS = 8 * 8 * 4 * 1 * 9  # 2304
 FC_MACS = 16 * 10
@@ -62,11 +64,14 @@ def test_totals_match_model():
     assert len({r.name for r in s.rows}) == len(s.rows)
 
 
-@pytest.mark.parametrize("quant,xnor,binary_input", [
-    ("FP", 0, 0),
-    ("W32A1", 0, BODY_MACS),
-    ("W1A1", BODY_MACS, 0),
-])
+@pytest.mark.parametrize(
+    "quant,xnor,binary_input",
+    [
+        ("FP", 0, 0),
+        ("W32A1", 0, BODY_MACS),
+        ("W1A1", BODY_MACS, 0),
+    ],
+)
 def test_binary_mac_share(quant, xnor, binary_input):
     s = summarize(tiny(quant), INPUT)
     assert s.xnor_macs == xnor
@@ -132,8 +137,9 @@ def test_relu_warning():
 
 def test_bias_and_unscaled_warnings():
     biased = nn.Sequential(
-        qnn.QuantConv2d(2, 4, 3, bias=True, weight_quant=BinaryWeightQuant, input_quant=BinaryActQuant,
-                        return_quant_tensor=False),
+        qnn.QuantConv2d(
+            2, 4, 3, bias=True, weight_quant=BinaryWeightQuant, input_quant=BinaryActQuant, return_quant_tensor=False
+        ),
         nn.BatchNorm2d(4),
     )
     s = summarize(biased, (2, 5, 5))
@@ -142,9 +148,17 @@ def test_bias_and_unscaled_warnings():
     assert rows(s)["0"].memory_bytes == 4 * 2 * 9 / 8 + 4 * 4 + 4 * 4  # weights, scales, bias
 
     unscaled = nn.Sequential(
-        qnn.QuantConv2d(2, 4, 3, bias=False, weight_quant=BinaryWeightQuant.let(scale_mode="none"),
-                        input_quant=BinaryActQuant, return_quant_tensor=False),
-        nn.Flatten(), nn.Linear(36, 3),
+        qnn.QuantConv2d(
+            2,
+            4,
+            3,
+            bias=False,
+            weight_quant=BinaryWeightQuant.let(scale_mode="none"),
+            input_quant=BinaryActQuant,
+            return_quant_tensor=False,
+        ),
+        nn.Flatten(),
+        nn.Linear(36, 3),
     )
     assert any("no BatchNorm" in w for w in summarize(unscaled, (2, 5, 5)).warnings)
     assert not any("no BatchNorm" in w for w in summarize(tiny("W1A1", weight_scale="none"), INPUT).warnings)

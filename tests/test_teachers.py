@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
+from conftest import make_image_folder
 
 from bnn_distill.cli import main
 from bnn_distill.errors import CheckpointError, RecipeError
@@ -18,17 +19,27 @@ from bnn_distill.models import classifier_keys, create_model, default_feature_la
 from bnn_distill.recipe import recipe_from_dict
 from bnn_distill.train import load_teacher, model_spec_dict, run_recipe
 
-from conftest import make_image_folder
-
 REPO = Path(__file__).resolve().parent.parent
 
 
 def _recipe(tmp_path, teacher, stages=None):
-    stages = stages or [{"name": "s1", "quant": "W32A1", "epochs": 1, "batch_size": 8,
-                         "losses": [{"name": "ce"}, {"name": "kd"}, {"name": "itrd_corr", "weight": 2.0}]}]
-    return {"name": "t", "output_dir": str(tmp_path / "runs"),
-            "data": {"dataset": "synthetic", "limit_train": 32, "limit_test": 16, "val_size": 8},
-            "teacher": teacher, "student": {"arch": "resnet18", "width_mult": 0.25}, "stages": stages}
+    stages = stages or [
+        {
+            "name": "s1",
+            "quant": "W32A1",
+            "epochs": 1,
+            "batch_size": 8,
+            "losses": [{"name": "ce"}, {"name": "kd"}, {"name": "itrd_corr", "weight": 2.0}],
+        }
+    ]
+    return {
+        "name": "t",
+        "output_dir": str(tmp_path / "runs"),
+        "data": {"dataset": "synthetic", "limit_train": 32, "limit_test": 16, "val_size": 8},
+        "teacher": teacher,
+        "student": {"arch": "resnet18", "width_mult": 0.25},
+        "stages": stages,
+    }
 
 
 def _tv_state(tmp_path, classes):
@@ -46,18 +57,23 @@ def test_a_torchvision_teacher_is_built_by_torchvision():
     assert classifier_keys(m) == ["fc.weight", "fc.bias"]
 
 
-@pytest.mark.parametrize("teacher, student, match", [
-    ({"arch": "torchvison:resnet18"}, None, "did you mean 'torchvision'"),
-    ({"arch": "torchvision:resnet81"}, None, "no model 'resnet81'"),
-    ({"arch": "torchvision:resnet18", "width_mult": 0.5}, None, "our own models only"),
-    ({"arch": "cifar_resnet20", "pretrained": True}, None, "torchvision:/timm: teachers only"),
-    ({"arch": "cifar_resnet20", "head": "fresh"}, None, "head"),
-    ({"arch": "torchvision:resnet18"}, {"arch": "torchvision:resnet18"}, "only the teacher"),
-])
+@pytest.mark.parametrize(
+    "teacher, student, match",
+    [
+        ({"arch": "torchvison:resnet18"}, None, "did you mean 'torchvision'"),
+        ({"arch": "torchvision:resnet81"}, None, "no model 'resnet81'"),
+        ({"arch": "torchvision:resnet18", "width_mult": 0.5}, None, "our own models only"),
+        ({"arch": "cifar_resnet20", "pretrained": True}, None, "torchvision:/timm: teachers only"),
+        ({"arch": "cifar_resnet20", "head": "fresh"}, None, "head"),
+        ({"arch": "torchvision:resnet18"}, {"arch": "torchvision:resnet18"}, "only the teacher"),
+    ],
+)
 def test_teacher_names_are_validated(tmp_path, teacher, student, match):
     d = _recipe(tmp_path, teacher)
-    d["stages"].insert(0, {"name": "teacher", "kind": "teacher", "quant": "FP", "epochs": 1, "batch_size": 8,
-                           "losses": [{"name": "ce"}]})
+    d["stages"].insert(
+        0,
+        {"name": "teacher", "kind": "teacher", "quant": "FP", "epochs": 1, "batch_size": 8, "losses": [{"name": "ce"}]},
+    )
     if student:
         d["student"] = student
     with pytest.raises(RecipeError, match=match):
@@ -86,8 +102,15 @@ def test_a_checkpoint_of_another_class_count_needs_head_reinit(tmp_path):
 
 def test_head_reinit_keeps_the_body_and_a_teacher_stage_fine_tunes_it(tmp_path, caplog):
     path, state = _tv_state(tmp_path, 1000)
-    teacher_stage = {"name": "teacher", "kind": "teacher", "quant": "FP", "epochs": 1, "batch_size": 8,
-                     "optimizer": {"name": "sgd", "lr": 1e-3}, "losses": [{"name": "ce"}]}
+    teacher_stage = {
+        "name": "teacher",
+        "kind": "teacher",
+        "quant": "FP",
+        "epochs": 1,
+        "batch_size": 8,
+        "optimizer": {"name": "sgd", "lr": 1e-3},
+        "losses": [{"name": "ce"}],
+    }
     d = _recipe(tmp_path, {"arch": "torchvision:resnet18", "checkpoint": str(path), "head": "reinit"})
     d["stages"].insert(0, teacher_stage)
     recipe = recipe_from_dict(d)
@@ -110,11 +133,20 @@ def test_the_imagenet_recipe_runs_a_few_steps_on_a_tiny_image_folder(tmp_path):
     torch.manual_seed(0)
     ckpt = tmp_path / "r34.pth"
     torch.save(torchvision.models.resnet34(num_classes=2).state_dict(), ckpt)
-    sets = [f"data.root={images}", "data.val_size=2", "data.num_workers=0", f"output_dir={tmp_path / 'runs'}",
-            "teacher.pretrained=false", f"teacher.checkpoint={ckpt}",
-            "stages.stage1.epochs=1", "stages.stage2.epochs=1", "stages.stage1.batch_size=4",
-            "stages.stage2.batch_size=4", "stages.stage1.schedule.milestones=[]",
-            "stages.stage2.schedule.milestones=[]"]
+    sets = [
+        f"data.root={images}",
+        "data.val_size=2",
+        "data.num_workers=0",
+        f"output_dir={tmp_path / 'runs'}",
+        "teacher.pretrained=false",
+        f"teacher.checkpoint={ckpt}",
+        "stages.stage1.epochs=1",
+        "stages.stage2.epochs=1",
+        "stages.stage1.batch_size=4",
+        "stages.stage2.batch_size=4",
+        "stages.stage1.schedule.milestones=[]",
+        "stages.stage2.schedule.milestones=[]",
+    ]
     argv = ["train", str(REPO / "recipes" / "resnet18_imagenet_binary.yaml"), "--no-progress"]
     for s in sets:
         argv += ["--set", s]

@@ -11,13 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import tiny_recipe_dict
 
 from bnn_distill.checkpoint import load_checkpoint
 from bnn_distill.errors import UserError
 from bnn_distill.recipe import recipe_from_dict
-from bnn_distill.train import TrainingDiverged, Trainer, run_recipe
-
-from conftest import tiny_recipe_dict
+from bnn_distill.train import Trainer, TrainingDiverged, run_recipe
 
 
 def _final_states(run_dir: Path):
@@ -173,8 +172,11 @@ def test_teacher_checkpoint_of_another_architecture_is_refused(tiny, tmp_path):
     first = recipe_from_dict(tiny)
     run_recipe(first, progress=False)
     d = tiny_recipe_dict(tmp_path / "second", name="wrong")
-    d["teacher"] = {"arch": "cifar_resnet20", "width_mult": 0.5,
-                    "checkpoint": str(first.run_dir / "checkpoints" / "teacher" / "last.pt")}
+    d["teacher"] = {
+        "arch": "cifar_resnet20",
+        "width_mult": 0.5,
+        "checkpoint": str(first.run_dir / "checkpoints" / "teacher" / "last.pt"),
+    }
     d["stages"] = d["stages"][1:]
     d["stages"][0].pop("init_from")
     with pytest.raises(UserError, match="does not match the model"):
@@ -182,8 +184,9 @@ def test_teacher_checkpoint_of_another_architecture_is_refused(tiny, tmp_path):
 
 
 def _cli(*args, cwd=None, env=None):
-    return subprocess.run([sys.executable, "-m", "bnn_distill", *args], capture_output=True, text=True, cwd=cwd,
-                          env=env, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "bnn_distill", *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=600
+    )
 
 
 def test_cli_train_eval_summary_as_a_user_runs_them(tiny, tmp_path):
@@ -222,6 +225,7 @@ def test_ddp_two_processes_gloo_matches_one_process(tmp_path):
     4-channel toy network slows learning visibly. Tolerance: every epoch's loss within 40% and
     both runs learning. (The exact equivalence of one DDP step is tested below.)
     """
+
     def recipe(out):
         d = tiny_recipe_dict(out, epochs=3, name="ddp")
         d["data"]["limit_train"] = 512
@@ -236,8 +240,18 @@ def test_ddp_two_processes_gloo_matches_one_process(tmp_path):
     path = tmp_path / "ddp.yaml"
     path.write_text(yaml.safe_dump(d))
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "bnn_distill", "train", str(path), "--no-progress"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "bnn_distill",
+        "train",
+        str(path),
+        "--no-progress",
+    ]
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
     run = tmp_path / "runs" / "ddp"
@@ -264,8 +278,13 @@ def test_ddp_step_equals_single_process_step(tmp_path):
     out = tmp_path / "ddp.pt"
     worker = Path(__file__).with_name("ddp_step_worker.py")
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          str(worker), str(out)], capture_output=True, text=True, env=env, timeout=600)
+    res = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(worker), str(out)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     model, x, y = model_and_batch()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)

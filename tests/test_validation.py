@@ -7,13 +7,12 @@ import json
 
 import pytest
 import torch
+from conftest import tiny_recipe_dict
 
 from bnn_distill.data import TensorImageDataset, build_splits, validation_indices
 from bnn_distill.errors import RecipeError
 from bnn_distill.recipe import recipe_from_dict
 from bnn_distill.train import run_recipe
-
-from conftest import tiny_recipe_dict
 
 
 def test_validation_indices_are_balanced_seeded_and_sorted():
@@ -55,13 +54,16 @@ def test_val_fraction_and_errors():
         build_splits("synthetic", val_size=n)
 
 
-@pytest.mark.parametrize("data, match", [
-    ({"val_size": 10, "val_fraction": 0.1}, "not both"),
-    ({"val_fraction": 0.9}, r"\(0, 0.5\]"),
-    ({"val_fraction": 0.0}, r"\(0, 0.5\]"),
-    ({"val_size": 0}, "val_size"),
-    ({"val_seed": -1}, "val_seed"),
-])
+@pytest.mark.parametrize(
+    "data, match",
+    [
+        ({"val_size": 10, "val_fraction": 0.1}, "not both"),
+        ({"val_fraction": 0.9}, r"\(0, 0.5\]"),
+        ({"val_fraction": 0.0}, r"\(0, 0.5\]"),
+        ({"val_size": 0}, "val_size"),
+        ({"val_seed": -1}, "val_seed"),
+    ],
+)
 def test_recipe_validates_the_split(tmp_path, data, match):
     d = tiny_recipe_dict(tmp_path)
     d["data"].pop("val_size")

@@ -28,14 +28,13 @@ from typing import Optional
 
 import pytest
 import yaml
+from conftest import tiny_recipe_dict
 
 from bnn_distill.checkpoint import atomic_save, atomic_write_bytes, load_checkpoint
 from bnn_distill.cli import main
 from bnn_distill.errors import WriteError
 from bnn_distill.recipe import recipe_from_dict
 from bnn_distill.train import run_recipe
-
-from conftest import tiny_recipe_dict
 
 REAL_FDOPEN = os.fdopen
 REAL_MKSTEMP = tempfile.mkstemp
@@ -125,7 +124,9 @@ def _assert_one_line(code: int, err: str, path: Path, name: str) -> None:
     assert code == 2, err[-3000:]
     assert "Traceback" not in err
     last = lines[-1]
-    assert re.match(rf"^error: cannot write {re.escape(str(path))}: .+ \({name}, errno {getattr(errno, name)}\)", last), last
+    assert re.match(
+        rf"^error: cannot write {re.escape(str(path))}: .+ \({name}, errno {getattr(errno, name)}\)", last
+    ), last
     assert sum(ln.startswith("error:") for ln in lines) == 1
 
 
@@ -159,8 +160,11 @@ def test_atomic_writers_keep_the_last_good_file(tmp_path, monkeypatch, code, wri
     import torch
 
     path = tmp_path / ("last.pt" if writer == "atomic_save" else "summary.json")
-    write = (lambda v: atomic_save({"v": torch.full((4096,), float(v))}, path)) if writer == "atomic_save" \
+    write = (
+        (lambda v: atomic_save({"v": torch.full((4096,), float(v))}, path))
+        if writer == "atomic_save"
         else (lambda v: atomic_write_bytes(path, json.dumps({"v": v}).encode() * 100))
+    )
     write(1)
     before = path.read_bytes()
     inj = Inject(monkeypatch, path.name, code)
@@ -247,8 +251,7 @@ def finished_if_needed(request, site, nth):
     return request.getfixturevalue("finished") if _needs_finished(site, nth) else None
 
 
-@pytest.mark.parametrize("site,nth", TRAIN_SITES,
-                         ids=[s for s, _ in TRAIN_SITES])
+@pytest.mark.parametrize("site,nth", TRAIN_SITES, ids=[s for s, _ in TRAIN_SITES])
 def test_train_full_disk(tmp_path, monkeypatch, site, nth, finished_if_needed):
     _train_case(tmp_path, monkeypatch, site, nth, errno.ENOSPC, finished_if_needed)
 
@@ -259,8 +262,7 @@ def test_train_read_only_folder(tmp_path, monkeypatch, site, nth, finished_if_ne
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("site,nth", TRAIN_SITES,
-                         ids=[s for s, _ in TRAIN_SITES])
+@pytest.mark.parametrize("site,nth", TRAIN_SITES, ids=[s for s, _ in TRAIN_SITES])
 def test_train_read_only_folder_every_site(tmp_path, monkeypatch, site, nth, finished_if_needed):
     _train_case(tmp_path, monkeypatch, site, nth, errno.EACCES, finished_if_needed)
 
@@ -396,8 +398,12 @@ def _can_mount() -> Optional[str]:
     if not shutil.which("unshare") or not shutil.which("mount"):
         return "no unshare/mount on this machine"
     try:
-        p = subprocess.run(["unshare", "-rm", "sh", "-c", "mount -t tmpfs -o size=64k tmpfs /mnt"],
-                           capture_output=True, text=True, timeout=60)
+        p = subprocess.run(
+            ["unshare", "-rm", "sh", "-c", "mount -t tmpfs -o size=64k tmpfs /mnt"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
     except (OSError, subprocess.SubprocessError) as e:
         return f"unshare failed: {e}"
     if p.returncode != 0:
@@ -419,18 +425,28 @@ def test_real_full_tmpfs_and_read_only_mount(tmp_path):
     script = tmp_path / "ns.py"
     script.write_text(_IN_NAMESPACE)
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
-    p = subprocess.run(["unshare", "-rm", sys.executable, str(script), str(mnt), str(recipe)],
-                       capture_output=True, text=True, timeout=900, env=env)
+    p = subprocess.run(
+        ["unshare", "-rm", sys.executable, str(script), str(mnt), str(recipe)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=env,
+    )
     line = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
     assert p.returncode == 0 and line, p.stderr[-3000:]
-    res = json.loads(line[0][len("RESULT "):])
-    assert re.match(rf"cannot write {re.escape(str(mnt / 'last.pt'))}: .*\(ENOSPC, errno 28\); the previous last.pt "
-                    "is kept", res["atomic"]), res["atomic"]
+    res = json.loads(line[0][len("RESULT ") :])
+    assert re.match(
+        rf"cannot write {re.escape(str(mnt / 'last.pt'))}: .*\(ENOSPC, errno 28\); the previous last.pt "
+        "is kept",
+        res["atomic"],
+    ), res["atomic"]
     assert res["atomic_files"] == ["last.pt"] and res["atomic_kept"] == 1000
     # the run fills the disk: one line with the path and ENOSPC, no temporary or torn file
     err = [ln for ln in res["train_err"].splitlines() if ln.strip()]
     assert res["train_rc"] == 2 and "Traceback" not in res["train_err"], res["train_err"][-3000:]
-    assert re.match(rf"^error: cannot write {re.escape(str(mnt))}/runs/full/\S+: .*\(ENOSPC, errno 28\)", err[-1]), err[-1]
+    assert re.match(rf"^error: cannot write {re.escape(str(mnt))}/runs/full/\S+: .*\(ENOSPC, errno 28\)", err[-1]), err[
+        -1
+    ]
     assert not [f for f in res["train_files"] if ".tmp" in f], res["train_files"]
     assert res["train_bad"] == []
     # read-only: resume cannot write its first file

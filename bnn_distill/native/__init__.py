@@ -55,8 +55,13 @@ def cache_dir() -> Path:
 
 def _header_dir(path: Path) -> Optional[Path]:
     """The folder holding ``onnxruntime_cxx_api.h`` at or under ``path`` (include/, include/onnxruntime/)."""
-    for cand in (path, path / "onnxruntime", path / "include", path / "include" / "onnxruntime",
-                 path / "usr" / "include" / "onnxruntime"):
+    for cand in (
+        path,
+        path / "onnxruntime",
+        path / "include",
+        path / "include" / "onnxruntime",
+        path / "usr" / "include" / "onnxruntime",
+    ):
         if (cand / HEADER).is_file() and (cand / "onnxruntime_c_api.h").is_file():
             return cand
     return None
@@ -74,26 +79,38 @@ def fetch_headers(dest: Path) -> Path:
     """Download Debian trixie's libonnxruntime-dev with a private apt setup; unpack its headers to ``dest``."""
     for tool in ("apt-get", "dpkg-deb"):
         if shutil.which(tool) is None:
-            raise NativeUnavailable(f"cannot fetch the onnxruntime headers: '{tool}' is not installed; "
-                                    "give --headers DIR (a folder with onnxruntime_cxx_api.h)")
+            raise NativeUnavailable(
+                f"cannot fetch the onnxruntime headers: '{tool}' is not installed; "
+                "give --headers DIR (a folder with onnxruntime_cxx_api.h)"
+            )
     if not Path(DEBIAN_KEYRING).is_file():
-        raise NativeUnavailable(f"cannot fetch the onnxruntime headers: no Debian keyring at {DEBIAN_KEYRING}; "
-                                "give --headers DIR")
+        raise NativeUnavailable(
+            f"cannot fetch the onnxruntime headers: no Debian keyring at {DEBIAN_KEYRING}; give --headers DIR"
+        )
     with tempfile.TemporaryDirectory(prefix="bnn-apt-") as tmp:
         t = Path(tmp)
         for sub in ("etc/sources.list.d", "etc/preferences.d", "state/lists/partial", "cache/archives/partial", "dl"):
             (t / sub).mkdir(parents=True, exist_ok=True)
         (t / "etc/sources.list").write_text(f"deb [signed-by={DEBIAN_KEYRING}] {DEBIAN_MIRROR} {DEBIAN_SUITE} main\n")
-        opts = [f"-oDir::Etc::sourcelist={t}/etc/sources.list", f"-oDir::Etc::sourceparts={t}/etc/sources.list.d",
-                f"-oDir::Etc::preferencesparts={t}/etc/preferences.d", f"-oDir::State={t}/state",
-                "-oDir::State::status=/dev/null", f"-oDir::Cache={t}/cache", "-oDebug::NoLocking=1",
-                "-oAPT::Get::List-Cleanup=0", "-qq"] + (["-oAPT::Sandbox::User=root"] if os.geteuid() == 0 else [])
+        opts = [
+            f"-oDir::Etc::sourcelist={t}/etc/sources.list",
+            f"-oDir::Etc::sourceparts={t}/etc/sources.list.d",
+            f"-oDir::Etc::preferencesparts={t}/etc/preferences.d",
+            f"-oDir::State={t}/state",
+            "-oDir::State::status=/dev/null",
+            f"-oDir::Cache={t}/cache",
+            "-oDebug::NoLocking=1",
+            "-oAPT::Get::List-Cleanup=0",
+            "-qq",
+        ] + (["-oAPT::Sandbox::User=root"] if os.geteuid() == 0 else [])
         for cmd in (["apt-get", *opts, "update"], ["apt-get", *opts, "download", DEBIAN_PACKAGE]):
             r = subprocess.run(cmd, cwd=t / "dl", capture_output=True, text=True)
             if r.returncode != 0:
                 last = (r.stderr.strip().splitlines() or ["no output"])[-1]
-                raise NativeUnavailable(f"cannot download {DEBIAN_PACKAGE} from Debian {DEBIAN_SUITE} ({last}); "
-                                        "give --headers DIR (a folder with onnxruntime_cxx_api.h)")
+                raise NativeUnavailable(
+                    f"cannot download {DEBIAN_PACKAGE} from Debian {DEBIAN_SUITE} ({last}); "
+                    "give --headers DIR (a folder with onnxruntime_cxx_api.h)"
+                )
         debs = sorted((t / "dl").glob(f"{DEBIAN_PACKAGE}_*.deb"))
         if not debs:
             raise NativeUnavailable(f"apt-get download left no {DEBIAN_PACKAGE} package; give --headers DIR")
@@ -122,8 +139,10 @@ def find_headers(headers: Optional[str] = None, download: bool = True) -> Path:
     if given:
         found = _header_dir(Path(given))
         if found is None:
-            raise NativeUnavailable(f"no {HEADER} in '{given}' (looked in it and its include/onnxruntime); "
-                                    "give the folder that holds the onnxruntime C/C++ API headers")
+            raise NativeUnavailable(
+                f"no {HEADER} in '{given}' (looked in it and its include/onnxruntime); "
+                "give the folder that holds the onnxruntime C/C++ API headers"
+            )
         return found
     cached = cache_dir() / "onnxruntime-headers"
     if _header_dir(cached) is not None:
@@ -141,8 +160,10 @@ def _compiler() -> str:
         return env
     cxx = shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
     if not cxx:
-        raise NativeUnavailable("no C++ compiler found (c++, g++ or clang++; or set CXX); "
-                                "install one (e.g. apt-get install g++) or use the standard export")
+        raise NativeUnavailable(
+            "no C++ compiler found (c++, g++ or clang++; or set CXX); "
+            "install one (e.g. apt-get install g++) or use the standard export"
+        )
     return cxx
 
 
@@ -159,8 +180,13 @@ def build(headers: Optional[str] = None, out: Optional[Path] = None, force: bool
         raise NativeUnavailable(f"onnxruntime headers in '{hdr}' are API version {api}; 17 or newer is needed")
     cxx = _compiler()
     key = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), " ".join(CXXFLAGS).encode(), _compiler_id(cxx).encode(),
-                 (hdr / "onnxruntime_c_api.h").read_bytes(), (hdr / HEADER).read_bytes()):
+    for part in (
+        SOURCE.read_bytes(),
+        " ".join(CXXFLAGS).encode(),
+        _compiler_id(cxx).encode(),
+        (hdr / "onnxruntime_c_api.h").read_bytes(),
+        (hdr / HEADER).read_bytes(),
+    ):
         key.update(part)
     target = Path(out) if out else cache_dir() / "native" / key.hexdigest()[:16] / LIB_NAME
     if target.is_file() and not force:
@@ -183,8 +209,9 @@ def library_path(headers: Optional[str] = None) -> Path:
     if given:
         p = Path(given)
         if not p.is_file():
-            raise NativeUnavailable(f"BNN_DISTILL_NATIVE_LIB='{given}' is not a file; unset it or build with "
-                                    "'bnn-distill build-native'")
+            raise NativeUnavailable(
+                f"BNN_DISTILL_NATIVE_LIB='{given}' is not a file; unset it or build with 'bnn-distill build-native'"
+            )
         return p
     return build(headers)
 
@@ -196,8 +223,12 @@ def info(lib: Path) -> Dict[str, str]:
     except OSError as e:
         raise NativeUnavailable(f"cannot load '{lib}': {e}") from None
     so.BnnDistillNativeIsa.restype = ctypes.c_char_p
-    return {"library": str(lib), "abi": str(so.BnnDistillNativeAbi()), "isa": so.BnnDistillNativeIsa().decode(),
-            "isa_override": os.environ.get("BNN_DISTILL_NATIVE_ISA", "")}
+    return {
+        "library": str(lib),
+        "abi": str(so.BnnDistillNativeAbi()),
+        "isa": so.BnnDistillNativeIsa().decode(),
+        "isa_override": os.environ.get("BNN_DISTILL_NATIVE_ISA", ""),
+    }
 
 
 def uses_native(model) -> bool:

@@ -58,8 +58,12 @@ class NativeLowering(IntLowering):
     def _pools_inside(b: nn.Module) -> bool:
         """Whether the op can apply the block's parameter-free shortcut (pool + zero channels) itself,
         on the conv's input: a Bi-Real block whose PadShortcut pools by the conv's stride."""
-        return bool(b.bireal and b.downsample is None and type(b.shortcut) is PadShortcut
-                    and b.shortcut.stride == b.conv1.stride[0] == b.conv1.stride[1])
+        return bool(
+            b.bireal
+            and b.downsample is None
+            and type(b.shortcut) is PadShortcut
+            and b.shortcut.stride == b.conv1.stride[0] == b.conv1.stride[1]
+        )
 
     def block(self, name: str, b: nn.Module, x: _T) -> _T:
         self._check_block(name, b)
@@ -85,15 +89,28 @@ class NativeLowering(IntLowering):
         sh, sw = conv.stride
         ph, pw = conv.padding if not isinstance(conv.padding, str) else (-1, -1)
         if kh != kw or sh != sw or ph != pw or (kh, ph) not in GEOMETRIES:
-            self._fail(name, f"kernel {conv.kernel_size}, stride {conv.stride}, padding {conv.padding}: the native "
-                       "runtime runs square 3x3/pad 1 and 1x1/pad 0 binary convs; use --runtime standard")
+            self._fail(
+                name,
+                f"kernel {conv.kernel_size}, stride {conv.stride}, padding {conv.padding}: the native "
+                "runtime runs square 3x3/pad 1 and 1x1/pad 0 binary convs; use --runtime standard",
+            )
         if conv.groups != 1 or tuple(conv.dilation) != (1, 1) or conv.padding_mode != "zeros" or conv.bias is not None:
-            self._fail(name, "groups, dilation, a padding mode or a bias the native runtime does not run; "
-                       "use --runtime standard")
+            self._fail(
+                name,
+                "groups, dilation, a padding mode or a bias the native runtime does not run; use --runtime standard",
+            )
         return kh, sh, ph
 
-    def native_conv(self, block: str, i: str, b: nn.Module, x: _T, residual: Optional[_T],
-                    pooled: Optional[nn.Module] = None, to_bits: bool = False) -> _T:
+    def native_conv(
+        self,
+        block: str,
+        i: str,
+        b: nn.Module,
+        x: _T,
+        residual: Optional[_T],
+        pooled: Optional[nn.Module] = None,
+        to_bits: bool = False,
+    ) -> _T:
         """conv{i} + bn{i} (+ residual) + act{i} of a block as one node (any activation the op does not
         clip runs after it). ``pooled``: the block's parameter-free shortcut, applied by the op to
         ``residual`` (the conv's input): average pool by the conv's stride, then zero channels.
@@ -108,8 +125,11 @@ class NativeLowering(IntLowering):
         q = wq.reshape(k, k, cin, n).transpose(3, 2, 0, 1)  # (N, Cin, kh, kw)
         thresholds = sign_thresholds(scale, shift, act, k * k * cin) if to_bits and residual is None else None
         g = self.g
-        ins = [x.name, g.init(f"{cname}.weight_bits", pack_weights(q)),
-               g.init(f"{cname}.border_correction", border_corrections(q, p))]
+        ins = [
+            x.name,
+            g.init(f"{cname}.weight_bits", pack_weights(q)),
+            g.init(f"{cname}.border_correction", border_corrections(q, p)),
+        ]
         if thresholds is not None:  # packed signs out: the next binary conv reads them directly
             return self._to_bits(block, i, b, x, ins, thresholds, _attrs(x, cin, n, k, s, p))
         ins += [g.init(f"{cname}.scale", scale), g.init(f"{bname}.shift", np.asarray(shift, dtype=np.float32))]
@@ -120,36 +140,61 @@ class NativeLowering(IntLowering):
         k, s, p = attrs["kernel"], attrs["stride"], attrs["pad"]
         return (x.h + 2 * p - k) // s + 1, (x.w + 2 * p - k) // s + 1
 
-    def _to_bits(self, block: str, i: str, b: nn.Module, x: _T, ins: List[str], thresholds: np.ndarray,
-                 attrs: Dict[str, int]) -> _T:
+    def _to_bits(
+        self, block: str, i: str, b: nn.Module, x: _T, ins: List[str], thresholds: np.ndarray, attrs: Dict[str, int]
+    ) -> _T:
         conv, bn, act = getattr(b, f"conv{i}"), getattr(b, f"bn{i}"), getattr(b, f"act{i}")
         cname, bname, aname = f"{block}.conv{i}", f"{block}.bn{i}", f"{block}.act{i}"
         ins = ins + [self.g.init(f"{bname}.sign_threshold", thresholds)]
         out = self.g.op(OP_TO_BITS, ins, f"{aname}/sign_bits", domain=DOMAIN, **attrs)
         y = _T(out, "bits", attrs["out_c"], *self._out_hw(x, attrs))
-        self._probe(f"{cname}+bn{i}+act+sign", _FusedConv(conv, bn, act, sign_out=True), [x], y, in_path=cname,
-                    out_path=aname)
+        self._probe(
+            f"{cname}+bn{i}+act+sign", _FusedConv(conv, bn, act, sign_out=True), [x], y, in_path=cname, out_path=aname
+        )
         return y
 
-    def _to_float(self, block: str, i: str, b: nn.Module, x: _T, ins: List[str], residual: Optional[_T],
-                  pooled: Optional[nn.Module], attrs: Dict[str, int]) -> _T:
+    def _to_float(
+        self,
+        block: str,
+        i: str,
+        b: nn.Module,
+        x: _T,
+        ins: List[str],
+        residual: Optional[_T],
+        pooled: Optional[nn.Module],
+        attrs: Dict[str, int],
+    ) -> _T:
         conv, bn, act = getattr(b, f"conv{i}"), getattr(b, f"bn{i}"), getattr(b, f"act{i}")
         cname, bname, aname = f"{block}.conv{i}", f"{block}.bn{i}", f"{block}.act{i}"
         n, (ho, wo) = attrs["out_c"], self._out_hw(x, attrs)
         if residual is not None:
             want = (x.c, x.h, x.w) if pooled is not None else (n, ho, wo)
-            if (residual.layout, residual.c, residual.h, residual.w) != ("flat",) + want \
-                    or (pooled and attrs["in_c"] > attrs["out_c"]):
+            if (residual.layout, residual.c, residual.h, residual.w) != ("flat",) + want or (
+                pooled and attrs["in_c"] > attrs["out_c"]
+            ):
                 self._fail(f"{block}/add{i}", f"residual shapes differ: {residual} vs {want}")
             ins = ins + [residual.name]
         lo, hi, fused = _fused_activation(act)
         op = OP_FROM_BITS if x.layout == "bits" else OP  # the previous node handed packed signs on
-        out = self.g.op(op, ins, aname if fused else bname, domain=DOMAIN, **attrs,
-                        act=int(fused and type(act) is not nn.Identity), act_min=lo, act_max=hi,
-                        residual=int(pooled is not None))
+        out = self.g.op(
+            op,
+            ins,
+            aname if fused else bname,
+            domain=DOMAIN,
+            **attrs,
+            act=int(fused and type(act) is not nn.Identity),
+            act_min=lo,
+            act_max=hi,
+            residual=int(pooled is not None),
+        )
         y = _T(out, "flat", n, ho, wo)
         ref = _FusedConv(conv, bn, act if fused else nn.Identity(), pooled)
-        self._probe(f"{cname}+bn{i}" + ("+add" if residual is not None else "") + ("+act" if fused else ""),
-                    ref, [x] + ([residual] if residual is not None else []), y, in_path=cname,
-                    out_path=aname if fused else bname)
+        self._probe(
+            f"{cname}+bn{i}" + ("+add" if residual is not None else "") + ("+act" if fused else ""),
+            ref,
+            [x] + ([residual] if residual is not None else []),
+            y,
+            in_path=cname,
+            out_path=aname if fused else bname,
+        )
         return y if fused else self.act(aname, act, y)
