@@ -78,8 +78,7 @@ def pick_balanced(labels: np.ndarray, per_class: int, rng: np.random.Generator) 
 
     ``labels`` (N,) ints in ``0..NUM_CLASSES-1``; returns (NUM_CLASSES * per_class,) int64.
     """
-    picks = [rng.choice(np.flatnonzero(labels == c), size=per_class, replace=False)
-             for c in range(NUM_CLASSES)]
+    picks = [rng.choice(np.flatnonzero(labels == c), size=per_class, replace=False) for c in range(NUM_CLASSES)]
     return np.sort(np.concatenate(picks)).astype(np.int64)
 
 
@@ -124,16 +123,18 @@ def write_npz(arrays: dict[str, np.ndarray], out: Path) -> None:
 def main(argv: list[str] | None = None) -> None:
     """Command line entry point: build the subset, write it, log sha256 of inputs and output."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--src", type=Path, default=DEFAULT_SRC,
-                        help="folder with Debian's Fashion-MNIST *-ubyte.gz files")
+    parser.add_argument(
+        "--src", type=Path, default=DEFAULT_SRC, help="folder with Debian's Fashion-MNIST *-ubyte.gz files"
+    )
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="npz file to write")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     missing = [name for name in FILES.values() if not (args.src / name).is_file()]
     if missing:
-        parser.error(f"{args.src}: missing {', '.join(missing)}; "
-                     "install it with: apt-get install dataset-fashion-mnist")
+        parser.error(
+            f"{args.src}: missing {', '.join(missing)}; install it with: apt-get install dataset-fashion-mnist"
+        )
     for name in FILES.values():
         log.info("%s  %s", sha256(args.src / name), args.src / name)
     arrays = build_subset(args.src)
