@@ -245,60 +245,16 @@ def run_bench(
     if not roles:
         raise UserError(f"'{export_dir}' lists no models in its manifest")
     _check_files(export_dir, [manifest["models"][r]["file"] for r in roles])
-    native_info: Dict[str, Any] = {}
-    if "student_native" in roles:
-        try:
-            lib = native.library_path()
-            native_info = native.info(lib)
-            family = {"avx512_vpopcntdq": "avx512", "avx2": "avx2"}.get(native_info.get("isa", ""))
-            peak = native.peak_ns_per_step_isa(lib, family) if family else None  # the kernels this session runs
-            if peak is not None:
-                native_file = export_dir / manifest["models"]["student_native"]["file"]
-                steps = native.vector_steps(onnx.load(str(native_file)))
-                # the minimum of several runs: on a shared machine single readings vary by 2x
-                peak = min([peak] + [native.peak_ns_per_step_isa(lib, family) for _ in range(5)])
-                native_info.update(
-                    vector_steps_per_image=steps, peak_ns_per_step=peak, floor_ms_per_image=steps * peak * 1e-6
-                )
-        except native.NativeUnavailable as e:  # the other rows are still worth measuring
-            roles.remove("student_native")
-            native_info = {"skipped": str(e)}
-            log.warning("native row skipped: %s", e)
-    ov_info: Dict[str, Any] = {}
-    want_ov = openvino_rt.available() if openvino is None else bool(openvino)
-    if want_ov and "teacher" not in roles:
-        if openvino:
-            raise UserError(f"--openvino: '{export_dir}' has no teacher file to run in OpenVINO")
-        want_ov = False
-    if want_ov:
-        if not openvino_rt.available():
-            raise UserError("--openvino: OpenVINO is not installed; pip install 'bnn-distill[peers]'")
-        ov_info = {
-            "version": openvino_rt.version(),
-            "file": manifest["models"]["teacher"]["file"],
-            "config": dict(openvino_rt.CONFIG),
-        }
+    native_info = _native_info(export_dir, manifest, roles)
+    ov_info = _openvino_info(export_dir, manifest, roles, openvino)
     threads = list(dict.fromkeys(threads or [1, os.cpu_count() or 1]))
     batches = list(dict.fromkeys(batches))
-    for name, vals in (("--batch", batches), ("--threads", threads)):
-        if any(int(v) < 1 for v in vals):
-            raise UserError(f"{name}: {vals} must all be >= 1")
-    if repeats is not None and repeats < 1:
-        raise UserError(f"--repeats: {repeats} must be >= 1")
-    if burst < 1:
-        raise UserError(f"--burst: {burst} must be >= 1")
+    _check_settings(batches, threads, repeats, burst)
     c, h, w = manifest["input"]["shape"][1:]
     rng = np.random.default_rng(seed)
     mach = machine()
     log.info("bench %s on %s (%s cores), load %s", export_dir, mach["cpu"], mach["cores"], mach.get("load_average"))
-    fused = {}
-    for role in roles:
-        counts = optimized_op_counts(export_dir / manifest["models"][role]["file"])
-        fused[role] = {
-            "op_counts": counts,
-            "MatMulIntegerToFloat": fused_integer_matmuls(counts),
-            "fused_ops": {k: v for k, v in counts.items() if ":" in k},
-        }
+    fused = {role: _fusion(export_dir / manifest["models"][role]["file"]) for role in roles}
     results: List[Dict[str, Any]] = []
     bar = tqdm(total=len(threads) * len(batches), desc="bench", unit="setting", leave=False, disable=not progress)
     for t in threads:
@@ -314,36 +270,18 @@ def run_bench(
                 ov_info.setdefault("compiled", {})[f"{t} threads"] = ov_sess.properties()
                 timed[OPENVINO_ROLE] = ov_sess
             times = time_interleaved(timed, x, repeats, warmup, budget_s, burst=burst)
-            row: Dict[str, Any] = {"batch": int(b), "threads": int(t), "models": {}}
-            for role in timed:
-                warm, cold = split_burst(times[role], burst)
-                row["models"][role] = {**_percentiles(warm), "cold_p50_ms": _percentiles(cold)["p50_ms"]}
-            if "teacher" in row["models"]:
-                base = row["models"]["teacher"]["p50_ms"]
-                cold_base = row["models"]["teacher"]["cold_p50_ms"]
-                for role in timed:
-                    row["models"][role]["speedup_vs_teacher"] = base / row["models"][role]["p50_ms"]
-                    row["models"][role]["cold_speedup_vs_teacher"] = cold_base / row["models"][role]["cold_p50_ms"]
-            if "student_native" in roles and native_info.get("floor_ms_per_image"):
-                nat = row["models"]["student_native"]
-                nat["floor_ms"] = native_info["floor_ms_per_image"] * int(b) / int(t)
-                nat["fraction_of_floor"] = nat["floor_ms"] / nat["p50_ms"]
+            row = _setting_row(times, int(b), int(t), burst, native_info)
             results.append(row)
             bar.update(1)
-            log.info(
-                "batch %d, %d threads: %s",
-                b,
-                t,
-                ", ".join(f"{role} {row['models'][role]['p50_ms']:.2f} ms" for role in timed),
-            )
+            latencies = ", ".join(f"{role} {s['p50_ms']:.2f} ms" for role, s in row["models"].items())
+            log.info("batch %d, %d threads: %s", b, t, latencies)
     bar.close()
-    mach_end = machine().get("load_average")
     report: Dict[str, Any] = {
         "export": str(export_dir),
         "run": manifest.get("run"),
         "stage": manifest.get("stage"),
         "input": manifest["input"],
-        "machine": {**mach, "load_average_end": mach_end},
+        "machine": {**mach, "load_average_end": machine().get("load_average")},
         "method": {
             "interleaved": True,
             "warmup_rounds": warmup,
@@ -364,6 +302,93 @@ def run_bench(
         report["openvino"] = ov_info
     if accuracy:
         report["accuracy"] = onnx_accuracy(export_dir, manifest, data_root, roles, progress=progress)
+    _write_report(export_dir, report)
+    return report
+
+
+def _native_info(export_dir: Path, manifest: Dict[str, Any], roles: List[str]) -> Dict[str, Any]:
+    """The native library and its instruction-throughput floor; drops the native row from ``roles``
+    (with a note) when the library cannot load here."""
+    if "student_native" not in roles:
+        return {}
+    try:
+        lib = native.library_path()
+        info = native.info(lib)
+        family = {"avx512_vpopcntdq": "avx512", "avx2": "avx2"}.get(info.get("isa", ""))
+        peak = native.peak_ns_per_step_isa(lib, family) if family else None  # the kernels this session runs
+        if peak is not None:
+            steps = native.vector_steps(onnx.load(str(export_dir / manifest["models"]["student_native"]["file"])))
+            # the minimum of several runs: on a shared machine single readings vary by 2x
+            peak = min([peak] + [native.peak_ns_per_step_isa(lib, family) for _ in range(5)])
+            info.update(vector_steps_per_image=steps, peak_ns_per_step=peak, floor_ms_per_image=steps * peak * 1e-6)
+        return info
+    except native.NativeUnavailable as e:  # the other rows are still worth measuring
+        roles.remove("student_native")
+        log.warning("native row skipped: %s", e)
+        return {"skipped": str(e)}
+
+
+def _openvino_info(
+    export_dir: Path, manifest: Dict[str, Any], roles: List[str], openvino: Optional[bool]
+) -> Dict[str, Any]:
+    """What the OpenVINO row runs (empty: no row); ``openvino=True`` without it is a one-line error."""
+    want = openvino_rt.available() if openvino is None else bool(openvino)
+    if want and "teacher" not in roles:
+        if openvino:
+            raise UserError(f"--openvino: '{export_dir}' has no teacher file to run in OpenVINO")
+        return {}
+    if not want:
+        return {}
+    if not openvino_rt.available():
+        raise UserError("--openvino: OpenVINO is not installed; pip install 'bnn-distill[peers]'")
+    file = manifest["models"]["teacher"]["file"]
+    return {"version": openvino_rt.version(), "file": file, "config": dict(openvino_rt.CONFIG)}
+
+
+def _check_settings(batches: List[int], threads: List[int], repeats: Optional[int], burst: int) -> None:
+    for name, vals in (("--batch", batches), ("--threads", threads)):
+        if any(int(v) < 1 for v in vals):
+            raise UserError(f"{name}: {vals} must all be >= 1")
+    if repeats is not None and repeats < 1:
+        raise UserError(f"--repeats: {repeats} must be >= 1")
+    if burst < 1:
+        raise UserError(f"--burst: {burst} must be >= 1")
+
+
+def _fusion(path: Path) -> Dict[str, Any]:
+    """The node counts of onnxruntime's optimized graph, and which ops it fused."""
+    counts = optimized_op_counts(path)
+    return {
+        "op_counts": counts,
+        "MatMulIntegerToFloat": fused_integer_matmuls(counts),
+        "fused_ops": {k: v for k, v in counts.items() if ":" in k},
+    }
+
+
+def _setting_row(
+    times: Dict[str, List[float]], batch: int, threads: int, burst: int, native_info: Dict[str, Any]
+) -> Dict[str, Any]:
+    """One (batch, threads) row: warm and cold percentiles per model, ratios to the onnxruntime
+    teacher, and the native model's fraction of its floor."""
+    row: Dict[str, Any] = {"batch": batch, "threads": threads, "models": {}}
+    for role, ms in times.items():
+        warm, cold = split_burst(ms, burst)
+        row["models"][role] = {**_percentiles(warm), "cold_p50_ms": _percentiles(cold)["p50_ms"]}
+    models = row["models"]
+    if "teacher" in models:
+        base, cold_base = models["teacher"]["p50_ms"], models["teacher"]["cold_p50_ms"]
+        for s in models.values():
+            s["speedup_vs_teacher"] = base / s["p50_ms"]
+            s["cold_speedup_vs_teacher"] = cold_base / s["cold_p50_ms"]
+    if "student_native" in models and native_info.get("floor_ms_per_image"):
+        nat = models["student_native"]
+        nat["floor_ms"] = native_info["floor_ms_per_image"] * batch / threads
+        nat["fraction_of_floor"] = nat["floor_ms"] / nat["p50_ms"]
+    return row
+
+
+def _write_report(export_dir: Path, report: Dict[str, Any]) -> None:
+    """bench.json, bench.md and (with matplotlib) bench.png, each atomically; never an old plot."""
     from .plots import PlotsUnavailable
 
     try:
@@ -377,7 +402,6 @@ def run_bench(
     atomic_write_bytes(export_dir / BENCH_MD, markdown(report).encode())
     if png is not None:
         atomic_write_bytes(export_dir / BENCH_PNG, png)
-    return report
 
 
 def markdown(r: Dict[str, Any]) -> str:
