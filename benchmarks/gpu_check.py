@@ -457,7 +457,8 @@ def _make_configs(
     compile_backend: Optional[str] = None,
     rec: Optional[Rec] = None,
 ):
-    """The step configurations of the recipe, keyed by label; a configuration that fails to build is recorded and skipped."""
+    """The step configurations of the recipe, keyed by label; a configuration that fails to build is recorded
+    and skipped."""
     import dataclasses
 
     import torch
@@ -1166,7 +1167,8 @@ SECTIONS: Dict[str, Callable] = {
 
 
 def estimate(results: Dict[str, Any]) -> Dict[str, Any]:
-    """Wall time of the paper's recipe from the measured throughputs (an estimate: no data loading, no checkpoint I/O)."""
+    """Wall time of the paper's recipe from the measured throughputs (an estimate: no data loading, no checkpoint
+    I/O)."""
     steps = results.get("steps", {})
     rows = steps.get("rows", {})
     ev = steps.get("eval_images_per_s", {})
@@ -1232,7 +1234,8 @@ def findings(results: Dict[str, Any]) -> List[str]:
         elif any(r.get("term_dtypes") for r in rows.values()):
             feats = {r.get("feature_dtype") for r in rows.values() if r.get("feature_dtype")}
             f.append(
-                f"OK every loss term is float32 under autocast {amp} (features hooked as {sorted(feats)}, cast by the criterion)"
+                f"OK every loss term is float32 under autocast {amp} (features hooked as {sorted(feats)}, "
+                "cast by the criterion)"
             )
         w1, ns = rows.get("W1A1 ITRD (stage2)", {}), rows.get("W1A1 ITRD, tau without host sync (diagnostic)", {})
         s1 = (w1.get("syncs_per_step") or {}).get("count")
@@ -1240,7 +1243,10 @@ def findings(results: Dict[str, Any]) -> List[str]:
         if s1 is not None:
             gain = ""
             if w1.get("median_ms") and ns.get("median_ms"):
-                gain = f"; the step without them: {ns['median_ms']:.2f} ms against {w1['median_ms']:.2f} ms ({w1['median_ms'] / ns['median_ms']:.3f}x)"
+                gain = (
+                    f"; the step without them: {ns['median_ms']:.2f} ms against {w1['median_ms']:.2f} ms "
+                    f"({w1['median_ms'] / ns['median_ms']:.3f}x)"
+                )
             level = "ISSUE" if s2 is not None and s1 > s2 else "OK"
             f.append(
                 f"{level} W1A1 step: {s1} host syncs per step ({s2} with tau read as a Python float); sources "
@@ -1281,7 +1287,8 @@ def findings(results: Dict[str, Any]) -> List[str]:
     if ex.get("checkpoint_plain_load_without_map_location"):
         f.append(
             "OK checkpoints written on CUDA hold CUDA tensors (a plain torch.load on a CPU-only process fails: "
-            f"{ex['checkpoint_plain_load_without_map_location'][:90]}...); the library loads with map_location='cpu' and the export ran"
+            f"{ex['checkpoint_plain_load_without_map_location'][:90]}...); the library loads with map_location='cpu' "
+            "and the export ran"
         )
     if ex.get("parity_passed") is False or (ex.get("rc") not in (None, 0)):
         f.append(f"ISSUE export of the GPU-trained run: rc {ex.get('rc')}, parity passed {ex.get('parity_passed')}")
@@ -1289,8 +1296,10 @@ def findings(results: Dict[str, Any]) -> List[str]:
     if probe.get("batch_dependent"):
         f.append(
             "ISSUE bnn_distill/export.py check_parity: the failing images' PyTorch logits depend on the batch size "
-            f"({[(r['image'], round(r['torch_batch_vs_alone'], 4)) for r in probe['images']]}: batch of {probe['batch']} vs alone), "
-            "and alone they equal the ONNX graph's; diagnose() re-runs PyTorch on the failing images alone, sees no sign "
+            f"({[(r['image'], round(r['torch_batch_vs_alone'], 4)) for r in probe['images']]}: "
+            f"batch of {probe['batch']} vs alone), "
+            "and alone they equal the ONNX graph's; diagnose() re-runs PyTorch on the failing images alone, "
+            "sees no sign "
             "flip and calls the difference 'unexplained'. Fix: take the flips from the parity pass's own batch"
         )
     for q, m in results.get("compile", {}).get("models", {}).items():
@@ -1299,8 +1308,10 @@ def findings(results: Dict[str, Any]) -> List[str]:
             f.append(f"NOTE torch.compile of the {q} student failed: {err.get('type')}: {err.get('message', '')[:200]}")
         elif m.get("speedup"):
             f.append(
-                f"NOTE torch.compile ({results['compile'].get('backend')}) of the {q} student: {m['speedup']:.2f}x the eager "
-                f"step after {m.get('first_step_s')} s of compilation; graph breaks {sum(m.get('graph_breaks', {}).values())}"
+                f"NOTE torch.compile ({results['compile'].get('backend')}) of the {q} student: "
+                f"{m['speedup']:.2f}x the eager "
+                f"step after {m.get('first_step_s')} s of compilation; "
+                f"graph breaks {sum(m.get('graph_breaks', {}).values())}"
             )
     return f
 
@@ -1322,13 +1333,16 @@ def render_md(report: Dict[str, Any]) -> str:
     L = [
         f"# bnn-distill GPU check{' (CPU smoke)' if meta['smoke'] else ''}",
         "",
-        f"GPU: **{env.get('gpu', 'none')}** ({env.get('gpu_memory_gib', '-')} GiB, capability {env.get('capability', '-')}, "
-        f"bf16 {env.get('bf16_supported', '-')}; nvidia-smi: {env.get('nvidia_smi', '-')}). torch {env.get('torch', '-')} "
+        f"GPU: **{env.get('gpu', 'none')}** ({env.get('gpu_memory_gib', '-')} GiB, "
+        f"capability {env.get('capability', '-')}, "
+        f"bf16 {env.get('bf16_supported', '-')}; nvidia-smi: {env.get('nvidia_smi', '-')}). "
+        f"torch {env.get('torch', '-')} "
         f"(CUDA {env.get('torch_cuda', '-')}, cuDNN {env.get('cudnn', '-')}, NCCL {env.get('nccl', '-')}), brevitas "
         f"{env.get('brevitas', '-')}, onnxruntime {env.get('onnxruntime', '-')}, Python {env.get('python', '-')}, "
         f"{env.get('cpu_count', '-')} CPUs, commit {env.get('git_commit', '-')}.",
         "",
-        f"Started {meta['started']}, {meta['wall_s']:.0f} s of a {meta['budget_s']:.0f} s budget; device {meta['device']}, "
+        f"Started {meta['started']}, {meta['wall_s']:.0f} s of a {meta['budget_s']:.0f} s budget; "
+        f"device {meta['device']}, "
         f"width x{meta['width_mult']}.",
         "",
         "| section | status | s |",
@@ -1351,15 +1365,18 @@ def render_md(report: Dict[str, Any]) -> str:
             f"({s.get('arch')} x{s.get('width_mult')}; medians of {s.get('rounds')} interleaved rounds of "
             f"{s.get('steps_per_round')} steps)",
             "",
-            "| configuration | ms/step | images/s | vs W1A1 ITRD | step transient MiB | static MiB | syncs/step | loss first -> last |",
+            "| configuration | ms/step | images/s | vs W1A1 ITRD | step transient MiB | static MiB | syncs/step "
+            "| loss first -> last |",
             "|---|---:|---:|---:|---:|---:|---:|---|",
         ]
         for k, r in s["rows"].items():
             sy = (r.get("syncs_per_step") or {}).get("count")
             L.append(
-                f"| {k} | {_fmt(r.get('median_ms'), 2)} | {_fmt(r.get('images_per_s'), 0)} | {_fmt(r.get('vs_w1a1_itrd'), 3)} | "
+                f"| {k} | {_fmt(r.get('median_ms'), 2)} | {_fmt(r.get('images_per_s'), 0)} | "
+                f"{_fmt(r.get('vs_w1a1_itrd'), 3)} | "
                 f"{_fmt(r.get('step_transient_mib'))} | {_fmt(r.get('static_mib'))} | {_fmt(sy)} | "
-                f"{_fmt(r.get('loss_first'), 4)} -> {_fmt(r.get('loss_last'), 4)}{'' if r.get('finite', True) else ' NON-FINITE'} |"
+                f"{_fmt(r.get('loss_first'), 4)} -> {_fmt(r.get('loss_last'), 4)}"
+                f"{'' if r.get('finite', True) else ' NON-FINITE'} |"
             )
         ev = s.get("eval_images_per_s", {})
         L += [
@@ -1377,7 +1394,8 @@ def render_md(report: Dict[str, Any]) -> str:
             f"Wall {_fmt(r.get('wall_s'))} s; peak GPU memory {_fmt(r.get('peak_gpu_gib'), 2)} GiB allocated, "
             f"{_fmt(r.get('peak_gpu_reserved_gib'), 2)} GiB reserved.",
             "",
-            "| stage | quant | every term logged | finite | loss first -> last epoch | terms, last epoch | trainer images/s | test top-1 |",
+            "| stage | quant | every term logged | finite | loss first -> last epoch | terms, last epoch "
+            "| trainer images/s | test top-1 |",
             "|---|---|---|---|---|---|---:|---:|",
         ]
         ips = {st["name"]: st.get("images_per_s") for st in r.get("summary_stages", [])}
@@ -1386,7 +1404,8 @@ def render_md(report: Dict[str, Any]) -> str:
             terms = ", ".join(f"{t}={last.get(t):.4f}" for t in m["terms_expected"] if isinstance(last.get(t), float))
             L.append(
                 f"| {st} | {m['quant']} | {m['every_term_logged']} | {m['finite']} | {_fmt(m['loss_first'], 4)} -> "
-                f"{_fmt(m['loss_last'], 4)} ({'down' if m['loss_down'] else 'NOT down' if m['loss_down'] is False else '-'}) | "
+                f"{_fmt(m['loss_last'], 4)} "
+                f"({'down' if m['loss_down'] else 'NOT down' if m['loss_down'] is False else '-'}) | "
                 f"{terms} | {_fmt(ips.get(st), 0)} | {_fmt(last.get('test_top1'), 2)} |"
             )
     t = res.get("torchrun", {})
@@ -1395,19 +1414,20 @@ def render_md(report: Dict[str, Any]) -> str:
             "",
             "## torchrun --nproc_per_node=1, SIGTERM, --resume",
             "",
-            "| variant | process group | SIGTERM after s | first rc | interrupted | resume rc | epochs logged | passed |",
+            "| variant | process group | SIGTERM after s | first rc | interrupted | resume rc | epochs logged "
+            "| passed |",
             "|---|---|---:|---:|---|---:|---|---|",
         ]
         for v, x in t["variants"].items():
             if x.get("error") or x.get("skipped"):
-                L.append(
-                    f"| {v} | {x.get('skipped') or x['error'].get('type') + ': ' + x['error'].get('message', '')[:100]} | | | | | | False |"
-                )
+                why = x.get("skipped") or x["error"].get("type") + ": " + x["error"].get("message", "")[:100]
+                L.append(f"| {v} | {why} | | | | | | False |")
                 continue
             fi, re_ = x.get("first", {}), x.get("resume", {})
             L.append(
                 f"| {v} | {'; '.join(fi.get('process_group') or []) or 'none'} | {_fmt(x.get('sigterm_after_s'), 2)} | "
-                f"{fi.get('rc')} | {(fi.get('interrupted_line') or '-')[:160]} | {re_.get('rc')} | {re_.get('epochs_logged')} | {x.get('passed')} |"
+                f"{fi.get('rc')} | {(fi.get('interrupted_line') or '-')[:160]} | {re_.get('rc')} | "
+                f"{re_.get('epochs_logged')} | {x.get('passed')} |"
             )
     e = res.get("export", {})
     if e.get("command"):
@@ -1416,7 +1436,8 @@ def render_md(report: Dict[str, Any]) -> str:
             "## Export on CPU",
             "",
             f"`{e['command']}` (CUDA visible to the exporting process: {e.get('cuda_visible_here')}): "
-            f"rc {e.get('rc')}, parity passed **{e.get('parity_passed')}** on {e.get('images')} images, {_fmt(e.get('wall_s'))} s; "
+            f"rc {e.get('rc')}, parity passed **{e.get('parity_passed')}** on {e.get('images')} images, "
+            f"{_fmt(e.get('wall_s'))} s; "
             f"{e.get('fused')}/{e.get('binary_convs')} binary convs fused into MatMulIntegerToFloat.",
             "",
         ]
@@ -1424,13 +1445,15 @@ def render_md(report: Dict[str, Any]) -> str:
             L += ["| model | top-1 agree | max logit diff | tol |", "|---|---:|---:|---:|"]
             for role, m in e["models"].items():
                 L.append(
-                    f"| {role} | {m.get('top1_agree')}/{m.get('n')} | {_fmt(m.get('max_abs_diff'), 6)} | {_fmt(m.get('atol'), 6)} |"
+                    f"| {role} | {m.get('top1_agree')}/{m.get('n')} | {_fmt(m.get('max_abs_diff'), 6)} | "
+                    f"{_fmt(m.get('atol'), 6)} |"
                 )
     c = res.get("compile", {})
     if c.get("models"):
         L += [
             "",
-            f"## torch.compile of the student (backend {c.get('backend')}, {c.get('amp_dtype')}, batch {c.get('batch')})",
+            f"## torch.compile of the student (backend {c.get('backend')}, {c.get('amp_dtype')}, "
+            f"batch {c.get('batch')})",
             "",
             "| student | status | first step (compile) s | eager ms | compiled ms | speed-up | graph breaks |",
             "|---|---|---:|---:|---:|---:|---|",
@@ -1441,7 +1464,8 @@ def render_md(report: Dict[str, Any]) -> str:
             if err:
                 st = f"error: {err.get('type')}: {err.get('message', '')[:150]}"
             L.append(
-                f"| {q} | {st} | {_fmt(m.get('first_step_s'))} | {_fmt(m.get('eager_ms'), 2)} | {_fmt(m.get('compiled_ms'), 2)} | "
+                f"| {q} | {st} | {_fmt(m.get('first_step_s'))} | {_fmt(m.get('eager_ms'), 2)} | "
+                f"{_fmt(m.get('compiled_ms'), 2)} | "
                 f"{_fmt(m.get('speedup'), 3)} | {m.get('graph_breaks') if m.get('graph_breaks') is not None else '-'} |"
             )
     est = report.get("estimate", {})
@@ -1454,8 +1478,10 @@ def render_md(report: Dict[str, Any]) -> str:
                 "| schedule | estimated hours |",
                 "|---|---:|",
                 f"| 600 epochs W1A1 ITRD (the paper's single stage) | {_fmt(est.get('single_stage_600_w1a1_h'), 2)} |",
-                f"| 300 W32A1 + 300 W1A1 ITRD (resnet18_binary.yaml's students) | {_fmt(est.get('two_stage_300_300_h'), 2)} |",
-                f"| + 200-epoch FP teacher (resnet18_binary.yaml in full) | {_fmt(est.get('resnet18_binary_yaml_total_h'), 2)} |",
+                "| 300 W32A1 + 300 W1A1 ITRD (resnet18_binary.yaml's students) | "
+                f"{_fmt(est.get('two_stage_300_300_h'), 2)} |",
+                "| + 200-epoch FP teacher (resnet18_binary.yaml in full) | "
+                f"{_fmt(est.get('resnet18_binary_yaml_total_h'), 2)} |",
             ]
             if est.get("single_stage_600_w1a1_compiled_h"):
                 L.append(
@@ -1463,7 +1489,8 @@ def render_md(report: Dict[str, Any]) -> str:
                 )
             if est.get("single_stage_600_from_trainer_h"):
                 L.append(
-                    f"| 600 epochs W1A1, from {est.get('trainer_note')} | {_fmt(est['single_stage_600_from_trainer_h'], 2)} |"
+                    f"| 600 epochs W1A1, from {est.get('trainer_note')} | "
+                    f"{_fmt(est['single_stage_600_from_trainer_h'], 2)} |"
                 )
     return "\n".join(L) + "\n"
 

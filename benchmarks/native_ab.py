@@ -9,7 +9,8 @@ the first call of each burst is dropped (warm numbers, as ``bnn-distill bench`` 
     python benchmarks/native_ab.py --threads 1 2 --rounds 200 \\
         --variant teacher=export/r18/teacher_fp32.onnx \\
         --variant old=export/r18/student_binary_native.onnx,lib=/tmp/old/libold.so \\
-        --variant new=export/r18/student_binary_native.onnx,lib=$(python -c 'from bnn_distill import native; print(native.library_path())')
+        --variant new=export/r18/student_binary_native.onnx,lib=$(python -c \\
+            'from bnn_distill import native; print(native.library_path())')
 
 Prints p50 / p90 per (variant, threads) and every variant's p50 ratio to the first one; ``--json``
 writes the numbers. Pause anything else that runs on the machine first.

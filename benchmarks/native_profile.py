@@ -107,7 +107,8 @@ def main() -> None:
         "",
         f"Machine: {report['machine']['cpu']}, {report['machine']['cores']} cores, onnxruntime "
         f"{report['machine']['onnxruntime']}; kernels {kind or isa}; step (512 binary MACs) "
-        f"{peak:.3f} ns (measured floor of the {kind or isa} register tile). Mean kernel time per run over {args.runs} profiled runs "
+        f"{peak:.3f} ns (measured floor of the {kind or isa} register tile). "
+        f"Mean kernel time per run over {args.runs} profiled runs "
         "(onnxruntime profiler, intra-op threads not spinning).",
         "",
     ]

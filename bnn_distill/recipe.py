@@ -74,7 +74,8 @@ class DataConfig:
         _positive(f"{path}.val_seed", self.val_seed, allow_zero=True)
         if self.root is not None and not Path(self.root).expanduser().exists() and not self.download:
             raise RecipeError(
-                f"{path}.root: folder '{self.root}' does not exist; give an existing folder or set {path}.download: true"
+                f"{path}.root: folder '{self.root}' does not exist; "
+                f"give an existing folder or set {path}.download: true"
             )
 
 
@@ -144,7 +145,8 @@ class ModelConfig:
             _one_of(f"{path}.shortcut", self.shortcut, SHORTCUTS)
         if self.checkpoint is not None and not Path(self.checkpoint).expanduser().is_file():
             raise RecipeError(
-                f"{path}.checkpoint: file '{self.checkpoint}' does not exist; give a checkpoint written by bnn-distill or a torchvision state dict"
+                f"{path}.checkpoint: file '{self.checkpoint}' does not exist; "
+                "give a checkpoint written by bnn-distill or a torchvision state dict"
             )
 
     def model_kwargs(self) -> Dict[str, Any]:
@@ -246,7 +248,8 @@ class StageConfig:
             t.check(f"{path}.losses[{i}]")
             if t.name in names[:i]:
                 raise RecipeError(
-                    f"{path}.losses[{i}].name: '{t.name}' is already listed at losses[{names.index(t.name)}]; list each term once"
+                    f"{path}.losses[{i}].name: '{t.name}' is already listed at losses[{names.index(t.name)}]; "
+                    "list each term once"
                 )
         if self.kind == "teacher":
             from .losses import LOSSES
@@ -306,14 +309,16 @@ class Recipe:
                 if st.init_from not in seen:
                     valid = [s for s in seen if s != "teacher"] + ["teacher"]
                     raise RecipeError(
-                        f"{path}.init_from: no earlier stage named '{st.init_from}'{closest(st.init_from, valid)}; valid: {choices(valid)} or null"
+                        f"{path}.init_from: no earlier stage named '{st.init_from}'{closest(st.init_from, valid)}; "
+                        f"valid: {choices(valid)} or null"
                     )
             seen.append(st.name)
         needs_teacher = any(self._stage_needs_teacher(st) for st in self.stages)
         loaded = self.teacher.checkpoint is not None or self.teacher.pretrained
         if needs_teacher and not has_teacher_stage and not loaded:
             raise RecipeError(
-                "teacher: a stage distils from a teacher but there is none; add a first stage with kind: teacher or set teacher.checkpoint"
+                "teacher: a stage distils from a teacher but there is none; "
+                "add a first stage with kind: teacher or set teacher.checkpoint"
             )
         if self.teacher.head == "reinit" and not has_teacher_stage:
             raise RecipeError(
@@ -331,7 +336,8 @@ class Recipe:
                 if diff:
                     raise RecipeError(
                         f"stages[{i}].init_from: 'teacher' needs the student built like the teacher, but "
-                        f"student.{diff[0]} ({getattr(s, diff[0])!r}) differs from teacher.{diff[0]} ({getattr(t, diff[0])!r})"
+                        f"student.{diff[0]} ({getattr(s, diff[0])!r}) "
+                        f"differs from teacher.{diff[0]} ({getattr(t, diff[0])!r})"
                     )
         self._check_feature_layers()
 
@@ -604,7 +610,8 @@ def _list_index(node: List[Any], part: str, where: str) -> int:
         return names.index(part)
     named = [n for n in names if n]
     raise RecipeError(
-        f"--set {where}: no item named '{part}'{closest(part, named)}; valid: a name ({choices(named)}) or an index 0..{len(node) - 1}"
+        f"--set {where}: no item named '{part}'{closest(part, named)}; "
+        f"valid: a name ({choices(named)}) or an index 0..{len(node) - 1}"
     )
 
 

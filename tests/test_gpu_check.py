@@ -146,19 +146,22 @@ def test_the_budget_skips_sections_it_cannot_fit(tmp_path):
 
 def _gpu_like_results():
     """Results shaped as the CUDA run writes them (numbers invented), for the report code."""
-    row = lambda ms, syncs=None, **kw: {
-        "median_ms": ms,
-        "images_per_s": 256 / (ms / 1000),
-        "finite": True,
-        "term_dtypes": {"ce": "torch.float32", "loss": "torch.float32", "logits": "torch.bfloat16"},
-        "feature_dtype": "torch.bfloat16",
-        "step_transient_mib": 900.0,
-        "static_mib": 180.0,
-        "syncs_per_step": syncs,
-        "loss_first": 3.0,
-        "loss_last": 2.0,
-        **kw,
-    }
+
+    def row(ms, syncs=None, **kw):
+        return {
+            "median_ms": ms,
+            "images_per_s": 256 / (ms / 1000),
+            "finite": True,
+            "term_dtypes": {"ce": "torch.float32", "loss": "torch.float32", "logits": "torch.bfloat16"},
+            "feature_dtype": "torch.bfloat16",
+            "step_transient_mib": 900.0,
+            "static_mib": 180.0,
+            "syncs_per_step": syncs,
+            "loss_first": 3.0,
+            "loss_last": 2.0,
+            **kw,
+        }
+
     return {
         "env": {
             "status": "ok",
@@ -216,7 +219,9 @@ def _gpu_like_results():
             "command": "bnn-distill export x",
             "rc": 2,
             "parity_passed": False,
-            "checkpoint_plain_load_without_map_location": "RuntimeError: Attempting to deserialize object on a CUDA device",
+            "checkpoint_plain_load_without_map_location": (
+                "RuntimeError: Attempting to deserialize object on a CUDA device"
+            ),
             "failed_images_probe": {
                 "batch": 256,
                 "atol": 0.003,

@@ -24,9 +24,12 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import Dict, Optional
+from typing import TYPE_CHECKING, Dict, Optional
 
 from ..errors import UserError
+
+if TYPE_CHECKING:
+    import numpy as np
 
 DOMAIN = "ai.bnn_distill"
 OP = "BinaryConv2d"  # float in, float out
