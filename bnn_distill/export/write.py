@@ -252,9 +252,9 @@ def export_run(run_dir, out: Optional[str] = None, stage: Optional[str] = None, 
             raise UserError(f"the teacher stage of {run} has no checkpoint ({tpath})")
         teacher, _ = model_from_checkpoint(tpath)
     elif recipe.teacher.checkpoint is not None:
-        from ..train import model_spec  # the teacher's spec as training builds it (train is heavy)
+        from ..trainer import model_spec_dict  # the teacher's spec as training builds it (trainer is heavy)
 
-        teacher = create_model(**model_spec(recipe, recipe.teacher, "FP", spec["num_classes"], spec["in_chans"]))
+        teacher = create_model(**model_spec_dict(recipe, recipe.teacher, "FP", spec["num_classes"], spec["in_chans"]))
         load_model_state(teacher, state_dict_of(load_checkpoint(recipe.teacher.checkpoint)),
                          f"teacher.checkpoint '{recipe.teacher.checkpoint}'")
     d = recipe.data
