@@ -32,7 +32,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ap.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = ap.add_subparsers(dest="command", metavar="COMMAND")
+    _add_train(sub)
+    _add_eval(sub)
+    _add_summary(sub)
+    _add_export(sub)
+    _add_bench(sub)
+    _add_predict(sub)
+    _add_build_native(sub)
+    return ap
 
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
     t = sub.add_parser("train", help="run every stage of a recipe (teacher, W32A1, W1A1)")
     t.add_argument("recipe", help="YAML recipe, e.g. recipes/quick_fmnist.yaml")
     t.add_argument(
@@ -51,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-progress", action="store_true", help="no progress bars (one log line per epoch)")
     _add_common(t)
 
+
+def _add_eval(sub: argparse._SubParsersAction) -> None:
     e = sub.add_parser("eval", help="top-1/top-5 of a run's final model or of a checkpoint on the test split")
     e.add_argument("target", help="run folder (runs/NAME) or checkpoint file (.pt)")
     e.add_argument("--stage", help="stage to evaluate in a run folder (default: the last)")
@@ -59,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--no-progress", action="store_true", help="no progress bar (shown only on a terminal anyway)")
     _add_common(e)
 
+
+def _add_summary(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser("summary", help="per-layer bit-widths, parameters, MACs and memory")
     s.add_argument("target", help="recipe (.yaml), run folder or checkpoint (.pt)")
     s.add_argument("--stage", help="only this stage's model")
@@ -66,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="print JSON")
     _add_common(s)
 
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
     x = sub.add_parser(
         "export", help="export a run's binary student, FP32 student and teacher to ONNX, with a parity check"
     )
@@ -95,6 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_common(x)
 
+
+def _add_bench(sub: argparse._SubParsersAction) -> None:
     b = sub.add_parser("bench", help="onnxruntime latency and accuracy of an export folder, models side by side")
     b.add_argument("export_dir", help="export folder written by 'bnn-distill export'")
     b.add_argument("--batch", type=int, nargs="+", default=[1, 32], metavar="N", help="batch sizes (default: 1 32)")
@@ -131,6 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--no-progress", action="store_true", help="no progress bars (shown only on a terminal)")
     _add_common(b)
 
+
+def _add_predict(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("predict", help="classify images (PNG/JPEG or .npy) with an export folder's binary student")
     p.add_argument("export_dir", help="export folder written by 'bnn-distill export'")
     p.add_argument("images", nargs="+", metavar="IMAGE", help="PNG/JPEG images or .npy arrays")
@@ -152,6 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, metavar="N", help="onnxruntime intra-op threads (default: onnxruntime's)")
     _add_common(p)
 
+
+def _add_build_native(sub: argparse._SubParsersAction) -> None:
     n = sub.add_parser(
         "build-native", help="build the native onnxruntime custom-op library (XNOR-popcount binary conv)"
     )
@@ -163,7 +185,6 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--out", help="write the library here instead of the cache folder")
     n.add_argument("--force", action="store_true", help="rebuild even if a build for this source exists")
     _add_common(n)
-    return ap
 
 
 def _version() -> str:

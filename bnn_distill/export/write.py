@@ -100,29 +100,58 @@ def export_models(student: nn.Module, student_spec: Dict[str, Any], out_dir, inf
     native_info = None
     if runtime == "native":
         native_info = native.info(native.library_path())  # fails here, before any work, when unavailable
+    models = _models_to_export(student, student_spec, teacher, runtime)
+    if data is None:
+        data = parity_inputs(info.input_shape)
+    protos, results = {}, {}
+    for role, mdl in models.items():
+        protos[role], results[role] = _lower_and_check(role, mdl, info, data, strict_top1, progress)
+    parity = _parity_report(student, info, data, protos, results, progress)
+    _write_parity(out, parity, results)
+    # Until the new manifest lands last, the folder is not a finished export: an interrupted
+    # rewrite must not leave an old manifest vouching for a mix of old and new model files.
+    for name in (MANIFEST, *STALE_FILES, *(f for r, f in MODEL_FILES.items() if r not in protos)):
+        (out / name).unlink(missing_ok=True)
+    files = {role: _write_model(out, role, proto, results[role], info) for role, proto in protos.items()}
+    manifest = _manifest(student, info, protos, files, runtime, native_info)
+    for stale in STALE_FILES:  # a benchmark of the models this export replaced
+        (out / stale).unlink(missing_ok=True)
+    atomic_write_bytes(out / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
+    return manifest
+
+
+def _models_to_export(student: nn.Module, student_spec: Dict[str, Any], teacher: Optional[nn.Module],
+                      runtime: str) -> Dict[str, nn.Module]:
+    """The models by role, in the order they are lowered and written."""
     student.eval()
     models: Dict[str, nn.Module] = {"student_binary": student, "student_fp32": student_fp32(student, student_spec)}
     if teacher is not None:
         models["teacher"] = teacher.eval()
     if runtime == "native":
         models["student_native"] = student
-    if data is None:
-        data = parity_inputs(info.input_shape)
-    protos, results = {}, {}
-    for role, mdl in models.items():
-        proto, probes = lower(mdl, info.input_shape, name=f"{info.run}_{role}", native=role == "student_native")
-        onnx.checker.check_model(proto, full_check=True)
-        if role != "student_native":
-            check_default_domain(proto)
-        res = check_parity(role, mdl, proto, probes, data, strict_top1=strict_top1, progress=progress)
-        results[role] = res
-        protos[role] = proto
-        log.info("parity %s: top-1 %d/%d, max |logit diff| %.3g (tol %.3g)%s", role, res.top1_agree, res.n,
-                 res.max_abs_diff, res.atol, "" if res.passed else " FAILED")
-        if res.passed and res.top1_changed_by_flips:
-            log.warning("%s: %d image(s) change top-1 through a sign taken of a value within float32 rounding of 0 "
-                        "(PyTorch's float conv vs the exact integer sum; listed in parity.json); --strict-top1 "
-                        "makes this fail the export", role, len(res.top1_changed_by_flips))
+    return models
+
+
+def _lower_and_check(role: str, mdl: nn.Module, info: ExportInfo, data, strict_top1: bool, progress: bool):
+    """One model lowered to ONNX, checked, and its parity with PyTorch measured (and logged)."""
+    proto, probes = lower(mdl, info.input_shape, name=f"{info.run}_{role}", native=role == "student_native")
+    onnx.checker.check_model(proto, full_check=True)
+    if role != "student_native":
+        check_default_domain(proto)
+    res = check_parity(role, mdl, proto, probes, data, strict_top1=strict_top1, progress=progress)
+    log.info("parity %s: top-1 %d/%d, max |logit diff| %.3g (tol %.3g)%s", role, res.top1_agree, res.n,
+             res.max_abs_diff, res.atol, "" if res.passed else " FAILED")
+    if res.passed and res.top1_changed_by_flips:
+        log.warning("%s: %d image(s) change top-1 through a sign taken of a value within float32 rounding of 0 "
+                    "(PyTorch's float conv vs the exact integer sum; listed in parity.json); --strict-top1 "
+                    "makes this fail the export", role, len(res.top1_changed_by_flips))
+    return proto, res
+
+
+def _parity_report(student: nn.Module, info: ExportInfo, data, protos: Dict[str, Any], results: Dict[str, Any],
+                   progress: bool) -> Dict[str, Any]:
+    """The content of ``parity.json``: each model's parity, the binary convs onnxruntime fused, and
+    (native) the native graph against the standard one."""
     counts = optimized_op_counts(protos["student_binary"])
     n_binary = sum(1 for _, m_ in student.named_modules() if isinstance(m_, nn.Conv2d) and is_w1a1(m_))
     fused = fused_integer_matmuls(counts)
@@ -142,6 +171,11 @@ def export_models(student: nn.Module, student_spec: Dict[str, Any], out_dir, inf
         log.info("native vs standard integer graph: top-1 identical on %d/%d images, max |logit diff| %.3g",
                  parity["native_vs_standard"]["top1_agree"], parity["native_vs_standard"]["n"],
                  parity["native_vs_standard"]["max_abs_diff"])
+    return parity
+
+
+def _write_parity(out: Path, parity: Dict[str, Any], results: Dict[str, Any]) -> None:
+    """Write ``parity.json``; when a model failed, first remove the export it was to replace, then raise."""
     failed = [r for r in results.values() if not r.passed]
     if failed:  # the folder no longer holds a finished export: only the report of why
         for name in (MANIFEST, *MODEL_FILES.values(), *STALE_FILES):
@@ -149,31 +183,33 @@ def export_models(student: nn.Module, student_spec: Dict[str, Any], out_dir, inf
     atomic_write_bytes(out / PARITY, (json.dumps(parity, indent=2) + "\n").encode())
     if failed:
         raise ExportError(parity_message(failed[0]) + f"; see {out / PARITY}")
-    # Until the new manifest lands last, the folder is not a finished export: an interrupted
-    # rewrite must not leave an old manifest vouching for a mix of old and new model files.
-    for name in (MANIFEST, *STALE_FILES, *(f for r, f in MODEL_FILES.items() if r not in protos)):
-        (out / name).unlink(missing_ok=True)
-    files = {}
-    for role, proto in protos.items():
-        r = results[role]
-        meta = {"bnn_distill.role": role, "bnn_distill.run": info.run, "bnn_distill.stage": info.stage,
-                "bnn_distill.quant": info.quant if role in ("student_binary", "student_native") else "FP",
-                "bnn_distill.runtime": "native" if role == "student_native" else "standard",
-                "bnn_distill.recipe": info.recipe_yaml,
-                "bnn_distill.test_top1": "" if r.onnx_top1 is None else f"{r.onnx_top1:.4f}",
-                "bnn_distill.parity": json.dumps({"top1_agree": r.top1_agree, "n": r.n,
-                                                  "max_abs_diff": r.max_abs_diff})}
-        del proto.metadata_props[:]
-        for k, v in meta.items():
-            entry = proto.metadata_props.add()
-            entry.key, entry.value = k, v
-        blob = proto.SerializeToString()
-        atomic_write_bytes(out / MODEL_FILES[role], blob)
-        files[role] = {"file": MODEL_FILES[role], "bytes": len(blob), "sha256": _sha256(blob),
-                       "test_top1": r.onnx_top1, "torch_test_top1": None if r.onnx_top1 is None else r.torch_top1}
+
+
+def _write_model(out: Path, role: str, proto, r, info: ExportInfo) -> Dict[str, Any]:
+    """Write one model with its metadata; returns its entry in the manifest's ``models``."""
+    meta = {"bnn_distill.role": role, "bnn_distill.run": info.run, "bnn_distill.stage": info.stage,
+            "bnn_distill.quant": info.quant if role in ("student_binary", "student_native") else "FP",
+            "bnn_distill.runtime": "native" if role == "student_native" else "standard",
+            "bnn_distill.recipe": info.recipe_yaml,
+            "bnn_distill.test_top1": "" if r.onnx_top1 is None else f"{r.onnx_top1:.4f}",
+            "bnn_distill.parity": json.dumps({"top1_agree": r.top1_agree, "n": r.n,
+                                              "max_abs_diff": r.max_abs_diff})}
+    del proto.metadata_props[:]
+    for k, v in meta.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = k, v
+    blob = proto.SerializeToString()
+    atomic_write_bytes(out / MODEL_FILES[role], blob)
+    return {"file": MODEL_FILES[role], "bytes": len(blob), "sha256": _sha256(blob),
+            "test_top1": r.onnx_top1, "torch_test_top1": None if r.onnx_top1 is None else r.torch_top1}
+
+
+def _manifest(student: nn.Module, info: ExportInfo, protos: Dict[str, Any], files: Dict[str, Dict[str, Any]],
+              runtime: str, native_info) -> Dict[str, Any]:
+    """The content of ``manifest.json``."""
     c, h, w = info.input_shape
     n_classes = protos["student_binary"].graph.output[0].type.tensor_type.shape.dim[1].dim_value
-    manifest = {
+    return {
         "format": EXPORT_FORMAT, "run": info.run, "run_dir": info.run_dir, "fingerprint": info.fingerprint,
         "stage": info.stage, "quant": info.quant, "opset": OPSET, "ir_version": IR_VERSION,
         "input": {"name": INPUT_NAME, "shape": ["batch", c, h, w], "dtype": "float32", "layout": "NCHW"},
@@ -186,10 +222,6 @@ def export_models(student: nn.Module, student_spec: Dict[str, Any], out_dir, inf
         "parity_passed": True, "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "versions": _versions(),
     }
-    for stale in STALE_FILES:  # a benchmark of the models this export replaced
-        (out / stale).unlink(missing_ok=True)
-    atomic_write_bytes(out / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
-    return manifest
 
 
 def file_sizes(student: nn.Module, input_shape: Sequence[int], files: Dict[str, Dict[str, Any]]) -> Dict[str, Any]:
