@@ -113,12 +113,14 @@ class _Graph:
     def indices(self, base: str, idx: np.ndarray, key: Tuple) -> str:
         """Gather indices, one copy per ``key``: stored in the smallest unsigned type that holds them
         and cast to int32 in the graph (a constant subgraph: onnxruntime folds it when the session loads)."""
+
         def make() -> str:
             top = int(idx.max()) if idx.size else 0
             small = next((t for t in (np.uint8, np.uint16) if top <= np.iinfo(t).max), None)
             if small is None:
                 return self.init(base, idx.astype(np.int32))
             return self.op("Cast", [self.init(base, idx.astype(small))], f"{base}/int32", to=_onnx_dtype(np.int32))
+
         return self.shared(("indices",) + key, make)
 
     def sign_matrix(self, base: str, q: np.ndarray) -> str:
@@ -133,14 +135,16 @@ class _Graph:
         rows = self.op("Gather", [table, idx], f"{base}/unpack", axis=0)  # (bytes, 8)
         if pad:
             rows = self.op("Reshape", [rows, self.const([-1], np.int64)], f"{base}/flat")
-            rows = self.op("Slice", [rows, self.const([0], np.int64), self.const([flat.size], np.int64)],
-                           f"{base}/trim")
+            rows = self.op(
+                "Slice", [rows, self.const([0], np.int64), self.const([flat.size], np.int64)], f"{base}/trim"
+            )
         return self.op("Reshape", [rows, self.const(list(q.shape), np.int64)], base)
 
 
 #: Row ``b`` holds the 8 bits of byte ``b`` (least significant first) as +-1 (1 for a set bit's -1).
-_SIGN_TABLE = np.where(np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1, bitorder="little") == 1,
-                       -1, 1).astype(np.int8)
+_SIGN_TABLE = np.where(
+    np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1, bitorder="little") == 1, -1, 1
+).astype(np.int8)
 
 
 def im2col_indices(h: int, w: int, kh: int, kw: int, sh: int, sw: int, ph: int, pw: int) -> np.ndarray:

@@ -19,7 +19,7 @@ from onnx import TensorProto, helper
 
 from ..manifest import INPUT_NAME, OUTPUT_NAME
 from ..models import BasicBlock, PadShortcut, ResNet
-from .graph import IR_VERSION, OPSET, ExportError, Probe, _Graph, _pool_out, _T, _version
+from .graph import _T, IR_VERSION, OPSET, ExportError, Probe, _Graph, _pool_out, _version
 from .weights import bn_affine, conv_kind, float_weight
 
 
@@ -60,8 +60,9 @@ class Lowering:
     def _fail(self, name: str, what: str):
         raise ExportError(f"cannot lower layer '{name}': {what}")
 
-    def _probe(self, name: str, module: nn.Module, inputs: List[_T], out: _T, in_path: str = "",
-               out_path: str = "") -> None:
+    def _probe(
+        self, name: str, module: nn.Module, inputs: List[_T], out: _T, in_path: str = "", out_path: str = ""
+    ) -> None:
         self.probes.append(Probe(name, module, inputs, out, in_path, out_path))
 
     def _per_channel(self, name: str, values: np.ndarray, t: _T) -> str:
@@ -85,8 +86,9 @@ class Lowering:
         if m.groups != 1 or tuple(m.dilation) != (1, 1):
             self._fail(name, f"groups={m.groups}, dilation={tuple(m.dilation)} (only groups=1, dilation=1 lower)")
         if m.padding_mode != "zeros" or isinstance(m.padding, str):
-            self._fail(name, f"padding={m.padding!r}, padding_mode={m.padding_mode!r} "
-                       "(only explicit zero padding lowers)")
+            self._fail(
+                name, f"padding={m.padding!r}, padding_mode={m.padding_mode!r} (only explicit zero padding lowers)"
+            )
         if kind != "FP" and m.bias is not None:
             self._fail(name, "a quantised conv with a bias")
         return kind
@@ -127,10 +129,15 @@ class Lowering:
         self._check_bn(name, m, x.c)
         g = self.g
         with torch.no_grad():
-            ins = [x.name] + [g.init(f"{name}.{k}", float_weight(t)) for k, t in (
-                ("weight", m.weight if m.weight is not None else torch.ones(x.c)),
-                ("bias", m.bias if m.bias is not None else torch.zeros(x.c)),
-                ("running_mean", m.running_mean), ("running_var", m.running_var))]
+            ins = [x.name] + [
+                g.init(f"{name}.{k}", float_weight(t))
+                for k, t in (
+                    ("weight", m.weight if m.weight is not None else torch.ones(x.c)),
+                    ("bias", m.bias if m.bias is not None else torch.zeros(x.c)),
+                    ("running_mean", m.running_mean),
+                    ("running_var", m.running_var),
+                )
+            ]
         out = _T(g.op("BatchNormalization", ins, name, epsilon=float(m.eps)), x.layout, x.c, x.h, x.w)
         self._probe(name, m, [x], out)
         return out
@@ -162,8 +169,9 @@ class Lowering:
                 slope = slope.reshape(-1, 1, 1)
             y = g.op("PRelu", [x.name, g.init(f"{name}.weight", slope)], name)
         else:
-            self._fail(name, f"activation {type(m).__name__} has no lowering "
-                       "(supported: ReLU, Hardtanh, PReLU, Identity)")
+            self._fail(
+                name, f"activation {type(m).__name__} has no lowering (supported: ReLU, Hardtanh, PReLU, Identity)"
+            )
         out = _T(y, x.layout, x.c, x.h, x.w)
         self._probe(name, m, [x], out)
         return out
@@ -176,8 +184,15 @@ class Lowering:
         k, s, p = (v if isinstance(v, int) else v[0] for v in (mp.kernel_size, mp.stride, mp.padding))
         if mp.dilation not in (1, (1, 1)):
             self._fail(name, "dilation")
-        y = self.g.op("MaxPool", [x.name], name, kernel_shape=[k, k], strides=[s, s], pads=[p, p, p, p],
-                      ceil_mode=int(mp.ceil_mode))
+        y = self.g.op(
+            "MaxPool",
+            [x.name],
+            name,
+            kernel_shape=[k, k],
+            strides=[s, s],
+            pads=[p, p, p, p],
+            ceil_mode=int(mp.ceil_mode),
+        )
         return _T(y, "nchw", x.c, _pool_out(x.h, k, s, p, mp.ceil_mode), _pool_out(x.w, k, s, p, mp.ceil_mode))
 
     # -- the body: the target's
@@ -215,8 +230,11 @@ class Lowering:
         if s > 1:
             y, h, w = self._shortcut_pool(name, y, x, s)
         if m.extra:
-            y = g.op("Pad", [y, g.const(self._channel_pads(m.extra), np.int64), g.const(0.0, np.float32)],
-                     f"{name}/pad_channels")
+            y = g.op(
+                "Pad",
+                [y, g.const(self._channel_pads(m.extra), np.int64), g.const(0.0, np.float32)],
+                f"{name}/pad_channels",
+            )
         out = _T(y, x.layout, x.c + m.extra, h, w)
         self._probe(name, m, [x], out)
         return out
@@ -300,12 +318,15 @@ class Lowering:
         final = g.op("Identity", [self.head(x)], OUTPUT_NAME)
         assert final == OUTPUT_NAME
         graph = helper.make_graph(
-            g.nodes, self.name,
+            g.nodes,
+            self.name,
             [helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, ["batch", c, h, w])],
             [helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, ["batch", self.num_classes])],
-            g.inits)
-        model = helper.make_model(graph, opset_imports=self.opsets(),
-                                  producer_name="bnn-distill", producer_version=_version())
+            g.inits,
+        )
+        model = helper.make_model(
+            graph, opset_imports=self.opsets(), producer_name="bnn-distill", producer_version=_version()
+        )
         model.ir_version = IR_VERSION
         return model
 
@@ -320,8 +341,9 @@ class FloatLowering(Lowering):
         return self._bn_nchw(name, m, x)
 
     def _shortcut_pool(self, name: str, y: str, x: _T, s: int) -> Tuple[str, int, int]:
-        y = self.g.op("AveragePool", [y], f"{name}/avgpool", kernel_shape=[s, s], strides=[s, s], ceil_mode=1,
-                      count_include_pad=0)
+        y = self.g.op(
+            "AveragePool", [y], f"{name}/avgpool", kernel_shape=[s, s], strides=[s, s], ceil_mode=1, count_include_pad=0
+        )
         return y, _pool_out(x.h, s, s), _pool_out(x.w, s, s)
 
     def _channel_pads(self, extra: int) -> List[int]:

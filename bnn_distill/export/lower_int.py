@@ -13,7 +13,7 @@ from typing import List, Optional, Tuple
 import numpy as np
 import torch.nn as nn
 
-from .graph import _pool_out, _T, im2col_indices
+from .graph import _T, _pool_out, im2col_indices
 from .lower import Lowering
 from .weights import binary_weight_matrix, bn_affine, float_weight, is_w1a1
 
@@ -54,15 +54,17 @@ class IntLowering(Lowering):
             idx = idx[:, 0]
         if (idx == x.h * x.w).any():
             src = g.op("Pad", [src, g.const([0, 0, 0, 0, 1, 0], np.int64), pad_value], f"{name}/pad")
-        index = g.indices(f"im2col_index_{x.h}x{x.w}_k{kh}x{kw}_s{sh}x{sw}_p{ph}x{pw}", idx,
-                          ("im2col", x.h, x.w, kh, kw, sh, sw, ph, pw))  # shared by the layers of one geometry
+        index = g.indices(
+            f"im2col_index_{x.h}x{x.w}_k{kh}x{kw}_s{sh}x{sw}_p{ph}x{pw}",
+            idx,
+            ("im2col", x.h, x.w, kh, kw, sh, sw, ph, pw),
+        )  # shared by the layers of one geometry
         cols = g.op("Gather", [src, index], f"{name}/im2col", axis=1)
         if kh * kw == 1:
             return cols
         return g.op("Reshape", [cols, g.const([0, idx.shape[0], kh * kw * x.c], np.int64)], f"{name}/cols")
 
-    def conv(self, name: str, m: nn.Module, x: _T, bn_scale: Optional[np.ndarray] = None,
-             probe: bool = True) -> _T:
+    def conv(self, name: str, m: nn.Module, x: _T, bn_scale: Optional[np.ndarray] = None, probe: bool = True) -> _T:
         """im2col and a ``MatMul``: integer for a W1A1 conv (``bn_scale`` folded into its weight scale),
         float for an FP or W32A1 one (e.g. a full-precision downsample conv)."""
         kind = self._check_conv(name, m)
@@ -79,8 +81,12 @@ class IntLowering(Lowering):
             wq, scale = binary_weight_matrix(m, bn_scale)
             # no weight zero point (it is 0): onnxruntime then runs the int8 product without a
             # per-column zero-point correction
-            wdq = g.op("DequantizeLinear", [g.sign_matrix(f"{name}.weight_int8", wq),
-                                            g.init(f"{name}.weight_scale", scale)], f"{name}/dq_weight", axis=1)
+            wdq = g.op(
+                "DequantizeLinear",
+                [g.sign_matrix(f"{name}.weight_int8", wq), g.init(f"{name}.weight_scale", scale)],
+                f"{name}/dq_weight",
+                axis=1,
+            )
             y = g.op("MatMul", [a, wdq], name)
         else:
             inp = self._sign(name, x, 1.0, -1.0, np.float32) if kind == "W32A1" else x.name
@@ -118,8 +124,15 @@ class IntLowering(Lowering):
         g = self.g
         ho, wo = _pool_out(x.h, s, s), _pool_out(x.w, s, s)
         v = g.op("Reshape", [y, g.const([0, 1, x.h, x.w, x.c], np.int64)], f"{name}/as_3d")
-        v = g.op("AveragePool", [v], f"{name}/avgpool3d", kernel_shape=[s, s, 1], strides=[s, s, 1],
-                 ceil_mode=1, count_include_pad=0)
+        v = g.op(
+            "AveragePool",
+            [v],
+            f"{name}/avgpool3d",
+            kernel_shape=[s, s, 1],
+            strides=[s, s, 1],
+            ceil_mode=1,
+            count_include_pad=0,
+        )
         return g.op("Reshape", [v, g.const([0, ho * wo, x.c], np.int64)], f"{name}/avgpool"), ho, wo
 
     def _channel_pads(self, extra: int) -> List[int]:

@@ -16,7 +16,7 @@ from tqdm import tqdm
 from ..manifest import INPUT_NAME, OUTPUT_NAME
 from ..native import unpack_signs
 from ..onnxrt import iter_batches, ort_session
-from .graph import Probe, _T
+from .graph import _T, Probe
 from .weights import conv_kind
 
 #: Logit tolerance, relative to ``max(1, max |logit|)`` of the PyTorch model. FP32 graphs differ by
@@ -70,10 +70,18 @@ def parity_batch(image_shape: Sequence[int], budget: int = 256 * 3 * 32 * 32) ->
     return max(1, min(256, budget // max(1, int(np.prod(image_shape)))))
 
 
-def check_parity(role: str, model: nn.Module, onnx_model, probes: List[Probe], data,
-                 labels: Optional[torch.Tensor] = None, rtol: Optional[float] = None,
-                 strict_top1: bool = False, progress: bool = False,
-                 batch: Optional[int] = None) -> ParityResult:
+def check_parity(
+    role: str,
+    model: nn.Module,
+    onnx_model,
+    probes: List[Probe],
+    data,
+    labels: Optional[torch.Tensor] = None,
+    rtol: Optional[float] = None,
+    strict_top1: bool = False,
+    progress: bool = False,
+    batch: Optional[int] = None,
+) -> ParityResult:
     """PyTorch vs onnxruntime on ``data``: an image tensor (N, C, H, W) or a dataset of (image, label).
 
     Passes when top-1 agrees on every image and every image's logits agree within ``atol``, except
@@ -110,7 +118,7 @@ def check_parity(role: str, model: nn.Module, onnx_model, probes: List[Probe], d
         agrees.append(got.argmax(1) == ref.argmax(1))
         finites.append(fin.all(1))
         if have_labels:
-            yy = (labels[seen:seen + len(x)] if y is None else y).numpy()
+            yy = (labels[seen : seen + len(x)] if y is None else y).numpy()
             right_torch += int((ref.argmax(1) == yy).sum())
             right_onnx += int((got.argmax(1) == yy).sum())
         seen += len(x)
@@ -120,8 +128,21 @@ def check_parity(role: str, model: nn.Module, onnx_model, probes: List[Probe], d
     ok = diff <= atol
     torch_top1 = 100.0 * right_torch / seen if have_labels and seen else None
     onnx_top1 = 100.0 * right_onnx / seen if have_labels and seen else None
-    res = ParityResult(role, seen, int(agree.sum()), float(diff.max()) if seen else 0.0, max_logit, atol, rtol,
-                       int(ok.sum()), float(diff[ok].max()) if ok.any() else 0.0, [], torch_top1, onnx_top1, False)
+    res = ParityResult(
+        role,
+        seen,
+        int(agree.sum()),
+        float(diff.max()) if seen else 0.0,
+        max_logit,
+        atol,
+        rtol,
+        int(ok.sum()),
+        float(diff[ok].max()) if ok.any() else 0.0,
+        [],
+        torch_top1,
+        onnx_top1,
+        False,
+    )
     bad = np.nonzero(~ok | ~agree | ~finite)[0]
     explained = True
     for start in sorted({int(j) // batch * batch for j in bad}):
@@ -170,15 +191,19 @@ def compare_graphs(a, b, data, progress: bool = False) -> Dict[str, Any]:
 
 def parity_message(r: ParityResult) -> str:
     """One line saying why ``r`` failed and where the graph first diverges."""
-    head = (f"parity failed for {r.model}: top-1 agrees on {r.top1_agree}/{r.n} images, "
-            f"{r.within_tol}/{r.n} within |logit diff| {r.atol:.3g} (max {r.max_abs_diff:.3g})")
+    head = (
+        f"parity failed for {r.model}: top-1 agrees on {r.top1_agree}/{r.n} images, "
+        f"{r.within_tol}/{r.n} within |logit diff| {r.atol:.3g} (max {r.max_abs_diff:.3g})"
+    )
     where = r.first_divergence or {}
     if where.get("layer"):
         how = "on its own inputs" if where.get("check") == "local" else "accumulated"
         return head + f"; first diverging layer '{where['layer']}' ({how}, max rel diff {where['max_rel_diff']:.3g})"
     if r.top1_agree < r.n and r.top1_changed_by_flips:
-        return head + (f"; every layer agrees on its inputs: a sign of a value within float32 rounding of 0 changed "
-                       f"{len(r.top1_changed_by_flips)} near-tied prediction(s); without --strict-top1 this passes")
+        return head + (
+            f"; every layer agrees on its inputs: a sign of a value within float32 rounding of 0 changed "
+            f"{len(r.top1_changed_by_flips)} near-tied prediction(s); without --strict-top1 this passes"
+        )
     return head
 
 
@@ -196,8 +221,9 @@ def _rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / max(1.0, float(b.abs().max())))
 
 
-def probe_outputs(onnx_model, tensors: Sequence[_T], images: torch.Tensor,
-                  level: str = "basic") -> Dict[str, np.ndarray]:
+def probe_outputs(
+    onnx_model, tensors: Sequence[_T], images: torch.Tensor, level: str = "basic"
+) -> Dict[str, np.ndarray]:
     """Run the graph with ``tensors`` as extra outputs; returns name -> array (plus input and logits)."""
     m = onnx.ModelProto()
     m.CopyFrom(onnx_model)
@@ -205,8 +231,11 @@ def probe_outputs(onnx_model, tensors: Sequence[_T], images: torch.Tensor,
     for t in tensors:
         if t.name not in names and t.name not in (INPUT_NAME, OUTPUT_NAME):
             names.append(t.name)
-            m.graph.output.append(helper.make_tensor_value_info(
-                t.name, TensorProto.UINT64 if t.layout == "bits" else TensorProto.FLOAT, None))
+            m.graph.output.append(
+                helper.make_tensor_value_info(
+                    t.name, TensorProto.UINT64 if t.layout == "bits" else TensorProto.FLOAT, None
+                )
+            )
     sess = ort_session(m, level=level)
     outs = dict(zip([OUTPUT_NAME] + names, sess.run([OUTPUT_NAME] + names, {INPUT_NAME: images.numpy()})))
     outs[INPUT_NAME] = images.numpy()
@@ -258,10 +287,14 @@ def diagnose(model: nn.Module, onnx_model, probes: List[Probe], images: torch.Te
     def record(key: str):
         def hook(mod, inputs, output) -> None:
             seen_in[key], seen_out[key] = inputs[0].detach(), output.detach()
+
         return hook
 
-    hooks = [mods[path].register_forward_hook(record(path)) for path in
-             dict.fromkeys(q for p in probes for q in (p.in_path, p.out_path)) if path in mods]
+    hooks = [
+        mods[path].register_forward_hook(record(path))
+        for path in dict.fromkeys(q for p in probes for q in (p.in_path, p.out_path))
+        if path in mods
+    ]
     try:
         model(images)
     finally:
@@ -286,8 +319,12 @@ def diagnose(model: nn.Module, onnx_model, probes: List[Probe], images: torch.Te
         for i in range(len(images)):
             if flips[i] is None and bool(differ[i].any()):
                 v = float(x_ref[i][differ[i]].abs().max())
-                flips[i] = {"layer": p.in_path, "signs_differing": int(differ[i].sum()), "value": v,
-                            "rel": v / max(float(x_ref[i].abs().max()), 1e-30)}
+                flips[i] = {
+                    "layer": p.in_path,
+                    "signs_differing": int(differ[i].sum()),
+                    "value": v,
+                    "rel": v / max(float(x_ref[i].abs().max()), 1e-30),
+                }
     return {"local": local, "flips": flips, "drift": drift}
 
 

@@ -81,8 +81,14 @@ def float_weight(t: Tensor) -> np.ndarray:
 class _FusedConv(nn.Module):
     """PyTorch reference of a fused native node: ``act(bn(conv(x)) [+ residual])``."""
 
-    def __init__(self, conv: nn.Module, bn: nn.Module, act: nn.Module, shortcut: Optional[nn.Module] = None,
-                 sign_out: bool = False):
+    def __init__(
+        self,
+        conv: nn.Module,
+        bn: nn.Module,
+        act: nn.Module,
+        shortcut: Optional[nn.Module] = None,
+        sign_out: bool = False,
+    ):
         super().__init__()
         self.conv, self.bn, self.act = conv, bn, act
         self.shortcut = shortcut if shortcut is not None else nn.Identity()

@@ -34,8 +34,12 @@ log = logging.getLogger("bnn_distill.export")
 
 PARITY = "parity.json"
 STALE_FILES = ("bench.json", "bench.md", "bench.png")
-MODEL_FILES = {"teacher": "teacher_fp32.onnx", "student_fp32": "student_fp32.onnx",
-               "student_binary": "student_binary.onnx", "student_native": "student_binary_native.onnx"}
+MODEL_FILES = {
+    "teacher": "teacher_fp32.onnx",
+    "student_fp32": "student_fp32.onnx",
+    "student_binary": "student_binary.onnx",
+    "student_native": "student_binary_native.onnx",
+}
 RUNTIMES = ("standard", "native")
 
 
@@ -77,9 +81,18 @@ class ExportInfo:
     run_dir: str = ""
 
 
-def export_models(student: nn.Module, student_spec: Dict[str, Any], out_dir, info: ExportInfo,
-                  teacher: Optional[nn.Module] = None, data=None, force: bool = False,
-                  runtime: str = "standard", strict_top1: bool = False, progress: bool = False) -> Dict[str, Any]:
+def export_models(
+    student: nn.Module,
+    student_spec: Dict[str, Any],
+    out_dir,
+    info: ExportInfo,
+    teacher: Optional[nn.Module] = None,
+    data=None,
+    force: bool = False,
+    runtime: str = "standard",
+    strict_top1: bool = False,
+    progress: bool = False,
+) -> Dict[str, Any]:
     """Export the binary student, its FP32 version and the teacher, check parity, write the folder.
     ``progress``: tqdm bars over the parity batches (the CLI sets it on a TTY).
 
@@ -120,8 +133,9 @@ def export_models(student: nn.Module, student_spec: Dict[str, Any], out_dir, inf
     return manifest
 
 
-def _models_to_export(student: nn.Module, student_spec: Dict[str, Any], teacher: Optional[nn.Module],
-                      runtime: str) -> Dict[str, nn.Module]:
+def _models_to_export(
+    student: nn.Module, student_spec: Dict[str, Any], teacher: Optional[nn.Module], runtime: str
+) -> Dict[str, nn.Module]:
     """The models by role, in the order they are lowered and written."""
     student.eval()
     models: Dict[str, nn.Module] = {"student_binary": student, "student_fp32": student_fp32(student, student_spec)}
@@ -139,38 +153,60 @@ def _lower_and_check(role: str, mdl: nn.Module, info: ExportInfo, data, strict_t
     if role != "student_native":
         check_default_domain(proto)
     res = check_parity(role, mdl, proto, probes, data, strict_top1=strict_top1, progress=progress)
-    log.info("parity %s: top-1 %d/%d, max |logit diff| %.3g (tol %.3g)%s", role, res.top1_agree, res.n,
-             res.max_abs_diff, res.atol, "" if res.passed else " FAILED")
+    log.info(
+        "parity %s: top-1 %d/%d, max |logit diff| %.3g (tol %.3g)%s",
+        role,
+        res.top1_agree,
+        res.n,
+        res.max_abs_diff,
+        res.atol,
+        "" if res.passed else " FAILED",
+    )
     if res.passed and res.top1_changed_by_flips:
-        log.warning("%s: %d image(s) change top-1 through a sign taken of a value within float32 rounding of 0 "
-                    "(PyTorch's float conv vs the exact integer sum; listed in parity.json); --strict-top1 "
-                    "makes this fail the export", role, len(res.top1_changed_by_flips))
+        log.warning(
+            "%s: %d image(s) change top-1 through a sign taken of a value within float32 rounding of 0 "
+            "(PyTorch's float conv vs the exact integer sum; listed in parity.json); --strict-top1 "
+            "makes this fail the export",
+            role,
+            len(res.top1_changed_by_flips),
+        )
     return proto, res
 
 
-def _parity_report(student: nn.Module, info: ExportInfo, data, protos: Dict[str, Any], results: Dict[str, Any],
-                   progress: bool) -> Dict[str, Any]:
+def _parity_report(
+    student: nn.Module, info: ExportInfo, data, protos: Dict[str, Any], results: Dict[str, Any], progress: bool
+) -> Dict[str, Any]:
     """The content of ``parity.json``: each model's parity, the binary convs onnxruntime fused, and
     (native) the native graph against the standard one."""
     counts = optimized_op_counts(protos["student_binary"])
     n_binary = sum(1 for _, m_ in student.named_modules() if isinstance(m_, nn.Conv2d) and is_w1a1(m_))
     fused = fused_integer_matmuls(counts)
     if n_binary and fused < n_binary:
-        log.warning("onnxruntime fused %d of %d binary convs into MatMulIntegerToFloat; the rest run in float",
-                    fused, n_binary)
+        log.warning(
+            "onnxruntime fused %d of %d binary convs into MatMulIntegerToFloat; the rest run in float", fused, n_binary
+        )
     parity = {
-        "format": EXPORT_FORMAT, "run": info.run, "stage": info.stage,
-        "images": int(len(data)), "source": "random inputs" if isinstance(data, torch.Tensor) else "test split",
+        "format": EXPORT_FORMAT,
+        "run": info.run,
+        "stage": info.stage,
+        "images": int(len(data)),
+        "source": "random inputs" if isinstance(data, torch.Tensor) else "test split",
         "passed": all(r.passed for r in results.values()),
         "models": {role: r.to_dict() for role, r in results.items()},
-        "binary_convs": n_binary, "fused_matmul_integer_to_float": fused, "optimized_ops": counts,
+        "binary_convs": n_binary,
+        "fused_matmul_integer_to_float": fused,
+        "optimized_ops": counts,
     }
     if "student_native" in protos:
-        parity["native_vs_standard"] = compare_graphs(protos["student_native"], protos["student_binary"], data,
-                                                      progress=progress)
-        log.info("native vs standard integer graph: top-1 identical on %d/%d images, max |logit diff| %.3g",
-                 parity["native_vs_standard"]["top1_agree"], parity["native_vs_standard"]["n"],
-                 parity["native_vs_standard"]["max_abs_diff"])
+        parity["native_vs_standard"] = compare_graphs(
+            protos["student_native"], protos["student_binary"], data, progress=progress
+        )
+        log.info(
+            "native vs standard integer graph: top-1 identical on %d/%d images, max |logit diff| %.3g",
+            parity["native_vs_standard"]["top1_agree"],
+            parity["native_vs_standard"]["n"],
+            parity["native_vs_standard"]["max_abs_diff"],
+        )
     return parity
 
 
@@ -187,39 +223,67 @@ def _write_parity(out: Path, parity: Dict[str, Any], results: Dict[str, Any]) ->
 
 def _write_model(out: Path, role: str, proto, r, info: ExportInfo) -> Dict[str, Any]:
     """Write one model with its metadata; returns its entry in the manifest's ``models``."""
-    meta = {"bnn_distill.role": role, "bnn_distill.run": info.run, "bnn_distill.stage": info.stage,
-            "bnn_distill.quant": info.quant if role in ("student_binary", "student_native") else "FP",
-            "bnn_distill.runtime": "native" if role == "student_native" else "standard",
-            "bnn_distill.recipe": info.recipe_yaml,
-            "bnn_distill.test_top1": "" if r.onnx_top1 is None else f"{r.onnx_top1:.4f}",
-            "bnn_distill.parity": json.dumps({"top1_agree": r.top1_agree, "n": r.n,
-                                              "max_abs_diff": r.max_abs_diff})}
+    meta = {
+        "bnn_distill.role": role,
+        "bnn_distill.run": info.run,
+        "bnn_distill.stage": info.stage,
+        "bnn_distill.quant": info.quant if role in ("student_binary", "student_native") else "FP",
+        "bnn_distill.runtime": "native" if role == "student_native" else "standard",
+        "bnn_distill.recipe": info.recipe_yaml,
+        "bnn_distill.test_top1": "" if r.onnx_top1 is None else f"{r.onnx_top1:.4f}",
+        "bnn_distill.parity": json.dumps({"top1_agree": r.top1_agree, "n": r.n, "max_abs_diff": r.max_abs_diff}),
+    }
     del proto.metadata_props[:]
     for k, v in meta.items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = k, v
     blob = proto.SerializeToString()
     atomic_write_bytes(out / MODEL_FILES[role], blob)
-    return {"file": MODEL_FILES[role], "bytes": len(blob), "sha256": _sha256(blob),
-            "test_top1": r.onnx_top1, "torch_test_top1": None if r.onnx_top1 is None else r.torch_top1}
+    return {
+        "file": MODEL_FILES[role],
+        "bytes": len(blob),
+        "sha256": _sha256(blob),
+        "test_top1": r.onnx_top1,
+        "torch_test_top1": None if r.onnx_top1 is None else r.torch_top1,
+    }
 
 
-def _manifest(student: nn.Module, info: ExportInfo, protos: Dict[str, Any], files: Dict[str, Dict[str, Any]],
-              runtime: str, native_info) -> Dict[str, Any]:
+def _manifest(
+    student: nn.Module,
+    info: ExportInfo,
+    protos: Dict[str, Any],
+    files: Dict[str, Dict[str, Any]],
+    runtime: str,
+    native_info,
+) -> Dict[str, Any]:
     """The content of ``manifest.json``."""
     c, h, w = info.input_shape
     n_classes = protos["student_binary"].graph.output[0].type.tensor_type.shape.dim[1].dim_value
     return {
-        "format": EXPORT_FORMAT, "run": info.run, "run_dir": info.run_dir, "fingerprint": info.fingerprint,
-        "stage": info.stage, "quant": info.quant, "opset": OPSET, "ir_version": IR_VERSION,
+        "format": EXPORT_FORMAT,
+        "run": info.run,
+        "run_dir": info.run_dir,
+        "fingerprint": info.fingerprint,
+        "stage": info.stage,
+        "quant": info.quant,
+        "opset": OPSET,
+        "ir_version": IR_VERSION,
         "input": {"name": INPUT_NAME, "shape": ["batch", c, h, w], "dtype": "float32", "layout": "NCHW"},
         "output": {"name": OUTPUT_NAME, "shape": ["batch", n_classes]},
-        "normalization": {"formula": "(pixel / 255 - mean[c]) / std[c]", "mean": list(info.mean),
-                          "std": list(info.std)},
-        "classes": list(info.classes), "dataset": info.dataset,
-        "models": files, "files": sorted([MODEL_FILES[r] for r in protos] + [PARITY, MANIFEST]),
-        "runtime": runtime, "native": native_info, "sizes": file_sizes(student, info.input_shape, files),
-        "parity_passed": True, "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "normalization": {
+            "formula": "(pixel / 255 - mean[c]) / std[c]",
+            "mean": list(info.mean),
+            "std": list(info.std),
+        },
+        "classes": list(info.classes),
+        "dataset": info.dataset,
+        "models": files,
+        "files": sorted([MODEL_FILES[r] for r in protos] + [PARITY, MANIFEST]),
+        "runtime": runtime,
+        "native": native_info,
+        "sizes": file_sizes(student, info.input_shape, files),
+        "parity_passed": True,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "versions": _versions(),
     }
 
@@ -228,18 +292,23 @@ def file_sizes(student: nn.Module, input_shape: Sequence[int], files: Dict[str, 
     """The binary student's deployed size (1 bit per binary weight, fp32 for the rest; see
     :mod:`bnn_distill.summary`) next to each ONNX file's size, and each file over it."""
     deployed = int(round(summarize(student, tuple(input_shape)).memory_bytes))
-    out: Dict[str, Any] = {"deployed_bytes": deployed,
-                           "files": {f["file"]: f["bytes"] for f in files.values()},
-                           "over_deployed": {f["file"]: round(f["bytes"] / deployed, 2) for f in files.values()
-                                             if deployed}}
+    out: Dict[str, Any] = {
+        "deployed_bytes": deployed,
+        "files": {f["file"]: f["bytes"] for f in files.values()},
+        "over_deployed": {f["file"]: round(f["bytes"] / deployed, 2) for f in files.values() if deployed},
+    }
     if "student_native" in files:
         out["standard_over_native"] = round(files["student_binary"]["bytes"] / files["student_native"]["bytes"], 3)
     return out
 
 
 def _versions() -> Dict[str, str]:
-    return {"bnn_distill": _version(), "torch": torch.__version__, "onnx": onnx.__version__,
-            "onnxruntime": ort.__version__}
+    return {
+        "bnn_distill": _version(),
+        "torch": torch.__version__,
+        "onnx": onnx.__version__,
+        "onnxruntime": ort.__version__,
+    }
 
 
 def guard_out_dir(out: Path, fingerprint: str, force: bool) -> None:
@@ -254,16 +323,26 @@ def guard_out_dir(out: Path, fingerprint: str, force: bool) -> None:
     except (OSError, ValueError):
         raise ExportError(f"'{out}' holds an unreadable {MANIFEST}; choose another --out or pass --force") from None
     if old.get("fingerprint") != fingerprint:
-        raise ExportError(f"'{out}' holds an export of another run ('{old.get('run')}', fingerprint "
-                          f"{old.get('fingerprint')}); choose another --out or pass --force to overwrite it")
+        raise ExportError(
+            f"'{out}' holds an export of another run ('{old.get('run')}', fingerprint "
+            f"{old.get('fingerprint')}); choose another --out or pass --force to overwrite it"
+        )
 
 
 # ---------------------------------------------------------------- export of a run
 
 
-def export_run(run_dir, out: Optional[str] = None, stage: Optional[str] = None, force: bool = False,
-               data_root: Optional[str] = None, limit_test: Optional[int] = None,
-               runtime: str = "standard", strict_top1: bool = False, progress: bool = False) -> Dict[str, Any]:
+def export_run(
+    run_dir,
+    out: Optional[str] = None,
+    stage: Optional[str] = None,
+    force: bool = False,
+    data_root: Optional[str] = None,
+    limit_test: Optional[int] = None,
+    runtime: str = "standard",
+    strict_top1: bool = False,
+    progress: bool = False,
+) -> Dict[str, Any]:
     """Export a trained run folder (``runs/NAME``): see :mod:`bnn_distill.export`. Returns the manifest."""
     run = RunDir(run_dir).require()
     recipe = run.recipe()
@@ -287,8 +366,11 @@ def export_run(run_dir, out: Optional[str] = None, stage: Optional[str] = None, 
         from ..trainer import model_spec_dict  # the teacher's spec as training builds it (trainer is heavy)
 
         teacher = create_model(**model_spec_dict(recipe, recipe.teacher, "FP", spec["num_classes"], spec["in_chans"]))
-        load_model_state(teacher, state_dict_of(load_checkpoint(recipe.teacher.checkpoint)),
-                         f"teacher.checkpoint '{recipe.teacher.checkpoint}'")
+        load_model_state(
+            teacher,
+            state_dict_of(load_checkpoint(recipe.teacher.checkpoint)),
+            f"teacher.checkpoint '{recipe.teacher.checkpoint}'",
+        )
     d = recipe.data
     root = data_root or d.root
     limit = limit_test or d.limit_test
@@ -296,11 +378,34 @@ def export_run(run_dir, out: Optional[str] = None, stage: Optional[str] = None, 
     if len(test_set) == 0:
         raise UserError(f"data: the test split of '{dinfo.name}' is empty; parity needs images")
     info = ExportInfo(
-        input_shape=tuple(test_set[0][0].shape), mean=tuple(dinfo.mean), std=tuple(dinfo.std),
-        classes=tuple(dinfo.classes), run=recipe.name, fingerprint=recipe.fingerprint(), stage=st.name,
-        quant=st.quant, recipe_yaml=run.recipe_file.read_text(), run_dir=str(run),
-        dataset={"name": dinfo.name, "root": root, "limit_test": limit, "seed": recipe.seed,
-                 "test_images": len(test_set)})
+        input_shape=tuple(test_set[0][0].shape),
+        mean=tuple(dinfo.mean),
+        std=tuple(dinfo.std),
+        classes=tuple(dinfo.classes),
+        run=recipe.name,
+        fingerprint=recipe.fingerprint(),
+        stage=st.name,
+        quant=st.quant,
+        recipe_yaml=run.recipe_file.read_text(),
+        run_dir=str(run),
+        dataset={
+            "name": dinfo.name,
+            "root": root,
+            "limit_test": limit,
+            "seed": recipe.seed,
+            "test_images": len(test_set),
+        },
+    )
     out_dir = Path(out) if out else Path("export") / recipe.name
-    return export_models(student, spec, out_dir, info, teacher=teacher, data=test_set, force=force, runtime=runtime,
-                         strict_top1=strict_top1, progress=progress)
+    return export_models(
+        student,
+        spec,
+        out_dir,
+        info,
+        teacher=teacher,
+        data=test_set,
+        force=force,
+        runtime=runtime,
+        strict_top1=strict_top1,
+        progress=progress,
+    )
