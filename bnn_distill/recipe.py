@@ -291,6 +291,14 @@ class Recipe:
         self.binary.check("binary")
         if not self.stages:
             raise RecipeError("stages: empty; list at least one stage")
+        has_teacher_stage = self._check_stages()
+        self._check_teacher_source(has_teacher_stage)
+        self._check_init_from_teacher()
+        self._check_feature_layers()
+
+    def _check_stages(self) -> bool:
+        """Each stage, unique names, at most one teacher stage (the first), init_from naming an
+        earlier stage; returns whether there is a teacher stage."""
         seen: List[str] = []
         has_teacher_stage = False
         for i, st in enumerate(self.stages):
@@ -314,6 +322,10 @@ class Recipe:
                         f"valid: {choices(valid)} or null"
                     )
             seen.append(st.name)
+        return has_teacher_stage
+
+    def _check_teacher_source(self, has_teacher_stage: bool) -> None:
+        """A teacher to distil from where a stage needs one; a reinit head only with a teacher stage."""
         needs_teacher = any(self._stage_needs_teacher(st) for st in self.stages)
         loaded = self.teacher.checkpoint is not None or self.teacher.pretrained
         if needs_teacher and not has_teacher_stage and not loaded:
@@ -326,6 +338,9 @@ class Recipe:
                 "teacher.head: reinit leaves the teacher's classifier untrained; add a first stage with "
                 "kind: teacher to fine-tune it"
             )
+
+    def _check_init_from_teacher(self) -> None:
+        """A student stage starting from the teacher's weights needs the student built like the teacher."""
         for i, st in enumerate(self.stages):
             if st.init_from == "teacher":
                 t, s = self.teacher, self.student
@@ -340,7 +355,6 @@ class Recipe:
                         f"student.{diff[0]} ({getattr(s, diff[0])!r}) "
                         f"differs from teacher.{diff[0]} ({getattr(t, diff[0])!r})"
                     )
-        self._check_feature_layers()
 
     def _check_feature_layers(self) -> None:
         """A feature layer must name a module of its model (checked on the model's structure)."""
