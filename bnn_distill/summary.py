@@ -339,6 +339,41 @@ def summarize(model: nn.Module, input_shape: Tuple[int, ...]) -> ModelSummary:
     """
     rows_modules = _row_modules(model)
     quants = {name: tq for name, _, tq in binary_weight_quants(model)}
+    outputs, order = _trace(model, rows_modules, input_shape)
+    rows: List[LayerRow] = []
+    warnings: List[str] = []
+    seen: Set[int] = set()
+    binary_act: Set[str] = set()
+    by_name = {name: module for name, module, _ in rows_modules}
+    for name, module, whole in rows_modules:
+        bits = layer_bits(module)
+        if bits is None and isinstance(module, (_ConvNd, nn.Linear)):
+            bits = (32, 32)
+        tq = quants.get(name)
+        rows.append(_layer_row(name, module, whole, bits, tq, seen, outputs[name], warnings))
+        if bits is not None and 1 in bits and getattr(module, "bias", None) is not None:
+            warnings.append(f"{name}: binary conv with a bias; a BatchNorm after it makes the bias redundant")
+        if bits is not None and bits[1] == 1:
+            binary_act.add(name)
+        if tq is not None and tq.scale_mode == "none" and name in order:
+            nxt = order.index(name) + 1
+            nxt_module = by_name.get(order[nxt]) if nxt < len(order) else None
+            if not isinstance(nxt_module, _BatchNorm):
+                warnings.append(
+                    f"{name}: binary weights without a scale (weight_scale 'none') and no "
+                    "BatchNorm after it; outputs are not rescaled"
+                )
+    relu = _relu_warning(model, binary_act)
+    if relu:
+        warnings.insert(0, relu)
+    for w in warnings:
+        logger.warning("summary: %s", w)
+    return ModelSummary(rows=rows, input_shape=tuple(input_shape), warnings=warnings)
+
+
+def _trace(model: nn.Module, rows_modules, input_shape: Tuple[int, ...]) -> Tuple[Dict[str, List[Tensor]], List[str]]:
+    """One zero sample through ``model`` in eval mode without gradients: each row module's outputs,
+    and the order the row modules were called in. Restores every module's training flag."""
     outputs: Dict[str, List[Tensor]] = {name: [] for name, _, _ in rows_modules}
     order: List[str] = []
 
@@ -368,51 +403,26 @@ def summarize(model: nn.Module, input_shape: Tuple[int, ...]) -> ModelSummary:
             h.remove()
         for m, mode in modes:
             m.training = mode
+    return outputs, order
 
-    rows: List[LayerRow] = []
-    warnings: List[str] = []
-    seen: Set[int] = set()
-    binary_act: Set[str] = set()
-    by_name = {name: module for name, module, _ in rows_modules}
-    for name, module, whole in rows_modules:
-        bits = layer_bits(module)
-        if bits is None and isinstance(module, (_ConvNd, nn.Linear)):
-            bits = (32, 32)
-        tq = quants.get(name)
-        params, binary, mem, fp32_mem = _memory(module, whole, bits, tq, seen)
-        outs = outputs[name]
-        if not outs:
-            warnings.append(f"{name}: not called in the forward pass; its MACs are not counted")
-        macs = sum(_macs(module, o) for o in outs)
-        rows.append(
-            LayerRow(
-                name=name,
-                kind=type(module).__name__,
-                weight_bits=bits[0] if bits else None,
-                act_bits=bits[1] if bits else None,
-                params=params,
-                macs=macs,
-                memory_bytes=mem,
-                output_shape=tuple(outs[-1].shape[1:]) if outs else (),
-                binary_params=binary,
-                fp32_memory_bytes=fp32_mem,
-            )
-        )
-        if bits is not None and 1 in bits and getattr(module, "bias", None) is not None:
-            warnings.append(f"{name}: binary conv with a bias; a BatchNorm after it makes the bias redundant")
-        if bits is not None and bits[1] == 1:
-            binary_act.add(name)
-        if tq is not None and tq.scale_mode == "none" and name in order:
-            nxt = order.index(name) + 1
-            nxt_module = by_name.get(order[nxt]) if nxt < len(order) else None
-            if not isinstance(nxt_module, _BatchNorm):
-                warnings.append(
-                    f"{name}: binary weights without a scale (weight_scale 'none') and no "
-                    "BatchNorm after it; outputs are not rescaled"
-                )
-    relu = _relu_warning(model, binary_act)
-    if relu:
-        warnings.insert(0, relu)
-    for w in warnings:
-        logger.warning("summary: %s", w)
-    return ModelSummary(rows=rows, input_shape=tuple(input_shape), warnings=warnings)
+
+def _layer_row(
+    name: str, module: nn.Module, whole: bool, bits, tq, seen: Set[int], outs: List[Tensor], warnings: List[str]
+) -> LayerRow:
+    """The row of one layer; warns (into ``warnings``) when it was never called."""
+    params, binary, mem, fp32_mem = _memory(module, whole, bits, tq, seen)
+    if not outs:
+        warnings.append(f"{name}: not called in the forward pass; its MACs are not counted")
+    macs = sum(_macs(module, o) for o in outs)
+    return LayerRow(
+        name=name,
+        kind=type(module).__name__,
+        weight_bits=bits[0] if bits else None,
+        act_bits=bits[1] if bits else None,
+        params=params,
+        macs=macs,
+        memory_bytes=mem,
+        output_shape=tuple(outs[-1].shape[1:]) if outs else (),
+        binary_params=binary,
+        fp32_memory_bytes=fp32_mem,
+    )
