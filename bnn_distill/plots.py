@@ -95,6 +95,17 @@ def curves_figure(history: List[Dict[str, Any]], title: str = ""):
     data = curve_data(history)
     fig, (ax_acc, ax_loss, ax_lr) = plt.subplots(1, 3, figsize=(15, 4.2))
     ax_tau = None
+    once = _label_once()
+    all_loss: List[float] = []
+    for si, st in enumerate(data["stages"]):
+        ax_tau = _plot_stage(st, data["colours"], ax_acc, ax_loss, ax_lr, ax_tau, once, all_loss)
+        _mark_stage(st, si, (ax_acc, ax_loss, ax_lr))
+    _finish_axes(fig, data, ax_acc, ax_loss, ax_lr, ax_tau, all_loss, title)
+    return fig, (ax_acc, ax_loss, ax_lr, ax_tau)
+
+
+def _label_once():
+    """``once(key, label)``: ``label`` the first time for ``key``, then ``'_nolegend_'``."""
     labelled: set = set()
 
     def once(key: str, label: str) -> str:
@@ -103,46 +114,59 @@ def curves_figure(history: List[Dict[str, Any]], title: str = ""):
         labelled.add(key)
         return label
 
-    all_loss: List[float] = []
-    for si, st in enumerate(data["stages"]):
-        for split, pts in st["acc"].items():
-            ax_acc.plot(
-                *zip(*pts),
-                "-" if split != "train" else "--",
-                marker="o",
-                ms=3.5,
-                color=SPLIT_COLOURS[split],
-                label=once(f"acc:{split}", f"{split} top-1"),
-            )
-        for k, pts in st["loss"].items():
-            all_loss += [y for _, y in pts]
-            ax_loss.plot(
-                *zip(*pts),
-                "--" if k == TOTAL else "-",
-                marker="s" if k == TOTAL else "o",
-                ms=3.5,
-                lw=1.2,
-                color=data["colours"][k],
-                label=once(f"loss:{k}", "total" if k == TOTAL else k),
-            )
-        if st["lr"]:
-            ax_lr.plot(*zip(*st["lr"]), "-", marker="o", ms=3.5, color="#1f77b4", label=once("lr", "learning rate"))
-        if st["tau"]:
-            if ax_tau is None:
-                ax_tau = ax_lr.twinx()
-            ax_tau.plot(*zip(*st["tau"]), "-", marker="^", ms=4, color="#d62728", label=once("tau", "tau (ReCU)"))
-        for ax in (ax_acc, ax_loss, ax_lr):
-            if si:
-                ax.axvline(st["start"], color="grey", lw=0.6)
-            ax.annotate(
-                st["name"],
-                (st["start"], 1.0),
-                xycoords=("data", "axes fraction"),
-                xytext=(2, -10),
-                textcoords="offset points",
-                fontsize=7,
-                color="grey",
-            )
+    return once
+
+
+def _plot_stage(st, colours, ax_acc, ax_loss, ax_lr, ax_tau, once, all_loss: List[float]):
+    """One stage's accuracy, loss, lr and tau lines (its losses added to ``all_loss``); returns the
+    tau axis (made on the first stage that recorded tau)."""
+    for split, pts in st["acc"].items():
+        ax_acc.plot(
+            *zip(*pts),
+            "-" if split != "train" else "--",
+            marker="o",
+            ms=3.5,
+            color=SPLIT_COLOURS[split],
+            label=once(f"acc:{split}", f"{split} top-1"),
+        )
+    for k, pts in st["loss"].items():
+        all_loss += [y for _, y in pts]
+        ax_loss.plot(
+            *zip(*pts),
+            "--" if k == TOTAL else "-",
+            marker="s" if k == TOTAL else "o",
+            ms=3.5,
+            lw=1.2,
+            color=colours[k],
+            label=once(f"loss:{k}", "total" if k == TOTAL else k),
+        )
+    if st["lr"]:
+        ax_lr.plot(*zip(*st["lr"]), "-", marker="o", ms=3.5, color="#1f77b4", label=once("lr", "learning rate"))
+    if st["tau"]:
+        if ax_tau is None:
+            ax_tau = ax_lr.twinx()
+        ax_tau.plot(*zip(*st["tau"]), "-", marker="^", ms=4, color="#d62728", label=once("tau", "tau (ReCU)"))
+    return ax_tau
+
+
+def _mark_stage(st, si: int, axes) -> None:
+    """A grey line at the stage's start (but the first's) and its name, on each of ``axes``."""
+    for ax in axes:
+        if si:
+            ax.axvline(st["start"], color="grey", lw=0.6)
+        ax.annotate(
+            st["name"],
+            (st["start"], 1.0),
+            xycoords=("data", "axes fraction"),
+            xytext=(2, -10),
+            textcoords="offset points",
+            fontsize=7,
+            color="grey",
+        )
+
+
+def _finish_axes(fig, data, ax_acc, ax_loss, ax_lr, ax_tau, all_loss: List[float], title: str) -> None:
+    """Scales, labels, grids, limits and legends of the three panels; the title; the layout."""
     ax_acc.set(xlabel="epoch (all stages)", ylabel="top-1 (%)", title="accuracy")
     ax_loss.set_yscale("symlog", linthresh=_linthresh(all_loss))
     if all_loss and min(all_loss) >= 0:
@@ -169,7 +193,6 @@ def curves_figure(history: List[Dict[str, Any]], title: str = ""):
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    return fig, (ax_acc, ax_loss, ax_lr, ax_tau)
 
 
 def plot_curves(history: List[Dict[str, Any]], path: Union[str, Path], title: str = "") -> Path:
