@@ -20,7 +20,7 @@ import os
 import platform
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import onnx
@@ -255,6 +255,47 @@ def run_bench(
     mach = machine()
     log.info("bench %s on %s (%s cores), load %s", export_dir, mach["cpu"], mach["cores"], mach.get("load_average"))
     fused = {role: _fusion(export_dir / manifest["models"][role]["file"]) for role in roles}
+    results = _time_settings(
+        export_dir,
+        manifest,
+        roles,
+        threads,
+        batches,
+        (c, h, w),
+        rng,
+        native_info,
+        ov_info,
+        repeats=repeats,
+        warmup=warmup,
+        budget_s=budget_s,
+        burst=burst,
+        progress=progress,
+    )
+    report = _report(export_dir, manifest, mach, warmup, repeats, budget_s, burst, results, fused, native_info, ov_info)
+    if accuracy:
+        report["accuracy"] = onnx_accuracy(export_dir, manifest, data_root, roles, progress=progress)
+    _write_report(export_dir, report)
+    return report
+
+
+def _time_settings(
+    export_dir: Path,
+    manifest: Dict[str, Any],
+    roles: List[str],
+    threads: List[int],
+    batches: List[int],
+    chw: Tuple[int, int, int],
+    rng: np.random.Generator,
+    native_info: Dict[str, Any],
+    ov_info: Dict[str, Any],
+    repeats: Optional[int],
+    warmup: int,
+    budget_s: float,
+    burst: int,
+    progress: bool,
+) -> List[Dict[str, Any]]:
+    """One :func:`_setting_row` per (threads, batch), the models timed interleaved on random inputs."""
+    c, h, w = chw
     results: List[Dict[str, Any]] = []
     bar = tqdm(total=len(threads) * len(batches), desc="bench", unit="setting", leave=False, disable=not progress)
     for t in threads:
@@ -276,6 +317,24 @@ def run_bench(
             latencies = ", ".join(f"{role} {s['p50_ms']:.2f} ms" for role, s in row["models"].items())
             log.info("batch %d, %d threads: %s", b, t, latencies)
     bar.close()
+    return results
+
+
+def _report(
+    export_dir: Path,
+    manifest: Dict[str, Any],
+    mach: Dict[str, Any],
+    warmup: int,
+    repeats: Optional[int],
+    budget_s: float,
+    burst: int,
+    results: List[Dict[str, Any]],
+    fused: Dict[str, Any],
+    native_info: Dict[str, Any],
+    ov_info: Dict[str, Any],
+) -> Dict[str, Any]:
+    """bench.json's body but the accuracy: the export, the machine (load average now as its end),
+    method, rows, fusion, and the native library and OpenVINO where they ran."""
     report: Dict[str, Any] = {
         "export": str(export_dir),
         "run": manifest.get("run"),
@@ -300,9 +359,6 @@ def run_bench(
         report["native"] = native_info
     if ov_info:
         report["openvino"] = ov_info
-    if accuracy:
-        report["accuracy"] = onnx_accuracy(export_dir, manifest, data_root, roles, progress=progress)
-    _write_report(export_dir, report)
     return report
 
 
@@ -405,6 +461,12 @@ def _write_report(export_dir: Path, report: Dict[str, Any]) -> None:
 
 
 def markdown(r: Dict[str, Any]) -> str:
+    lines = _md_latency(r) + _md_fusion(r) + _md_native(r) + _md_openvino(r) + _md_accuracy(r)
+    return "\n".join(lines) + "\n"
+
+
+def _md_latency(r: Dict[str, Any]) -> List[str]:
+    """The title, the machine and method, and the latency table."""
     m = r["machine"]
     flags = ", ".join(f for f, on in m["flags"].items() if on) or "none of " + ", ".join(m["flags"])
     lines = [
@@ -433,64 +495,83 @@ def markdown(r: Dict[str, Any]) -> str:
                 f"| {'' if sp is None else f'{sp:.2f}x'} | "
                 f"{'' if cold is None else f'{cold:.3f}'} | {'' if csp is None else f'{csp:.2f}x'} |"
             )
-    lines += ["", "## Fused nodes in onnxruntime's optimized graph", ""]
+    return lines
+
+
+def _md_fusion(r: Dict[str, Any]) -> List[str]:
+    """The fused nodes of each model's optimized graph."""
+    lines = ["", "## Fused nodes in onnxruntime's optimized graph", ""]
     for role, f in r["fusion"].items():
         fused = ", ".join(f"{k} x{v}" for k, v in f["fused_ops"].items()) or "none"
         lines.append(f"- {LABELS[role]}: {fused}")
     b = r["fusion"].get("student_binary")
     if b is not None and not b["MatMulIntegerToFloat"]:
         lines.append("- WARNING: no MatMulIntegerToFloat in the binary student: its convs run in float")
+    return lines
+
+
+def _md_native(r: Dict[str, Any]) -> List[str]:
+    """The native library, and the native rows against their instruction-throughput floor."""
     nat = r.get("native")
-    if nat:
-        if "skipped" in nat:
-            lines += ["", f"Native row skipped: {nat['skipped']}"]
-        else:
-            forced = f", forced by BNN_DISTILL_NATIVE_ISA={nat['isa_override']}" if nat.get("isa_override") else ""
-            lines += ["", f"Native library: {nat['library']} ({nat['isa']} kernels{forced})."]
-            if nat.get("floor_ms_per_image"):
-                lines += [
-                    "",
-                    f"Instruction-throughput floor of the native convs: {nat['vector_steps_per_image']:,} "
-                    f"steps (8 output channels x 64 input bits) per image x {nat['peak_ns_per_step']:.3f} ns "
-                    f"(the {nat.get('isa', '?')} kernel's register tile on L1-resident data, best of 6) = "
-                    f"{nat['floor_ms_per_image']:.3f} ms per image on one thread.",
-                    "",
-                ]
-                for row in r["latency"]:
-                    s = row["models"].get("student_native", {})
-                    if "fraction_of_floor" in s:
-                        lines.append(
-                            f"- batch {row['batch']}, {row['threads']} thread(s): p50 {s['p50_ms']:.3f} "
-                            f"ms against a floor of {s['floor_ms']:.3f} ms: "
-                            f"{100 * s['fraction_of_floor']:.0f}% of the floor"
-                        )
-    ov = r.get("openvino")
-    if ov:
-        comp = "; ".join(
-            f"{k}: " + ", ".join(f"{a}={b}" for a, b in v.items()) for k, v in ov.get("compiled", {}).items()
-        )
+    if not nat:
+        return []
+    if "skipped" in nat:
+        return ["", f"Native row skipped: {nat['skipped']}"]
+    forced = f", forced by BNN_DISTILL_NATIVE_ISA={nat['isa_override']}" if nat.get("isa_override") else ""
+    lines = ["", f"Native library: {nat['library']} ({nat['isa']} kernels{forced})."]
+    if nat.get("floor_ms_per_image"):
         lines += [
             "",
-            f"OpenVINO {ov['version']} ran the teacher's {ov['file']} on the CPU, compiled per batch size "
-            f"with a fixed shape ({comp or ov['config']}).",
+            f"Instruction-throughput floor of the native convs: {nat['vector_steps_per_image']:,} "
+            f"steps (8 output channels x 64 input bits) per image x {nat['peak_ns_per_step']:.3f} ns "
+            f"(the {nat.get('isa', '?')} kernel's register tile on L1-resident data, best of 6) = "
+            f"{nat['floor_ms_per_image']:.3f} ms per image on one thread.",
+            "",
         ]
+        for row in r["latency"]:
+            s = row["models"].get("student_native", {})
+            if "fraction_of_floor" in s:
+                lines.append(
+                    f"- batch {row['batch']}, {row['threads']} thread(s): p50 {s['p50_ms']:.3f} "
+                    f"ms against a floor of {s['floor_ms']:.3f} ms: "
+                    f"{100 * s['fraction_of_floor']:.0f}% of the floor"
+                )
+    return lines
+
+
+def _md_openvino(r: Dict[str, Any]) -> List[str]:
+    """What the OpenVINO row ran, and how it was compiled."""
+    ov = r.get("openvino")
+    if not ov:
+        return []
+    comp = "; ".join(f"{k}: " + ", ".join(f"{a}={b}" for a, b in v.items()) for k, v in ov.get("compiled", {}).items())
+    return [
+        "",
+        f"OpenVINO {ov['version']} ran the teacher's {ov['file']} on the CPU, compiled per batch size "
+        f"with a fixed shape ({comp or ov['config']}).",
+    ]
+
+
+def _md_accuracy(r: Dict[str, Any]) -> List[str]:
+    """The test accuracy table (onnxruntime and PyTorch at export), or why it was skipped."""
     acc = r.get("accuracy")
-    if acc:
-        lines += ["", "## Test accuracy through onnxruntime", ""]
-        if "skipped" in acc:
-            lines.append(f"Skipped: {acc['skipped']}.")
-        else:
-            lines += [
-                f"{acc['images']} test images.",
-                "",
-                "| model | top-1 % (onnxruntime) | top-1 % (PyTorch, at export) |",
-                "|---|---:|---:|",
-            ]
-            for role in ROLES:
-                if role in acc:
-                    t = acc[role].get("torch_top1")
-                    lines.append(f"| {LABELS[role]} | {acc[role]['top1']:.2f} | {'' if t is None else f'{t:.2f}'} |")
-    return "\n".join(lines) + "\n"
+    if not acc:
+        return []
+    lines = ["", "## Test accuracy through onnxruntime", ""]
+    if "skipped" in acc:
+        lines.append(f"Skipped: {acc['skipped']}.")
+        return lines
+    lines += [
+        f"{acc['images']} test images.",
+        "",
+        "| model | top-1 % (onnxruntime) | top-1 % (PyTorch, at export) |",
+        "|---|---:|---:|",
+    ]
+    for role in ROLES:
+        if role in acc:
+            t = acc[role].get("torch_top1")
+            lines.append(f"| {LABELS[role]} | {acc[role]['top1']:.2f} | {'' if t is None else f'{t:.2f}'} |")
+    return lines
 
 
 def bench_figure(r: Dict[str, Any]):
