@@ -101,33 +101,32 @@ def check_parity(
     """
     rtol = RTOL[role] if rtol is None else rtol
     if batch is None:
-        shape = () if len(data) == 0 else tuple(data.shape[1:] if isinstance(data, torch.Tensor) else data[0][0].shape)
-        batch = parity_batch(shape) if shape else 256
+        batch = _default_batch(data)
     sess = ort_session(onnx_model)
     model.eval()
-    diffs, peaks, agrees, finites = [], [], [], []
-    right_torch = right_onnx = seen = 0
     have_labels = labels is not None or not isinstance(data, torch.Tensor)
-    for i, (x, y) in enumerate(_bar(iter_batches(data, batch), data, f"parity {role}", progress, batch)):
-        got = sess.run([OUTPUT_NAME], {INPUT_NAME: x.numpy()})[0]
-        with torch.no_grad():
-            ref = model(x).float().numpy()
-        fin = np.isfinite(got)
-        diffs.append(np.where(fin, np.abs(got - ref), np.inf).max(1))
-        peaks.append(np.abs(ref).max(1))
-        agrees.append(got.argmax(1) == ref.argmax(1))
-        finites.append(fin.all(1))
-        if have_labels:
-            yy = (labels[seen : seen + len(x)] if y is None else y).numpy()
-            right_torch += int((ref.argmax(1) == yy).sum())
-            right_onnx += int((got.argmax(1) == yy).sum())
-        seen += len(x)
-    diff, agree, finite = np.concatenate(diffs), np.concatenate(agrees), np.concatenate(finites)
-    max_logit = float(np.concatenate(peaks).max()) if seen else 0.0
+    run = _run_batches(sess, model, data, labels, have_labels, role, progress, batch)
+    res, ok = _result(role, run, rtol, have_labels)
+    diff, agree, finite, seen = run["diff"], run["agree"], run["finite"], run["seen"]
+    bad = np.nonzero(~ok | ~agree | ~finite)[0]
+    explained = _explain_batches(res, model, onnx_model, probes, data, rtol, batch, seen, bad, diff, finite)
+    res.strict_top1 = strict_top1
+    if explained:
+        res.top1_changed_by_flips = [int(j) for j in np.nonzero(~agree)[0]]
+    res.passed = bool(finite.all()) and explained and (bool(agree.all()) or not strict_top1)
+    if not res.passed and res.first_divergence is None and len(bad) and not res.top1_changed_by_flips:
+        res.first_divergence = diagnose(model, onnx_model, probes, _take(data, bad[:8]), rtol)["drift"]
+    return res
+
+
+def _result(role: str, run: Dict[str, Any], rtol: float, have_labels: bool):
+    """The :class:`ParityResult` of a :func:`_run_batches` run (not yet judged), and which images
+    agree within ``atol``."""
+    diff, agree, seen, max_logit = run["diff"], run["agree"], run["seen"], run["max_logit"]
     atol = rtol * max(1.0, max_logit)
     ok = diff <= atol
-    torch_top1 = 100.0 * right_torch / seen if have_labels and seen else None
-    onnx_top1 = 100.0 * right_onnx / seen if have_labels and seen else None
+    torch_top1 = 100.0 * run["right_torch"] / seen if have_labels and seen else None
+    onnx_top1 = 100.0 * run["right_onnx"] / seen if have_labels and seen else None
     res = ParityResult(
         role,
         seen,
@@ -143,30 +142,60 @@ def check_parity(
         onnx_top1,
         False,
     )
-    bad = np.nonzero(~ok | ~agree | ~finite)[0]
-    explained = True
+    return res, ok
+
+
+def _default_batch(data) -> int:
+    """:func:`parity_batch` for the images of ``data`` (256 when it is empty)."""
+    shape = () if len(data) == 0 else tuple(data.shape[1:] if isinstance(data, torch.Tensor) else data[0][0].shape)
+    return parity_batch(shape) if shape else 256
+
+
+def _run_batches(sess, model, data, labels, have_labels: bool, role: str, progress: bool, batch: int) -> Dict[str, Any]:
+    """Run ``data`` through onnxruntime and PyTorch ``batch`` images at a time: per image the max
+    |logit diff|, top-1 agreement and finiteness; the largest |PyTorch logit|; correct counts."""
+    diffs, peaks, agrees, finites = [], [], [], []
+    right_torch = right_onnx = seen = 0
+    for i, (x, y) in enumerate(_bar(iter_batches(data, batch), data, f"parity {role}", progress, batch)):
+        got = sess.run([OUTPUT_NAME], {INPUT_NAME: x.numpy()})[0]
+        with torch.no_grad():
+            ref = model(x).float().numpy()
+        fin = np.isfinite(got)
+        diffs.append(np.where(fin, np.abs(got - ref), np.inf).max(1))
+        peaks.append(np.abs(ref).max(1))
+        agrees.append(got.argmax(1) == ref.argmax(1))
+        finites.append(fin.all(1))
+        if have_labels:
+            yy = (labels[seen : seen + len(x)] if y is None else y).numpy()
+            right_torch += int((ref.argmax(1) == yy).sum())
+            right_onnx += int((got.argmax(1) == yy).sum())
+        seen += len(x)
+    return {
+        "diff": np.concatenate(diffs),
+        "agree": np.concatenate(agrees),
+        "finite": np.concatenate(finites),
+        "max_logit": float(np.concatenate(peaks).max()) if seen else 0.0,
+        "right_torch": right_torch,
+        "right_onnx": right_onnx,
+        "seen": seen,
+    }
+
+
+def _explain_batches(res: ParityResult, model, onnx_model, probes, data, rtol, batch, seen, bad, diff, finite) -> bool:
+    """Diagnose each batch holding a ``bad`` image, in the batch it was run in: record the sign
+    flips that explain them in ``res``, or the first divergence; True when all are explained."""
     for start in sorted({int(j) // batch * batch for j in bad}):
         idx = bad[(bad >= start) & (bad < start + batch)]
         diag = diagnose(model, onnx_model, probes, _take(data, range(start, min(seen, start + batch))), rtol)
         if diag["local"] is not None:
             res.first_divergence = diag["local"]
-            explained = False
-            break
+            return False
         for j, flip in zip(idx, [diag["flips"][int(j) - start] for j in idx]):
             if flip is None or flip["rel"] > FLIP_RTOL or not finite[j]:
                 res.first_divergence = diag["drift"] or {"layer": None, "check": "unexplained"}
-                explained = False
-                break
+                return False
             res.sign_flips.append({"image": int(j), "max_abs_logit_diff": float(diff[j]), **flip})
-        if not explained:
-            break
-    res.strict_top1 = strict_top1
-    if explained:
-        res.top1_changed_by_flips = [int(j) for j in np.nonzero(~agree)[0]]
-    res.passed = bool(finite.all()) and explained and (bool(agree.all()) or not strict_top1)
-    if not res.passed and res.first_divergence is None and len(bad) and not res.top1_changed_by_flips:
-        res.first_divergence = diagnose(model, onnx_model, probes, _take(data, bad[:8]), rtol)["drift"]
-    return res
+    return True
 
 
 def _bar(batches, data, desc: str, progress: bool, batch: int = 256):
@@ -263,11 +292,26 @@ def diagnose(model: nn.Module, onnx_model, probes: List[Probe], images: torch.Te
     model.eval()
     mods = dict(model.named_modules())
     graph_out = {id(p.module): _as_nchw(outs[p.output.name], p.output) for p in probes}
+    local = _local_divergence(probes, mods, outs, graph_out, rtol)
+    seen_in, seen_out = _full_pass(model, mods, probes, images)
+    drift = None
+    for p in probes:
+        if p.out_path in seen_out:
+            d = _rel_diff(graph_out[id(p.module)], seen_out[p.out_path].float())
+            if not d <= rtol:
+                drift = {"layer": p.name, "check": "accumulated", "max_rel_diff": d}
+                break
+    flips = _sign_flips(onnx_model, probes, mods, seen_in, images)
+    return {"local": local, "flips": flips, "drift": drift}
+
+
+def _local_divergence(probes: List[Probe], mods, outs, graph_out, rtol: float) -> Optional[Dict[str, Any]]:
+    """The first lowered layer whose graph output differs from its PyTorch module run on the same
+    graph inputs (inner convs' outputs replaced by the graph's), or ``None``."""
     replace = {}  # module -> graph output, for convs (and a conv lowered with its BatchNorm)
     for p in probes:
         if isinstance(p.module, nn.Conv2d) or p.in_path != p.out_path:
             replace[id(mods.get(p.out_path, p.module))] = graph_out[id(p.module)]
-    local = None
     for p in probes:
         own = mods.get(p.out_path)
         inner = [m for m in p.module.modules() if m is not p.module and m is not own and id(m) in replace]
@@ -279,8 +323,12 @@ def diagnose(model: nn.Module, onnx_model, probes: List[Probe], images: torch.Te
                 hk.remove()
         d = _rel_diff(graph_out[id(p.module)], ref)
         if not d <= rtol:
-            local = {"layer": p.name, "check": "local", "max_rel_diff": d}
-            break
+            return {"layer": p.name, "check": "local", "max_rel_diff": d}
+    return None
+
+
+def _full_pass(model: nn.Module, mods, probes: List[Probe], images: torch.Tensor):
+    """A full PyTorch pass over ``images``: the input and output of each probed module, by path."""
     seen_in: Dict[str, torch.Tensor] = {}
     seen_out: Dict[str, torch.Tensor] = {}
 
@@ -300,13 +348,11 @@ def diagnose(model: nn.Module, onnx_model, probes: List[Probe], images: torch.Te
     finally:
         for hk in hooks:
             hk.remove()
-    drift = None
-    for p in probes:
-        if p.out_path in seen_out:
-            d = _rel_diff(graph_out[id(p.module)], seen_out[p.out_path].float())
-            if not d <= rtol:
-                drift = {"layer": p.name, "check": "accumulated", "max_rel_diff": d}
-                break
+    return seen_in, seen_out
+
+
+def _sign_flips(onnx_model, probes: List[Probe], mods, seen_in, images: torch.Tensor) -> List[Optional[Dict[str, Any]]]:
+    """Per image, the first binary conv whose input signs differ between PyTorch and the graph."""
     # signs as the optimized session takes them: expose only the pre-sign tensors, which no fusion
     # consumes, so onnxruntime's fused (differently rounded) FP parts stay as in the parity run
     sign_probes = [p for p in probes if _sign_input(mods.get(p.in_path)) and p.in_path in seen_in]
@@ -325,7 +371,7 @@ def diagnose(model: nn.Module, onnx_model, probes: List[Probe], images: torch.Te
                     "value": v,
                     "rel": v / max(float(x_ref[i].abs().max()), 1e-30),
                 }
-    return {"local": local, "flips": flips, "drift": drift}
+    return flips
 
 
 def parity_inputs(input_shape: Sequence[int], n: int = 16, seed: int = 0) -> torch.Tensor:
