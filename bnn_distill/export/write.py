@@ -346,15 +346,46 @@ def export_run(
     """Export a trained run folder (``runs/NAME``): see :mod:`bnn_distill.export`. Returns the manifest."""
     run = RunDir(run_dir).require()
     recipe = run.recipe()
-    st = run.stage(recipe, stage)
-    if st.kind != "student" or st.quant == "FP":
-        valid = ", ".join(s.name for s in recipe.stages if s.kind == "student" and s.quant != "FP") or "none"
-        raise UserError(f"stage '{st.name}' is {st.kind} {st.quant}, not a binary student; binary stages: {valid}")
+    st = _binary_stage(run, recipe, stage)
     ck_path = run.last(st.name)
     if not ck_path.is_file():
         raise UserError(f"stage '{st.name}' of {run} has no checkpoint ({ck_path}); train it first")
     student, ck = model_from_checkpoint(ck_path)
     spec = ck["model_spec"]
+    teacher = _load_teacher(run, recipe, spec)
+    d = recipe.data
+    root = data_root or d.root
+    limit = limit_test or d.limit_test
+    _, test_set, dinfo = build_datasets(d.dataset, root, False, False, d.limit_train, limit, seed=recipe.seed)
+    if len(test_set) == 0:
+        raise UserError(f"data: the test split of '{dinfo.name}' is empty; parity needs images")
+    info = _export_info(run, recipe, st, test_set, dinfo, root, limit)
+    out_dir = Path(out) if out else Path("export") / recipe.name
+    return export_models(
+        student,
+        spec,
+        out_dir,
+        info,
+        teacher=teacher,
+        data=test_set,
+        force=force,
+        runtime=runtime,
+        strict_top1=strict_top1,
+        progress=progress,
+    )
+
+
+def _binary_stage(run: RunDir, recipe, stage: Optional[str]):
+    """The run's stage ``stage`` (default: see :meth:`RunDir.stage`); a UserError unless it is a binary student."""
+    st = run.stage(recipe, stage)
+    if st.kind != "student" or st.quant == "FP":
+        valid = ", ".join(s.name for s in recipe.stages if s.kind == "student" and s.quant != "FP") or "none"
+        raise UserError(f"stage '{st.name}' is {st.kind} {st.quant}, not a binary student; binary stages: {valid}")
+    return st
+
+
+def _load_teacher(run: RunDir, recipe, spec: Dict[str, Any]) -> Optional[nn.Module]:
+    """The run's teacher: its teacher stage's checkpoint, else ``teacher.checkpoint``, else None."""
     teacher = None
     teacher_stage = next((s for s in recipe.stages if s.kind == "teacher"), None)
     if teacher_stage is not None:
@@ -371,13 +402,12 @@ def export_run(
             state_dict_of(load_checkpoint(recipe.teacher.checkpoint)),
             f"teacher.checkpoint '{recipe.teacher.checkpoint}'",
         )
-    d = recipe.data
-    root = data_root or d.root
-    limit = limit_test or d.limit_test
-    _, test_set, dinfo = build_datasets(d.dataset, root, False, False, d.limit_train, limit, seed=recipe.seed)
-    if len(test_set) == 0:
-        raise UserError(f"data: the test split of '{dinfo.name}' is empty; parity needs images")
-    info = ExportInfo(
+    return teacher
+
+
+def _export_info(run: RunDir, recipe, st, test_set, dinfo, root, limit) -> ExportInfo:
+    """What the manifest records of the run, its stage and the test data."""
+    return ExportInfo(
         input_shape=tuple(test_set[0][0].shape),
         mean=tuple(dinfo.mean),
         std=tuple(dinfo.std),
@@ -395,17 +425,4 @@ def export_run(
             "seed": recipe.seed,
             "test_images": len(test_set),
         },
-    )
-    out_dir = Path(out) if out else Path("export") / recipe.name
-    return export_models(
-        student,
-        spec,
-        out_dir,
-        info,
-        teacher=teacher,
-        data=test_set,
-        force=force,
-        runtime=runtime,
-        strict_top1=strict_top1,
-        progress=progress,
     )
