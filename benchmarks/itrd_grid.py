@@ -42,12 +42,15 @@ import argparse
 import copy
 import json
 import logging
+import os
+import signal
 import statistics
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from bnn_distill.errors import UserError
+from bnn_distill.errors import FolderInUse, UserError
 from bnn_distill.evaluate import mcnemar_p
 from bnn_distill.recipe import recipe_from_dict
 from bnn_distill.rundir import RunDir
@@ -141,6 +144,7 @@ def base(args, name: str, seed: int, student: bool = True) -> Dict[str, Any]:
     return {
         "name": name,
         "seed": seed,
+        "device": args.device,  # not part of the recipe's fingerprint: a run may resume on another device
         "output_dir": args.runs,
         "data": data,
         "teacher": dict(model),
@@ -281,23 +285,28 @@ def load_kept(args, name: str) -> Optional[Dict[str, Any]]:
 
 def run_cached(args, raw: Dict[str, Any], train: bool = True) -> Optional[Dict[str, Any]]:
     """Run a recipe unless it has finished (a kept copy, or a finished run folder); resume an
-    unfinished one. ``train=False``: only read a finished run (None if there is none). Returns
+    unfinished one. ``train=False``: only read a finished run (None if there is none). A run whose
+    folder another process is writing (``--parallel``'s other workers) is skipped: None. Returns
     the run's summary, with ``_metrics`` and ``_predictions`` from the kept copy."""
+    from bnn_distill.runlock import hold
+
     recipe = recipe_from_dict(raw)
     kept = load_kept(args, recipe.name)
     if kept is None:
         run = RunDir.of(recipe)
-        if run.summary_file.exists():
-            log.info("%s: finished earlier, skipped", recipe.name)
-            summary = json.loads(run.summary_file.read_text())
-        elif not train:
+        if not train and not run.summary_file.exists():
             return None
-        else:
-            resume = run.recipe_file.exists()
-            log.info("%s: %s", recipe.name, "resuming" if resume else "training")
-            summary = run_recipe(recipe, resume=resume, progress=sys.stderr.isatty())
-        _keep(args, recipe, json.loads(json.dumps(summary)))
-        kept = load_kept(args, recipe.name)
+        try:
+            with hold(recipe.run_dir, "run folder", "itrd_grid"):  # one writer per run (workers share the grid)
+                kept = load_kept(args, recipe.name)  # a worker may have finished it meanwhile
+                if kept is None:
+                    _train_and_keep(args, recipe, run)
+                    kept = load_kept(args, recipe.name)
+        except FolderInUse:
+            if args.parallel_worker:
+                log.info("%s: another worker has it, skipped", recipe.name)
+                return None
+            raise
         assert kept is not None
     elif kept["summary"].get("fingerprint") != recipe.fingerprint():
         raise UserError(
@@ -309,6 +318,55 @@ def run_cached(args, raw: Dict[str, Any], train: bool = True) -> Optional[Dict[s
     return dict(
         kept["summary"], _metrics=kept["metrics"], _predictions=kept["test_predictions"], _labels=kept["test_labels"]
     )
+
+
+def _train_and_keep(args, recipe, run: RunDir) -> None:
+    if run.summary_file.exists():
+        log.info("%s: finished earlier, skipped", recipe.name)
+        summary = json.loads(run.summary_file.read_text())
+    else:
+        resume = run.recipe_file.exists()
+        log.info("%s: %s", recipe.name, "resuming" if resume else "training")
+        summary = run_recipe(recipe, resume=resume, progress=sys.stderr.isatty())
+    _keep(args, recipe, json.loads(json.dumps(summary)))
+
+
+def _worker_argv(argv: List[str]) -> List[str]:
+    """This grid's command line for a ``--parallel`` worker: the same, without ``--parallel N``."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--parallel":
+            skip = True
+        elif not a.startswith("--parallel="):
+            out.append(a)
+    return out + ["--parallel-worker"]
+
+
+def run_workers(args, argv: List[str]) -> int:
+    """``--parallel N``: N worker processes of this script share the student runs (each takes the next
+    run nobody holds), with the CPU threads split between them; returns the number that failed.
+    SIGTERM / SIGINT reaching this process are passed on as SIGTERM, so every worker saves its progress
+    (a second SIGTERM is harmless; a second SIGINT would abort a worker at once)."""
+    threads = int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1)
+    env = dict(os.environ, OMP_NUM_THREADS=str(max(1, threads // args.parallel)))
+    cmd = [sys.executable, str(Path(__file__).resolve())] + _worker_argv(argv)
+    log.info("%d workers, %s CPU thread(s) each", args.parallel, env["OMP_NUM_THREADS"])
+    procs = [subprocess.Popen(cmd, env=env) for _ in range(args.parallel)]
+
+    def forward(signum, _frame):
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+
+    old = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        codes = [p.wait() for p in procs]
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+    return sum(c != 0 for c in codes)
 
 
 def _mean_std(xs: List[float]) -> str:
@@ -567,12 +625,23 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="benchmarks/results/itrd_grid")
     ap.add_argument("--remeasure-cost", action="store_true", help="measure the side-by-side step cost again")
     ap.add_argument("--no-cost", action="store_true", help="skip the side-by-side step-cost measurement")
+    ap.add_argument("--device", default="auto", help="the runs' device: auto (cuda when present), cpu, cuda, cuda:N")
+    ap.add_argument(
+        "--parallel",
+        type=int,
+        default=1,
+        help="student runs at once, each in its own process (OMP_NUM_THREADS, or the cores, split between them)",
+    )
+    ap.add_argument("--parallel-worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument(
         "--report-only",
         action="store_true",
         help="train nothing: report the runs that have finished (e.g. while the grid runs elsewhere)",
     )
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = ap.parse_args(argv)
+    if args.parallel < 1:
+        ap.error(f"--parallel {args.parallel}: give 1 or more")
     if args.lr is None:
         args.lr = 0.1 if args.regime == "scratch" else 2e-3
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
@@ -584,20 +653,31 @@ def main(argv=None) -> int:
         ckpt = str(kept_dir(args) / "teacher" / "teacher.pt")
         # Seed-major order: a grid stopped part-way still has every row for the first seed(s),
         # and the report is rewritten after every finished run so partial progress is visible.
-        cost = None if args.no_cost else step_cost(args)
+        failed = 0
+        train = not args.report_only
+        if args.parallel > 1 and train:  # the workers train; this process reports what they finished
+            failed = run_workers(args, argv)
+            train = False
+        cost = None if args.no_cost or args.parallel_worker else step_cost(args)
         rows = list(args.rows) + [f"itrd-{v}" for v in args.variants]
         results: Dict[str, List[Dict[str, Any]]] = {row: [] for row in rows}
         for s in args.seeds:
             for row in rows:
-                r = run_cached(args, student_recipe(args, row, s, ckpt), train=not args.report_only)
-                if r is None:  # --report-only: not finished yet
+                r = run_cached(args, student_recipe(args, row, s, ckpt), train=train)
+                if r is None:  # not finished (yet), or another worker's
                     continue
                 results[row].append(dict(r, _seed=s))
-                report(args, teacher, results, quiet=True, cost=cost)
+                if not args.parallel_worker:
+                    report(args, teacher, results, quiet=True, cost=cost)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
+    if args.parallel_worker:
+        return 0
     report(args, teacher, results, cost=cost)
+    if failed:
+        print(f"error: {failed} of {args.parallel} workers stopped early; the same command resumes", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -39,6 +39,8 @@ def _recipe_args(tmp_path):
         warmup_epochs=1.0,
         val_size=500,
         out=str(tmp_path / "grid"),
+        device="auto",
+        parallel_worker=False,
     )
 
 
@@ -135,6 +137,51 @@ def test_scratch_grid_keeps_its_runs_and_reports_from_them_alone(tmp_path):
     again = json.loads((tmp_path / "grid.json").read_text())
     assert again["rows"] == first["rows"]
     assert not (tmp_path / "runs" / "ce_s0").exists()
+
+
+def test_worker_command_line_drops_parallel():
+    grid = _grid()
+    assert grid._worker_argv(["--seeds", "0", "--parallel", "2", "--rows", "ce"]) == [
+        "--seeds",
+        "0",
+        "--rows",
+        "ce",
+        "--parallel-worker",
+    ]
+    assert grid._worker_argv(["--parallel=3", "--no-cost"]) == ["--no-cost", "--parallel-worker"]
+
+
+def test_a_run_another_process_writes_is_skipped_by_a_worker_and_refused_otherwise(tmp_path):
+    """--parallel's workers share one runs folder: a run whose folder lock is held elsewhere is left
+    to its holder (None), and outside a worker the usual one-line 'in use' error stands."""
+    from bnn_distill.errors import FolderInUse
+    from bnn_distill.runlock import FolderLock
+
+    grid = _grid()
+    args = _recipe_args(tmp_path)
+    (tmp_path / "teacher.pt").write_bytes(b"")  # never read: nothing trains
+    raw = grid.student_recipe(args, "ce", 0, str(tmp_path / "teacher.pt"))
+    recipe = recipe_from_dict(raw)
+    with FolderLock(recipe.run_dir, "run folder", "test"):
+        args.parallel_worker = True
+        assert grid.run_cached(args, raw) is None
+        args.parallel_worker = False
+        with pytest.raises(FolderInUse):
+            grid.run_cached(args, raw)
+    assert not (tmp_path / "ce_s0" / "summary.json").exists()  # nothing was trained
+
+
+def test_parallel_workers_share_the_grid(tmp_path, capsys):
+    """Two worker processes train the two student runs between them; the parent reports both."""
+    grid = _grid()
+    argv = _args(grid, tmp_path, "--regime", "scratch", "--val-size", "16", "--rows", "ce", "itrd", "--no-cost")
+    assert grid.main(argv + ["--parallel", "2", "--device", "cpu"]) == 0
+    kept = tmp_path / "grid_runs"
+    assert {p.name for p in kept.iterdir()} == {"teacher", "ce_s0", "itrd_s0"}
+    out = json.loads((tmp_path / "grid.json").read_text())
+    assert len(out["rows"]["ce"]["top1"]) == 1 and len(out["rows"]["itrd"]["top1"]) == 1
+    assert grid.main(argv + ["--parallel", "2"]) == 0  # all kept: the workers train nothing
+    assert json.loads((tmp_path / "grid.json").read_text())["rows"] == out["rows"]
 
 
 @pytest.mark.slow
