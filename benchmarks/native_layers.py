@@ -10,6 +10,10 @@ split each call into packing (signs of the float input, and the pooled shortcut)
 
     python benchmarks/native_layers.py --isa avx2 --out benchmarks/results/native_layers_avx2
 
+``--forms float signs`` times each layer in both forms the exported network uses, interleaved:
+``float`` (``BinaryConv2d``: packs its float input's signs) and ``signs`` (``BinaryConv2dFromBits``
+reading the packed signs the previous node wrote, and writing its own output's signs, output 1).
+
 Writes ``<out>.md`` and ``<out>.json``.
 """
 
@@ -42,7 +46,8 @@ LAYERS = [
 ]
 
 
-def op_model(h, c, n, s):
+def op_model(h, c, n, s, form="float"):
+    """One node of a layer shape; ``form="signs"``: packed signs in (x's, as ``xb``) and out."""
     rng = np.random.default_rng(h * 1000 + c + n + s)
     q = np.where(rng.random((n, c, 3, 3)) < 0.5, -1.0, 1.0)
     pooled = s != 1
@@ -52,10 +57,11 @@ def op_model(h, c, n, s):
         numpy_helper.from_array(rng.uniform(0.5, 1, n).astype(np.float32), "scale"),
         numpy_helper.from_array(rng.uniform(-1, 1, n).astype(np.float32), "shift"),
     ]
+    signs = form == "signs"
     node = helper.make_node(
-        native.OP,
-        ["x", "w", "corr", "scale", "shift", "x" if pooled else "r"],
-        ["y"],
+        native.OP_FROM_BITS if signs else native.OP,
+        ["xb" if signs else "x", "w", "corr", "scale", "shift", "x" if pooled else "r"],
+        ["y", "ys"] if signs else ["y"],
         domain=native.DOMAIN,
         in_h=h,
         in_w=h,
@@ -69,20 +75,38 @@ def op_model(h, c, n, s):
         act_max=1.0,
         residual=int(pooled),
     )
-    gin = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, h * h, c])]
+    gin = []
+    if signs:
+        gin.append(helper.make_tensor_value_info("xb", TensorProto.UINT64, [1, h * h, (c + 63) // 64]))
+    if pooled or not signs:
+        gin.append(helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, h * h, c]))
     if not pooled:
         gin.append(helper.make_tensor_value_info("r", TensorProto.FLOAT, None))
-    g = helper.make_graph([node], "op", gin, [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    gout = [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)]
+    if signs:
+        gout.append(helper.make_tensor_value_info("ys", TensorProto.UINT64, None))
+    g = helper.make_graph([node], "op", gin, gout, inits)
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(native.DOMAIN, 1)])
     m.ir_version = 8
     return m
 
 
-def run_layer(lib, h, c, n, s, reps):
+def packed_signs(x: np.ndarray) -> np.ndarray:
+    """(B, P, C) floats -> (B, P, ceil(C/64)) uint64: bit c % 64 of word c // 64 set where x < 0."""
+    b, p, c = x.shape
+    neg = np.zeros((b, p, (c + 63) // 64 * 64), bool)
+    neg[..., :c] = x < 0
+    return np.packbits(neg, axis=-1, bitorder="little").view("<u8")
+
+
+def run_layer(lib, h, c, n, s, reps, form="float"):
     """(median us, min us, phase dict) on 1 thread, CPU clock of the calling thread."""
     ho = (h - 1) // s + 1
     rng = np.random.default_rng(1)
-    feeds = {"x": rng.standard_normal((1, h * h, c)).astype(np.float32)}
+    x = rng.standard_normal((1, h * h, c)).astype(np.float32)
+    feeds = {"xb": packed_signs(x)} if form == "signs" else {}
+    if form == "float" or s != 1:
+        feeds["x"] = x
     if s == 1:
         feeds["r"] = rng.standard_normal((1, ho * ho, n)).astype(np.float32)
     so = ort.SessionOptions()
@@ -95,7 +119,7 @@ def run_layer(lib, h, c, n, s, reps):
         os.environ["BNN_DISTILL_NATIVE_PHASES"] = "1"
         try:
             sess = ort.InferenceSession(
-                op_model(h, c, n, s).SerializeToString(), so, providers=["CPUExecutionProvider"]
+                op_model(h, c, n, s, form).SerializeToString(), so, providers=["CPUExecutionProvider"]
             )
             ts = []
             for i in range(reps + 10):
@@ -119,6 +143,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--isa", choices=("auto", "avx512", "avx2", "portable"), default="auto")
     ap.add_argument("--reps", type=int, default=300)
+    ap.add_argument("--forms", nargs="+", choices=("float", "signs"), default=["float"], help="node forms (see above)")
+    ap.add_argument("--repeats", type=int, default=1, help="alternations of the forms per layer (minimum kept)")
     ap.add_argument("--out", default="benchmarks/results/native_layers")
     args = ap.parse_args()
     if args.isa != "auto":
@@ -130,21 +156,31 @@ def main() -> None:
         (p for p in (native.peak_ns_per_step_isa(lib, kind, 4_000_000) if kind else None for _ in range(7)) if p),
         default=0.0,
     )
-    rows, tot = [], {"steps": 0, "floor": 0.0, "min": 0.0, "prep": 0.0, "conv": 0.0}
+    rows, totals = [], {f: {"steps": 0, "floor": 0.0, "min": 0.0, "prep": 0.0, "conv": 0.0} for f in args.forms}
     for name, h, c, n, s, count in LAYERS:
         ho = (h - 1) // s + 1
         steps = ho * ho * ((n + 7) // 8) * 9 * ((c + 63) // 64)
-        med, mn, ph = run_layer(lib, h, c, n, s, args.reps)
         floor = steps * peak / 1e3
-        rows.append(dict(layer=name, count=count, steps=steps, median_us=med, min_us=mn, floor_us=floor, **ph))
-        for k, v in (
-            ("steps", steps),
-            ("floor", floor),
-            ("min", mn),
-            ("prep", ph.get("prep_min", 0.0)),
-            ("conv", ph.get("conv_min", 0.0)),
-        ):
-            tot[k] += v * count
+        runs = {f: [] for f in args.forms}
+        for _ in range(args.repeats):
+            for f in args.forms:
+                runs[f].append(run_layer(lib, h, c, n, s, args.reps, f))
+        for f in args.forms:
+            med = min(r[0] for r in runs[f])
+            mn = min(r[1] for r in runs[f])
+            ph = {k: min(r[2].get(k, 0.0) for r in runs[f]) for k in runs[f][0][2]}
+            rows.append(
+                dict(layer=name, form=f, count=count, steps=steps, median_us=med, min_us=mn, floor_us=floor, **ph)
+            )
+            tot = totals[f]
+            for k, v in (
+                ("steps", steps),
+                ("floor", floor),
+                ("min", mn),
+                ("prep", ph.get("prep_min", 0.0)),
+                ("conv", ph.get("conv_min", 0.0)),
+            ):
+                tot[k] += v * count
     m = machine()
     lines = [
         f"# Native conv per layer ({kind or best} kernels)",
@@ -157,27 +193,29 @@ def main() -> None:
         "packing (+ the pooled shortcut on stride-2 convs), conv = popcounts + epilogue. Floor = steps x "
         f"{peak:.3f} ns (the register tile on L1-resident data, the minimum of 7 runs).",
         "",
-        "| layer | x in net | steps | floor us | prep us | conv us | conv % of floor | op min us | op median us |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| layer | form | x in net | steps | floor us | prep us | conv us | conv % of floor | op min us "
+        "| op median us |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         conv = r.get("conv_min", 0.0)
         lines.append(
-            f"| {r['layer']} | {r['count']} | {r['steps']:,} | {r['floor_us']:.1f} | {r.get('prep_min', 0):.1f} | "
-            f"{conv:.1f} | {100 * r['floor_us'] / conv if conv else 0:.0f}% | {r['min_us']:.1f} | "
-            f"{r['median_us']:.1f} |"
+            f"| {r['layer']} | {r['form']} | {r['count']} | {r['steps']:,} | {r['floor_us']:.1f} | "
+            f"{r.get('prep_min', 0):.1f} | {conv:.1f} | {100 * r['floor_us'] / conv if conv else 0:.0f}% | "
+            f"{r['min_us']:.1f} | {r['median_us']:.1f} |"
         )
-    lines += [
-        "",
-        f"Network (16 convs): {tot['steps']:,} steps, floor {tot['floor'] / 1e3:.3f} ms; prep "
-        f"{tot['prep'] / 1e3:.3f} ms + conv {tot['conv'] / 1e3:.3f} ms = {(tot['prep'] + tot['conv']) / 1e3:.3f} ms "
-        f"({100 * tot['floor'] / (tot['prep'] + tot['conv']):.0f}% of the floor; conv alone "
-        f"{100 * tot['floor'] / tot['conv']:.0f}%).",
-    ]
+    lines.append("")
+    for f, tot in totals.items():
+        lines.append(
+            f"Network (16 convs), form {f}: {tot['steps']:,} steps, floor {tot['floor'] / 1e3:.3f} ms; prep "
+            f"{tot['prep'] / 1e3:.3f} ms + conv {tot['conv'] / 1e3:.3f} ms = "
+            f"{(tot['prep'] + tot['conv']) / 1e3:.3f} ms ({100 * tot['floor'] / (tot['prep'] + tot['conv']):.0f}% "
+            f"of the floor; conv alone {100 * tot['floor'] / tot['conv']:.0f}%)."
+        )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(
-        json.dumps(dict(machine=m, kernels=kind or best, peak_ns_per_step=peak, layers=rows, totals=tot), indent=2)
+        json.dumps(dict(machine=m, kernels=kind or best, peak_ns_per_step=peak, layers=rows, totals=totals), indent=2)
         + "\n"
     )
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")

@@ -77,7 +77,9 @@ def test_border_corrections_hand_computed():
 # ---------------------------------------------------------------- the op against the float conv
 
 
-def _op_model(shape, q, stride, scale, shift, residual=False, act=None, pooled=False):
+def _op_model(shape, q, stride, scale, shift, residual=False, act=None, pooled=False, signs_out=False, bits_in=False):
+    """One float-output node; ``signs_out``: with output 1 (``ys``, y's packed signs); ``bits_in``: the
+    ``...FromBits`` op, ``x`` being packed signs."""
     b, c, h, w = shape
     n, _, k, _ = q.shape
     pad = k // 2
@@ -90,9 +92,9 @@ def _op_model(shape, q, stride, scale, shift, residual=False, act=None, pooled=F
     ins = ["x", "w", "corr", "scale", "shift"] + (["r"] if residual else [])
     lo, hi = act if act else (0.0, 0.0)
     node = helper.make_node(
-        native.OP,
+        native.OP_FROM_BITS if bits_in else native.OP,
         ins,
-        ["y"],
+        ["y", "ys"] if signs_out else ["y"],
         domain=native.DOMAIN,
         in_h=h,
         in_w=w,
@@ -106,10 +108,14 @@ def _op_model(shape, q, stride, scale, shift, residual=False, act=None, pooled=F
         act_max=hi,
         residual=int(pooled),
     )
-    graph_in = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", h * w, c])]
+    x_info = (TensorProto.UINT64, ["b", h * w, (c + 63) // 64]) if bits_in else (TensorProto.FLOAT, ["b", h * w, c])
+    graph_in = [helper.make_tensor_value_info("x", *x_info)]
     if residual:
         graph_in.append(helper.make_tensor_value_info("r", TensorProto.FLOAT, None))
-    g = helper.make_graph([node], "op", graph_in, [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    graph_out = [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)]
+    if signs_out:
+        graph_out.append(helper.make_tensor_value_info("ys", TensorProto.UINT64, None))
+    g = helper.make_graph([node], "op", graph_in, graph_out, inits)
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(native.DOMAIN, 1)])
     m.ir_version = 8
     return m
@@ -200,6 +206,18 @@ def test_op_equals_float_conv_of_signs(native_lib, monkeypatch, isa, shape):
     want = np.clip(d * scale + shift + r, np.float32(-1), np.float32(1))
     np.testing.assert_array_equal(got, want)
 
+    # output 1: the output's signs packed as the next conv takes them (bit 1 where y < 0), by definition
+    sess = ort_session(
+        _op_model(x.shape, q, s, scale, shift, residual=True, act=(-1.0, 1.0), signs_out=True),
+        threads=2,
+        native_lib=native_lib,
+    )
+    got, ys = sess.run(None, {"x": flat, "r": r})
+    np.testing.assert_array_equal(got, want)
+    assert ys.dtype == np.uint64 and ys.shape == (b, ho * wo, (n + 63) // 64)
+    np.testing.assert_array_equal(native.unpack_signs(ys, n), np.where(want < 0, -1.0, 1.0))
+    assert (native.unpack_signs(ys, 64 * ys.shape[-1])[..., n:] == 1).all()  # padding bits stay 0
+
     # packed signs out through integer thresholds (bit 1 = -1 where dot < T), and packed signs in
     thresholds = rng.integers(-6, 7, n).astype(np.int32)
     to_bits, from_bits = _bits_models(x.shape, q, s, thresholds)
@@ -228,6 +246,14 @@ def test_op_equals_float_conv_of_signs(native_lib, monkeypatch, isa, shape):
         want = np.clip(
             d * scale + shift + sc.transpose(0, 2, 3, 1).reshape(b, ho * wo, n), np.float32(-1), np.float32(1)
         )
+        np.testing.assert_array_equal(got, want)
+        # the same with the input's packed signs as X: the shortcut is pooled from R, the float input
+        sess = ort_session(
+            _op_model(x.shape, q, s, scale, shift, residual=True, act=(-1.0, 1.0), pooled=True, bits_in=True),
+            threads=2,
+            native_lib=native_lib,
+        )
+        got = sess.run(None, {"x": np.ascontiguousarray(x_words), "r": flat})[0]
         np.testing.assert_array_equal(got, want)
 
 
@@ -268,7 +294,9 @@ def test_op_rejects_a_mismatched_input(native_lib):
 @pytest.mark.parametrize(
     "kw,ops",
     [
-        (dict(), {native.OP: 18}),  # Bi-Real blocks, hardtanh fused, avg-pool + zero-pad shortcuts
+        # Bi-Real blocks, hardtanh fused, avg-pool + zero-pad shortcuts; every conv after the first reads
+        # the packed signs its predecessor wrote (output 1)
+        (dict(), {native.OP: 1, native.OP_FROM_BITS: 17}),
         # He et al. blocks: conv1's BatchNorm, activation and the next sign fold into integer thresholds
         (dict(bireal=False, shortcut="conv", act="relu"), {native.OP_TO_BITS: 9, native.OP_FROM_BITS: 9}),
         (dict(bireal=False, shortcut="conv", act="hardtanh"), {native.OP_TO_BITS: 9, native.OP_FROM_BITS: 9}),
@@ -289,6 +317,12 @@ def test_native_parity_random_weights(native_lib, kw, ops):
         if n.domain == native.DOMAIN:
             got[n.op_type] = got.get(n.op_type, 0) + 1
     assert got == ops
+    read = {i for n in proto.graph.node for i in n.input}
+    for n in proto.graph.node:  # packed signs out only where a node reads them
+        if n.domain == native.DOMAIN and len(n.output) > 1:
+            assert n.output[1] in read, n.name
+    last = [n for n in proto.graph.node if n.domain == native.DOMAIN][-1]
+    assert len(last.output) == 1  # the last conv feeds the head: no signs
     assert not any(n.op_type == "DequantizeLinear" for n in proto.graph.node)
     res = check_parity("student_native", model, proto, probes, parity_inputs((1, 28, 28), 16))
     assert res.passed and res.top1_agree == res.n, res.to_dict()

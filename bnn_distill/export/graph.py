@@ -7,7 +7,7 @@ graph with its layout; :class:`Probe` records a lowered module for the parity di
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch.nn as nn
@@ -27,13 +27,15 @@ class ExportError(UserError):
 @dataclass(frozen=True)
 class _T:
     """A tensor in the graph: ``nchw`` is (B, C, H, W), ``flat`` is (B, H*W, C), ``vec`` is (B, C),
-    ``bits`` is packed signs (B, H*W, ceil(C/64)) uint64 between native nodes."""
+    ``bits`` is packed signs (B, H*W, ceil(C/64)) uint64 between native nodes. ``signs``: a ``flat``
+    tensor's packed signs too, when the native node that wrote it also wrote them."""
 
     name: str
     layout: str
     c: int
     h: int = 1
     w: int = 1
+    signs: Optional[str] = None
 
 
 @dataclass
@@ -103,6 +105,13 @@ class _Graph:
             node = helper.make_node(op_type, list(inputs), [out], name=out, **attrs)
         self.nodes.append(node)
         return out
+
+    def add_output(self, out: str, base: str) -> str:
+        """A second output (a fresh name) of the node whose first output is ``out``."""
+        node = next(n for n in reversed(self.nodes) if n.output and n.output[0] == out)
+        name = self.fresh(base)
+        node.output.append(name)
+        return name
 
     def shared(self, key: Tuple, make) -> str:
         """A tensor built once per ``key`` by ``make()`` (e.g. the im2col indices of one geometry)."""

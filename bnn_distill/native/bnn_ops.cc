@@ -14,6 +14,10 @@
 //                                               shortcut: s x s average pool (stride s = the conv's,
 //                                               ceil mode, in-image divisor) then zero channels up to OC
 //   output   0 Y      float  (B, Ho*Wo, OC)     clip(dot * scale + shift + R, act_min, act_max)
+//            1 S      uint64 (B, Ho*Wo, CWo)    optional: Y's signs packed as the next conv takes them
+//                                               (bit 1 where Y < 0, CWo = ceil(OC/64)), written by the
+//                                               epilogue, so a BinaryConv2dFromBits that reads S (with
+//                                               Y as its residual R) needs no packing pass of its own
 //   attributes in_h, in_w, in_c, out_c, kernel (1 or 3), stride, pad (0 or kernel/2), act (0 none,
 //            1 clip to [act_min, act_max]), residual (0 or 1, as above; default 0)
 //
@@ -21,7 +25,8 @@
 // a conv's output only feeds the next conv's sign: ToBits takes (X, Wbits, corr, T int32 (OC,)) and
 // outputs packed sign bits (B, Ho*Wo, ceil(OC/64)) uint64, bit = dot < T[oc] (the BatchNorm, the
 // activation and the sign folded into one integer threshold, computed at export); FromBits takes
-// such bits as X and is otherwise BinaryConv2d.
+// such bits as X and is otherwise BinaryConv2d (its pooled residual, residual=1, is pooled from R, the
+// float tensor the bits were taken from).
 //
 // dot is the exact integer +-1 dot product of the conv: with the input's sign bits a and the
 // weights' bits w over N = k*k*C bits, dot = N - 2 * popcount(a XOR w) - corr[class][oc]. The
@@ -177,6 +182,7 @@ struct Epilogue {
   const int32_t* thresh; // (OC,): bits output (sign bit = dot < thresh[oc]) instead of y, or null
   uint64_t* ybits;       // (B, Ho*Wo, ceil(OC/64)), zeroed before the conv, when thresh is set
   float* y;              // (B, Ho*Wo, OC)
+  uint8_t* ysign;        // (B, Ho*Wo, ceil(OC/64)) words as bytes: y's packed signs (output 1), or null
   int act;
   float lo, hi;
 
@@ -205,6 +211,7 @@ struct Epilogue {
     float* out = y + pix * g->OC;
     const float* res = residual ? residual + pix * g->OC : nullptr;
     const int64_t oc0 = g0 * 8, oc1 = std::min<int64_t>(g->OC, oc0 + 8 * ngroups);
+    uint8_t* sign = ysign ? ysign + pix * ((g->OC + 63) / 64) * 8 : nullptr;
     for (int64_t oc = oc0; oc < oc1; ++oc) {
       const int64_t dot = n_bits - 2 * static_cast<int64_t>(pc[oc - oc0]) - cr[oc];
       float v = static_cast<float>(dot) * scale[oc];
@@ -212,6 +219,8 @@ struct Epilogue {
       if (res) v = v + res[oc];
       if (act) v = std::min(std::max(v, lo), hi);
       out[oc] = v;
+      // each byte (8 channels) belongs to one work item: set bit by bit, no other thread writes it
+      if (sign && v < 0.0f) sign[oc / 8] = static_cast<uint8_t>(sign[oc / 8] | (1u << (oc % 8)));
     }
   }
 };
@@ -296,16 +305,17 @@ __attribute__((target("avx2"))) inline Avx2Epi Avx2EpiFor(const Epilogue& ep, in
 // Epilogue modes, fixed per row so the per-pixel code has no branches: kBits (packed signs out through
 // thresholds) or float out, with or without a residual, with or without the clip, all 8 channels valid
 // or a masked last group.
-enum : int { kEpiBits = 1, kEpiRes = 2, kEpiAct = 4, kEpiFull = 8 };
+enum : int { kEpiBits = 1, kEpiRes = 2, kEpiAct = 4, kEpiFull = 8, kEpiSign = 16 };
 
 // One pixel: acc0 / acc1 hold the popcounts of channels oc..oc+3 / oc+4..oc+7 as 64-bit lanes. The same
 // float32 operations, in the same order, as Epilogue::Store (and so as the standard graph).
 // cr, out, res, bits: this pixel's corrections, outputs, residual and packed-bits word, each already
-// offset to the group's first channel (bits: its word; shift: the group's bit offset in it).
+// offset to the group's first channel (bits: its word; shift: the group's bit offset in it). sign: the
+// byte of the pixel's packed output signs that holds the group (kEpiSign), written whole.
 template <int M>
 __attribute__((target("avx2"), always_inline)) inline void StoreAvx2(const Avx2Epi& e, const int32_t* cr, float* out,
                                                                      const float* res, uint64_t* bits, int shift,
-                                                                     __m256i acc0, __m256i acc1) {
+                                                                     uint8_t* sign, __m256i acc0, __m256i acc1) {
   const __m256 q = _mm256_shuffle_ps(_mm256_castsi256_ps(acc0), _mm256_castsi256_ps(acc1), _MM_SHUFFLE(2, 0, 2, 0));
   const __m256i pc = _mm256_permute4x64_epi64(_mm256_castps_si256(q), _MM_SHUFFLE(3, 1, 2, 0));
   const __m256i corr = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(cr));  // OCp entries: always 8
@@ -323,6 +333,10 @@ __attribute__((target("avx2"), always_inline)) inline void StoreAvx2(const Avx2E
     _mm256_storeu_ps(out, v);
   } else {
     _mm256_maskstore_ps(out, e.mask, v);
+  }
+  if (M & kEpiSign) {  // the same test as the packer's: x < 0 (ordered)
+    const unsigned neg = static_cast<unsigned>(_mm256_movemask_ps(_mm256_cmp_ps(v, _mm256_setzero_ps(), _CMP_LT_OQ)));
+    *sign = static_cast<uint8_t>(neg & ((1u << e.lanes) - 1));
   }
 }
 
@@ -372,6 +386,7 @@ struct Avx2RowCtx {
   uint64_t* bits;       // pixel 0's packed word holding the group (or null)
   int64_t cwo;
   int shift;
+  uint8_t* sign;        // pixel 0's byte of the packed output signs holding the group (or null)
 };
 
 template <int P, int M>
@@ -381,8 +396,8 @@ __attribute__((target("avx2"), always_inline)) inline void Avx2Tile(const Avx2Ro
   for (int p = 0; p < P; ++p) {
     const int64_t ox = ox0 + p, ix = ox * c.S - c.P;
     const int64_t cls = (ix < 0) | ((ix + c.Kw > c.W) << 1);
-    StoreAvx2<M>(e, c.corr + cls * c.OCp, c.out + ox * c.OC, c.res + ox * c.OC, c.bits + ox * c.cwo, c.shift, acc[p][0],
-                 acc[p][1]);
+    StoreAvx2<M>(e, c.corr + cls * c.OCp, c.out + ox * c.OC, c.res + ox * c.OC, c.bits + ox * c.cwo, c.shift,
+                 c.sign + ox * c.cwo * 8, acc[p][0], acc[p][1]);
   }
 }
 
@@ -419,16 +434,22 @@ __attribute__((target("avx2"))) void Avx2Row(const Item& it, int64_t b, int64_t 
   c.cwo = (g.OC + 63) / 64;
   c.bits = ep.thresh ? ep.ybits + pix0 * c.cwo + oc / 64 : nullptr;
   c.shift = static_cast<int>(oc % 64);
+  c.sign = ep.ysign ? ep.ysign + pix0 * c.cwo * 8 + oc / 8 : nullptr;
   const Avx2Epi e = Avx2EpiFor(ep, oc);
   const int mode = ep.thresh ? kEpiBits
-                             : ((ep.residual ? kEpiRes : 0) | (ep.act ? kEpiAct : 0) | (e.lanes == 8 ? kEpiFull : 0));
+                             : ((ep.residual ? kEpiRes : 0) | (ep.act ? kEpiAct : 0) | (e.lanes == 8 ? kEpiFull : 0) |
+                                (ep.ysign ? kEpiSign : 0));
   switch (mode) {
 #define BNN_AVX2_MODE(M) \
   case M: Avx2RowTiles<P, M>(c, e, g.Wo); break;
+#define BNN_AVX2_FLOAT_MODES(S)                                                                       \
+  BNN_AVX2_MODE(S) BNN_AVX2_MODE(S | kEpiRes) BNN_AVX2_MODE(S | kEpiAct) BNN_AVX2_MODE(S | kEpiRes | kEpiAct) \
+  BNN_AVX2_MODE(S | kEpiFull) BNN_AVX2_MODE(S | kEpiFull | kEpiRes) BNN_AVX2_MODE(S | kEpiFull | kEpiAct)    \
+  BNN_AVX2_MODE(S | kEpiFull | kEpiRes | kEpiAct)
     BNN_AVX2_MODE(kEpiBits)
-    BNN_AVX2_MODE(0) BNN_AVX2_MODE(kEpiRes) BNN_AVX2_MODE(kEpiAct) BNN_AVX2_MODE(kEpiRes | kEpiAct)
-    BNN_AVX2_MODE(kEpiFull) BNN_AVX2_MODE(kEpiFull | kEpiRes) BNN_AVX2_MODE(kEpiFull | kEpiAct)
-    BNN_AVX2_MODE(kEpiFull | kEpiRes | kEpiAct)
+    BNN_AVX2_FLOAT_MODES(0)
+    BNN_AVX2_FLOAT_MODES(kEpiSign)
+#undef BNN_AVX2_FLOAT_MODES
 #undef BNN_AVX2_MODE
     default: throw std::logic_error("BinaryConv2d: no AVX2 epilogue for this mode");
   }
@@ -490,6 +511,7 @@ __attribute__((target("avx512f,avx512vl,avx512vpopcntdq"))) void TileAvx512(cons
   const float* const shift = ep.shift;
   const float* const residual = ep.residual;
   float* const y = ep.y;
+  uint8_t* const ysign = ep.ysign;
   const bool act = ep.act != 0;
   const int32_t* const thresh = ep.thresh;
   const int64_t OC = g.OC, OCp = g.OCp, CWo = (g.OC + 63) / 64;
@@ -519,6 +541,12 @@ __attribute__((target("avx512f,avx512vl,avx512vpopcntdq"))) void TileAvx512(cons
       if (res) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(m, res + oc));
       if (act) v = _mm512_min_ps(_mm512_max_ps(v, lo), hi);
       _mm512_mask_storeu_ps(out + oc, m, v);
+      if (ysign) {  // the bytes of these 8 or 16 channels: this work item's alone
+        const unsigned neg = _mm512_mask_cmp_ps_mask(m, v, _mm512_setzero_ps(), _CMP_LT_OQ);
+        uint8_t* sb = ysign + pix * CWo * 8 + oc / 8;
+        sb[0] = static_cast<uint8_t>(neg);
+        if (lanes > 8) sb[1] = static_cast<uint8_t>(neg >> 8);
+      }
     }
   }
 }
@@ -895,8 +923,7 @@ struct BinaryConvKernel {
       }
     }
     if (res_mode_ != 0 && res_mode_ != 1) throw std::runtime_error("BinaryConv2d: residual must be 0 or 1");
-    if (res_mode_ == 1 && (in_c_ > out_c_ || in_bits_))
-      throw std::runtime_error("BinaryConv2d: a pooled residual needs a float input and in_c <= out_c");
+    if (res_mode_ == 1 && in_c_ > out_c_) throw std::runtime_error("BinaryConv2d: a pooled residual needs in_c <= out_c");
     if (!((k_ == 3 && p_ == 1) || (k_ == 1 && p_ == 0)))
       throw std::runtime_error("BinaryConv2d: only kernel 3 with pad 1 and kernel 1 with pad 0 are supported");
     if (s_ < 1 || in_h_ < 1 || in_w_ < 1 || in_c_ < 1 || out_c_ < 1)
@@ -971,9 +998,19 @@ struct BinaryConvKernel {
           residual = R.GetTensorData<float>();
         }
       }
+      if (res_mode_ == 1 && residual == nullptr)
+        throw std::runtime_error("BinaryConv2d: residual=1 needs the float tensor to pool as input 5 (R)");
     }
     const int64_t cwo = (g.OC + 63) / 64;
     Ort::UnownedValue Y = ctx.GetOutput(0, std::vector<int64_t>{g.B, g.Ho * g.Wo, out_bits_ ? cwo : g.OC});
+    uint8_t* ysign = nullptr;  // output 1, when the node has it: Y's packed signs
+    if (!out_bits_ && ctx.GetOutputCount() > 1) {
+      Ort::UnownedValue S = ctx.GetOutput(1, std::vector<int64_t>{g.B, g.Ho * g.Wo, cwo});
+      if (static_cast<OrtValue*>(S) != nullptr) {
+        ysign = reinterpret_cast<uint8_t*>(S.GetTensorMutableData<uint64_t>());
+        std::memset(ysign, 0, static_cast<size_t>(g.B * g.Ho * g.Wo * cwo) * sizeof(uint64_t));
+      }
+    }
     if (g.B == 0) return;
     uint64_t* ybits = nullptr;
     if (out_bits_) {
@@ -1016,7 +1053,7 @@ struct BinaryConvKernel {
 
     Epilogue ep{&g, Cv.GetTensorData<int32_t>(), out_bits_ ? nullptr : Sv.GetTensorData<float>(), shift, residual,
                 out_bits_ ? Sv.GetTensorData<int32_t>() : nullptr, ybits,
-                out_bits_ ? nullptr : Y.GetTensorMutableData<float>(), act_, lo_, hi_};
+                out_bits_ ? nullptr : Y.GetTensorMutableData<float>(), ysign, act_, lo_, hi_};
     ConvJob cj{{&g, packed.data(), wbits, &ep}, isa_, (g.groups() + kTileGroups - 1) / kTileGroups, avx2_pixels_};
     const int64_t conv_items = g.B * g.Ho * cj.blocks;
 
@@ -1093,9 +1130,12 @@ struct BinaryConvOp : Ort::CustomOpBase<BinaryConvOp<InBits, OutBits>, BinaryCon
   OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t i) const {
     return i == 5 ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
   }
-  size_t GetOutputTypeCount() const { return 1; }
-  ONNXTensorElementDataType GetOutputType(size_t) const {
-    return OutBits ? ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT64 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+  size_t GetOutputTypeCount() const { return OutBits ? 1 : 2; }  // float out: Y, and optionally its packed signs
+  ONNXTensorElementDataType GetOutputType(size_t i) const {
+    return OutBits || i == 1 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT64 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+  }
+  OrtCustomOpInputOutputCharacteristic GetOutputCharacteristic(size_t i) const {
+    return i == 1 ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
   }
 };
 
@@ -1189,7 +1229,7 @@ __attribute__((visibility("default"))) double BnnDistillPeakNsPerStepIsa(int isa
 // The kernel family this CPU runs (what BNN_DISTILL_NATIVE_ISA=auto picks).
 __attribute__((visibility("default"))) const char* BnnDistillNativeIsa() { return IsaName(BestIsa()); }
 
-__attribute__((visibility("default"))) int BnnDistillNativeAbi() { return 1; }
+__attribute__((visibility("default"))) int BnnDistillNativeAbi() { return 2; }  // 2: output 1 (packed signs)
 
 __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options,
                                                                                 const OrtApiBase* api_base) {

@@ -5,11 +5,15 @@ activation of a block fused into one node of this package's op domain: a bit-pac
 XNOR-popcount conv, the BatchNorm folded into a per-channel scale and shift, the residual add and
 a clip activation fused. Where a block's first conv only feeds the second's sign, its BatchNorm and
 that sign become integer thresholds and the node hands packed sign bits (layout ``bits``) on.
+Every other node also writes its output's packed signs (output 1, :attr:`_T.signs`), and a native
+conv that reads that output takes those signs instead (``BinaryConv2dFromBits``, the float output
+as its residual), so it packs nothing itself; outputs nobody reads are dropped at the end.
 This module alone writes the op's domain, names and attributes.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
@@ -47,6 +51,15 @@ def _fused_activation(act: nn.Module) -> Tuple[float, float, int]:
 
 class NativeLowering(IntLowering):
     """The integer graph with binary blocks as ``ai.bnn_distill::BinaryConv2d*`` nodes."""
+
+    def build(self):
+        """The graph, without the packed-sign outputs (output 1) that no node reads."""
+        model = super().build()
+        used = {i for n in model.graph.node for i in n.input} | {o.name for o in model.graph.output}
+        for n in model.graph.node:
+            if n.domain == DOMAIN and len(n.output) > 1 and n.output[1] not in used:
+                del n.output[1]
+        return model
 
     def opsets(self) -> list:
         opsets = super().opsets()
@@ -126,7 +139,7 @@ class NativeLowering(IntLowering):
         thresholds = sign_thresholds(scale, shift, act, k * k * cin) if to_bits and residual is None else None
         g = self.g
         ins = [
-            x.name,
+            x.signs if x.signs and thresholds is None else x.name,  # ...ToBits has no packed-sign input
             g.init(f"{cname}.weight_bits", pack_weights(q)),
             g.init(f"{cname}.border_correction", border_corrections(q, p)),
         ]
@@ -175,7 +188,7 @@ class NativeLowering(IntLowering):
                 self._fail(f"{block}/add{i}", f"residual shapes differ: {residual} vs {want}")
             ins = ins + [residual.name]
         lo, hi, fused = _fused_activation(act)
-        op = OP_FROM_BITS if x.layout == "bits" else OP  # the previous node handed packed signs on
+        op = OP_FROM_BITS if x.layout == "bits" or x.signs else OP  # the previous node handed packed signs on
         out = self.g.op(
             op,
             ins,
@@ -188,6 +201,8 @@ class NativeLowering(IntLowering):
             residual=int(pooled is not None),
         )
         y = _T(out, "flat", n, ho, wo)
+        if fused:  # the output is the block's: the next native conv may take its signs (see build)
+            y = dataclasses.replace(y, signs=self.g.add_output(out, f"{aname}/signs"))
         ref = _FusedConv(conv, bn, act if fused else nn.Identity(), pooled)
         self._probe(
             f"{cname}+bn{i}" + ("+add" if residual is not None else "") + ("+act" if fused else ""),
