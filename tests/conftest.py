@@ -1,8 +1,10 @@
-"""Shared fixtures: a tiny recipe that trains a teacher and two binary stages in seconds."""
+"""Shared fixtures: a tiny recipe that trains a teacher and two binary stages in seconds; the
+repository's scripts (benchmarks/, scripts/) loaded as modules."""
 
 from __future__ import annotations
 
 import copy
+import importlib.util
 import logging
 from pathlib import Path
 from typing import Any, Dict
@@ -10,6 +12,18 @@ from typing import Any, Dict
 import pytest
 
 logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def load_script(relpath: str):
+    """A script of the repository (e.g. ``benchmarks/itrd_grid.py``) as a fresh module."""
+    path = REPO / relpath
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
 
 ITRD = [
     {"name": "ce"},

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import os
 import pickle
 from pathlib import Path
@@ -12,6 +11,7 @@ from urllib.error import URLError
 import numpy as np
 import pytest
 import torch
+from conftest import load_script
 from PIL import Image
 
 from bnn_distill import data
@@ -300,9 +300,7 @@ def test_synthetic_deterministic_and_learnable() -> None:
 
 @needs_debian
 def test_script_reproduces_packaged_file(tmp_path: Path) -> None:
-    spec = importlib.util.spec_from_file_location("make_fmnist_subset", REPO / "scripts" / "make_fmnist_subset.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("scripts/make_fmnist_subset.py")
     out = tmp_path / "subset.npz"
     script.main(["--src", str(DEBIAN), "--out", str(out)])
     packaged = REPO / "bnn_distill" / "datasets" / "fmnist_subset.npz"

@@ -3,21 +3,15 @@
 from __future__ import annotations
 
 import gzip
-import importlib.util
 import json
 import tarfile
-from pathlib import Path
 
 import pytest
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_grid.py"
+from conftest import load_script
 
 
 def _mod():
-    spec = importlib.util.spec_from_file_location("gpu_grid", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("benchmarks/gpu_grid.py")
 
 
 def test_sizing_by_hand():

@@ -2,22 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
+from conftest import load_script
 
 from bnn_distill.recipe import recipe_from_dict
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "itrd_grid.py"
-
 
 def _grid():
-    spec = importlib.util.spec_from_file_location("itrd_grid", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("benchmarks/itrd_grid.py")
 
 
 def _recipe_args(tmp_path):

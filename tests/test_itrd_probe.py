@@ -2,21 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "itrd_probe.py"
+from conftest import load_script
 
 
 def _probe():
-    spec = importlib.util.spec_from_file_location("itrd_probe", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("benchmarks/itrd_probe.py")
 
 
 def test_linear_cka_of_one_dimension_is_squared_correlation():
@@ -93,9 +87,7 @@ def test_paired_counts_images_each_way_per_seed():
 
 @pytest.mark.slow
 def test_probe_runs_on_a_finished_grid(tmp_path):
-    grid_spec = importlib.util.spec_from_file_location("itrd_grid", SCRIPT.parent / "itrd_grid.py")
-    grid = importlib.util.module_from_spec(grid_spec)
-    grid_spec.loader.exec_module(grid)
+    grid = load_script("benchmarks/itrd_grid.py")
     runs = tmp_path / "runs"
     assert (
         grid.main(
