@@ -25,7 +25,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 from native_profile import profile
 from onnx import TensorProto as TP
 from onnx import helper as oh
@@ -33,18 +32,10 @@ from onnx import numpy_helper as nh
 
 from bnn_distill import native
 from bnn_distill.bench import load_manifest, machine
+from bnn_distill.onnxrt import ort_session
 
 #: (name, channels, height) of the CIFAR ResNet-18 stages: 3x3 convs, stride 1, padding 1
 SHAPES = [("layer1", 64, 32), ("layer2", 128, 16), ("layer3", 256, 8), ("layer4", 512, 4)]
-
-
-def _session(model, threads: int = 1) -> ort.InferenceSession:
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    so.log_severity_level = 3
-    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
 
 def _model(nodes, inputs, inits, out_elem=TP.FLOAT):
@@ -111,7 +102,7 @@ def forms(rounds: int, threads: int) -> list:
         }
         sessions, ok = {}, {}
         for key, (model, feed) in variants.items():
-            s = _session(model, threads)
+            s = ort_session(model, threads=threads, spin=False)
             y = np.asarray(s.run(None, feed)[0], np.float64)
             y = y.reshape(n, m).T if y.ndim == 4 else y.reshape(m, n)
             ok[key] = bool(np.array_equal(y, exact))
