@@ -9,7 +9,9 @@ Times one optimiser step (forward, loss, backward, SGD update) of a student at o
 * what the speed-ups of the training step buy, each beside what it replaced: the sign written as
   a comparison stored into a float tensor against the earlier ``torch.where`` form, the student
   in channels_last memory format, and the frozen teacher's forward pass under ``no_grad`` (as it
-  was), under ``inference_mode`` (as the Trainer runs it now) and in channels_last.
+  was), under ``inference_mode`` (as the Trainer runs it now) and in channels_last;
+* with ``--compile``, two ``torch.compile`` forms beside the eager channels_last step: the sign and
+  its ApproxSign backward as one fused kernel each, and the whole student compiled.
 
 All configurations run interleaved, round after round, after warm-up, and the median per
 configuration is reported with its ratio, so machine noise hits all of them alike. Writes JSON
@@ -26,6 +28,7 @@ import json
 import logging
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -56,6 +59,19 @@ def where_sign(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x >= 0, 1.0, -1.0).to(x.dtype)
 
 
+def fused_sign_kernels():
+    """The sign forward and the ApproxSign backward, each one ``torch.compile``'d element-wise kernel
+    (one pass over the tensor instead of three and five), for the ``--compile`` rows. Same values."""
+
+    def fwd(x: torch.Tensor) -> torch.Tensor:
+        return torch.where(x.detach() >= 0, 1.0, -1.0).to(x.dtype)
+
+    def bwd(x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        return grad * torch.clamp(2.0 - 2.0 * x.abs(), min=0.0)
+
+    return torch.compile(fwd, dynamic=True), torch.compile(bwd, dynamic=True)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--arch", default="cifar_resnet20")
@@ -66,9 +82,15 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument(
+        "--compile",
+        action="store_true",
+        help="add two torch.compile rows: the sign kernels fused, and the whole student compiled",
+    )
     ap.add_argument("--out", default="benchmarks/results/train_cost")
     args = ap.parse_args(argv)
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+    logging.getLogger("torch._dynamo").setLevel(logging.ERROR)  # graph-break reports in Brevitas' code
     if args.threads:
         torch.set_num_threads(args.threads)
     x = torch.randn(args.batch, args.in_chans, args.image_size, args.image_size)
@@ -88,11 +110,45 @@ def main(argv=None) -> int:
         timed("FP CE (same network)", "FP", CE, True),
     ]
     new_sign = quant_mod.binary_sign
+    compile_s = {}
     configs += [
         timed("W1A1 CE, torch.where sign (before)", "W1A1", CE, True, sign=where_sign),
         timed("W1A1 CE channels_last", "W1A1", CE, True, channels_last=True),
         timed("FP CE channels_last", "FP", CE, True, channels_last=True),
     ]
+    if args.compile:
+        fwd, bwd = fused_sign_kernels()
+        compiled = [
+            timed(
+                "W1A1 CE channels_last, fused sign kernels",
+                "W1A1",
+                CE,
+                True,
+                channels_last=True,
+                sign=fwd,
+                sign_backward=bwd,
+            ),
+            timed(
+                "W1A1 CE channels_last, torch.compile(student)",
+                "W1A1",
+                CE,
+                True,
+                channels_last=True,
+                compile_student=True,
+            ),
+        ]
+        for c in compiled:
+            t0 = time.perf_counter()
+            try:
+                c.step()  # compiles
+            except Exception as exc:  # noqa: BLE001 - a benchmark row, reported and skipped
+                print(
+                    f"{c.name}: torch.compile failed ({type(exc).__name__}: {str(exc).splitlines()[0]}); row skipped",
+                    file=sys.stderr,
+                )
+                continue
+            compile_s[c.name] = time.perf_counter() - t0
+            configs.append(c)
     steps = {c.name: c.step for c in configs}
     teacher_cl = copy.deepcopy(teacher).to(memory_format=torch.channels_last)
     x_cl = x.contiguous(memory_format=torch.channels_last)
@@ -138,6 +194,7 @@ def main(argv=None) -> int:
         "binary_vs_fp_ce_before": med["W1A1 CE, torch.where sign (before)"] / fp,
         "binary_channels_last_vs_fp_channels_last": med["W1A1 CE channels_last"] / med["FP CE channels_last"],
         "teacher_forward_vs_ce_step": {k: med[k] / base for k in steps if k.startswith("teacher forward")},
+        "compile_seconds": compile_s,
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -161,6 +218,9 @@ def main(argv=None) -> int:
         f"{result['binary_vs_fp_ce_before']:.3f}; both in channels_last: "
         f"{result['binary_channels_last_vs_fp_channels_last']:.3f})",
     ]
+    fp_cl = med["FP CE channels_last"]
+    for k, sec in compile_s.items():
+        lines.append(f"{k}: {med[k] / fp_cl:.3f}x the FP channels_last step (first step, compiling: {sec:.0f} s)")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

@@ -23,8 +23,9 @@ class TimedStep:
     """One optimiser step (forward, loss, backward, SGD) of a fresh student on a fixed batch ``x``, ``y``.
 
     ``with_teacher``: the frozen teacher's forward runs in every step (else its outputs are computed
-    once, which isolates the loss's own cost). ``sign``: the binary sign function the step uses
-    (default: the library's). The student's and teacher's features are hooked at ``head_bn``.
+    once, which isolates the loss's own cost). ``sign`` / ``sign_backward``: the binary sign and the
+    ApproxSign backward the step uses (default: the library's). ``compile_student``: the step runs
+    ``torch.compile(student)``. The student's and teacher's features are hooked at ``head_bn``.
     """
 
     def __init__(
@@ -40,6 +41,8 @@ class TimedStep:
         y: torch.Tensor,
         channels_last: bool = False,
         sign: Optional[Callable] = None,
+        sign_backward: Optional[Callable] = None,
+        compile_student: bool = False,
     ):
         self.name = name
         torch.manual_seed(0)
@@ -47,10 +50,12 @@ class TimedStep:
             arch, 10, in_chans=x.shape[1], quant=quant, width_mult=width_mult, weight_scale="learned", recu=True
         )
         self.sign = sign or quant_mod.binary_sign
+        self.sign_backward = sign_backward or quant_mod.approx_sign_backward
         if channels_last:
             self.student = self.student.to(memory_format=torch.channels_last)
             x = x.contiguous(memory_format=torch.channels_last)
-        self.feat = FeatureHook(self.student, "head_bn")
+        self.feat = FeatureHook(self.student, "head_bn")  # hooks the module, so before compiling
+        self.forward = torch.compile(self.student) if compile_student else self.student
         d = self.student.num_features
         self.criterion = Criterion(list(terms), d, d)
         self.teacher = teacher
@@ -64,18 +69,23 @@ class TimedStep:
             self.cached = (teacher(x), self.t_feat.pop()) if self.needs_teacher else (None, None)
 
     def step(self) -> None:
-        quant_mod.binary_sign = self.sign  # _Sign looks it up at call time
-        t_logits, t_feat = self.cached
-        if self.needs_teacher and self.with_teacher:
-            with torch.no_grad():
-                t_logits = self.teacher(self.x)
-                t_feat = self.t_feat.pop()
-        logits = self.student(self.x)
-        feat = self.feat.pop()
-        out = self.criterion(LossInputs(logits, self.y, t_logits, feat, t_feat))
-        self.opt.zero_grad(set_to_none=True)
-        out["loss"].backward()
-        self.opt.step()
+        saved = quant_mod.binary_sign, quant_mod.approx_sign_backward
+        quant_mod.binary_sign = self.sign  # _Sign looks both up at call time
+        quant_mod.approx_sign_backward = self.sign_backward
+        try:
+            t_logits, t_feat = self.cached
+            if self.needs_teacher and self.with_teacher:
+                with torch.no_grad():
+                    t_logits = self.teacher(self.x)
+                    t_feat = self.t_feat.pop()
+            logits = self.forward(self.x)
+            feat = self.feat.pop()
+            out = self.criterion(LossInputs(logits, self.y, t_logits, feat, t_feat))
+            self.opt.zero_grad(set_to_none=True)
+            out["loss"].backward()
+            self.opt.step()
+        finally:
+            quant_mod.binary_sign, quant_mod.approx_sign_backward = saved
 
 
 def interleaved_times(
