@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 import bnn_distill.quant as quant_mod
-from bnn_distill.losses import Term
+from bnn_distill.losses import Criterion, LossInputs, Term
 from bnn_distill.models import create_model
 from bnn_distill.stepcost import TimedStep, interleaved_times
 from bnn_distill.train import machine_info
@@ -70,6 +70,23 @@ def fused_sign_kernels():
         return grad * torch.clamp(2.0 - 2.0 * x.abs(), min=0.0)
 
     return torch.compile(fwd, dynamic=True), torch.compile(bwd, dynamic=True)
+
+
+def loss_alone(terms, batch: int, d: int, classes: int):
+    """One forward and backward of the criterion alone, on fixed logits and ``d``-wide features
+    (what the loss itself adds to a step, without the network around it)."""
+    g = torch.Generator().manual_seed(2)
+    logits = torch.randn(batch, classes, generator=g, requires_grad=True)
+    feat = torch.randn(batch, d, generator=g, requires_grad=True)
+    t_logits, t_feat = torch.randn(batch, classes, generator=g), torch.randn(batch, d, generator=g)
+    y = torch.randint(0, classes, (batch,), generator=g)
+    crit = Criterion(list(terms), d, d)
+
+    def run():
+        out = crit(LossInputs(logits, y, t_logits, feat, t_feat))
+        out["loss"].backward()
+
+    return run
 
 
 def main(argv=None) -> int:
@@ -150,6 +167,9 @@ def main(argv=None) -> int:
             compile_s[c.name] = time.perf_counter() - t0
             configs.append(c)
     steps = {c.name: c.step for c in configs}
+    d = configs[0].student.num_features
+    for name, terms in (("loss alone: CE", CE), ("loss alone: ITRD", ITRD)):
+        steps[name] = loss_alone(terms, args.batch, d, 10)
     teacher_cl = copy.deepcopy(teacher).to(memory_format=torch.channels_last)
     x_cl = x.contiguous(memory_format=torch.channels_last)
 
@@ -195,6 +215,7 @@ def main(argv=None) -> int:
         "binary_channels_last_vs_fp_channels_last": med["W1A1 CE channels_last"] / med["FP CE channels_last"],
         "teacher_forward_vs_ce_step": {k: med[k] / base for k in steps if k.startswith("teacher forward")},
         "compile_seconds": compile_s,
+        "itrd_loss_alone_vs_ce_step": (med["loss alone: ITRD"] - med["loss alone: CE"]) / base,
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -218,6 +239,11 @@ def main(argv=None) -> int:
         f"{result['binary_vs_fp_ce_before']:.3f}; both in channels_last: "
         f"{result['binary_channels_last_vs_fp_channels_last']:.3f})",
     ]
+    lines.append(
+        f"ITRD's terms alone (criterion forward + backward, ITRD minus CE): "
+        f"{1000 * (med['loss alone: ITRD'] - med['loss alone: CE']):.2f} ms, "
+        f"{100 * result['itrd_loss_alone_vs_ce_step']:.2f}% of the W1A1 CE step"
+    )
     fp_cl = med["FP CE channels_last"]
     for k, sec in compile_s.items():
         lines.append(f"{k}: {med[k] / fp_cl:.3f}x the FP channels_last step (first step, compiling: {sec:.0f} s)")

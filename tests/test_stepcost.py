@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -127,7 +128,10 @@ def test_train_cost_script_writes_its_table(tmp_path):
     assert all(r["median_ms"] > 0 and len(r["all_ms"]) == 1 for r in res["rows"])
     assert res["isa"] in ("AVX-512", "AVX2", "no AVX2", "unknown")
     assert res["compile_seconds"] == {}
-    assert "| W1A1 CE |" in out.with_suffix(".md").read_text()
+    assert "loss alone: CE" in names and "loss alone: ITRD" in names
+    assert math.isfinite(res["itrd_loss_alone_vs_ce_step"])
+    md = out.with_suffix(".md").read_text()
+    assert "| W1A1 CE |" in md and "ITRD's terms alone" in md
 
 
 @pytest.mark.slow
