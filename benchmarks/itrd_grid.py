@@ -53,8 +53,9 @@ import signal
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 from bnn_distill.errors import FolderInUse, UserError
 from bnn_distill.evaluate import mcnemar_p
@@ -321,9 +322,7 @@ def run_cached(args, raw: Dict[str, Any], train: bool = True) -> Optional[Dict[s
         )
     else:
         log.info("%s: kept in %s, skipped", recipe.name, kept_dir(args))
-    return dict(
-        kept["summary"], _metrics=kept["metrics"], _predictions=kept["test_predictions"], _labels=kept["test_labels"]
-    )
+    return _kept_result(kept)
 
 
 def _train_and_keep(args, recipe, run: RunDir) -> None:
@@ -350,11 +349,12 @@ def _worker_argv(argv: List[str]) -> List[str]:
     return out + ["--parallel-worker"]
 
 
-def run_workers(args, argv: List[str]) -> int:
+def run_workers(args, argv: List[str], on_tick: Optional[Callable[[], None]] = None, tick_s: float = 60.0) -> int:
     """``--parallel N``: N worker processes of this script share the student runs (each takes the next
     run nobody holds), with the CPU threads split between them; returns the number that failed.
     SIGTERM / SIGINT reaching this process are passed on as SIGTERM, so every worker saves its progress
-    (a second SIGTERM is harmless; a second SIGINT would abort a worker at once)."""
+    (a second SIGTERM is harmless; a second SIGINT would abort a worker at once). ``on_tick()`` is
+    called every ``tick_s`` seconds while they run (the report of what has finished so far)."""
     threads = int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1)
     env = dict(os.environ, OMP_NUM_THREADS=str(max(1, threads // args.parallel)))
     cmd = [sys.executable, str(Path(__file__).resolve())] + _worker_argv(argv)
@@ -367,12 +367,37 @@ def run_workers(args, argv: List[str]) -> int:
                 p.send_signal(signal.SIGTERM)
 
     old = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+    next_tick = time.monotonic() + tick_s
     try:
+        while any(p.poll() is None for p in procs):
+            time.sleep(0.5)
+            if on_tick is not None and time.monotonic() >= next_tick:
+                next_tick = time.monotonic() + tick_s
+                on_tick()
         codes = [p.wait() for p in procs]
     finally:
         for s, h in old.items():
             signal.signal(s, h)
     return sum(c != 0 for c in codes)
+
+
+def _kept_result(kept: Dict[str, Any]) -> Dict[str, Any]:
+    return dict(
+        kept["summary"], _metrics=kept["metrics"], _predictions=kept["test_predictions"], _labels=kept["test_labels"]
+    )
+
+
+def finished_runs(args, rows: List[str], ckpt: str) -> Dict[str, List[Dict[str, Any]]]:
+    """The student runs of this grid kept so far, by row: reads the kept copies only (no run folder,
+    no lock, so it can run while ``--parallel``'s workers write theirs)."""
+    out: Dict[str, List[Dict[str, Any]]] = {row: [] for row in rows}
+    for s in args.seeds:
+        for row in rows:
+            recipe = recipe_from_dict(student_recipe(args, row, s, ckpt))
+            kept = load_kept(args, recipe.name)
+            if kept is not None and kept["summary"].get("fingerprint") == recipe.fingerprint():
+                out[row].append(dict(_kept_result(kept), _seed=s))
+    return out
 
 
 def _mean_std(xs: List[float]) -> str:
@@ -636,7 +661,8 @@ def main(argv=None) -> int:
         "--parallel",
         type=int,
         default=1,
-        help="student runs at once, each in its own process (OMP_NUM_THREADS, or the cores, split between them)",
+        help="student runs at once, each in its own process (OMP_NUM_THREADS, or the cores, split between them); "
+        "the report of the finished runs is refreshed every minute while they train",
     )
     ap.add_argument("--parallel-worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument(
@@ -661,11 +687,23 @@ def main(argv=None) -> int:
         # and the report is rewritten after every finished run so partial progress is visible.
         failed = 0
         train = not args.report_only
+        rows = list(args.rows) + [f"itrd-{v}" for v in args.variants]
         if args.parallel > 1 and train:  # the workers train; this process reports what they finished
-            failed = run_workers(args, argv)
+            reported: List[Any] = [None]
+
+            def progress_report() -> None:
+                try:
+                    done = finished_runs(args, rows, ckpt)
+                    key = sorted((row, r["_seed"]) for row, rs in done.items() for r in rs)
+                    if key != reported[0]:
+                        reported[0] = key
+                        report(args, teacher, done, quiet=True, cost=None)
+                except Exception as exc:  # noqa: BLE001 - a progress report must never stop the workers
+                    log.warning("progress report skipped (%s: %s)", type(exc).__name__, exc)
+
+            failed = run_workers(args, argv, on_tick=progress_report)
             train = False
         cost = None if args.no_cost or args.parallel_worker else step_cost(args)
-        rows = list(args.rows) + [f"itrd-{v}" for v in args.variants]
         results: Dict[str, List[Dict[str, Any]]] = {row: [] for row in rows}
         for s in args.seeds:
             for row in rows:

@@ -252,3 +252,59 @@ def test_report_cells_by_hand():
     assert grid._vs_cell(None) == "-"
     assert grid._vs_itrd({"seeds": [3], "top1": [90.0]}, itrd) is None
     assert grid._vs_itrd({"seeds": [0], "top1": [90.0]}, None) is None
+
+
+def test_finished_runs_reads_only_this_grids_kept_copies(tmp_path):
+    """The parent's progress report reads kept copies only: no run folder, no lock (a worker may
+    hold one), and a kept copy of another recipe is left out."""
+    from bnn_distill.runlock import FolderLock
+
+    grid = _grid()
+    args = _recipe_args(tmp_path)
+    args.seeds = [0, 1]
+    ckpt = str(tmp_path / "teacher.pt")
+    (tmp_path / "teacher.pt").write_bytes(b"")  # never read: nothing trains
+
+    def keep(row, seed, fingerprint=None):
+        recipe = recipe_from_dict(grid.student_recipe(args, row, seed, ckpt))
+        dest = grid.kept_dir(args) / recipe.name
+        dest.mkdir(parents=True)
+        summary = {"fingerprint": fingerprint or recipe.fingerprint(), "name": recipe.name}
+        run = {"summary": summary, "metrics": [], "test_predictions": [1, 2], "test_labels": [1, 0]}
+        (dest / "run.json").write_text(json.dumps(run))
+        return recipe
+
+    keep("ce", 0)
+    keep("itrd", 1, fingerprint="someone-else")
+    busy = recipe_from_dict(grid.student_recipe(args, "itrd", 0, ckpt))
+    with FolderLock(busy.run_dir, "run folder", "test"):  # a worker writing itrd_s0
+        done = grid.finished_runs(args, ["ce", "itrd"], ckpt)
+    assert [r["_seed"] for r in done["ce"]] == [0] and done["itrd"] == []
+    assert done["ce"][0]["_predictions"] == [1, 2] and done["ce"][0]["_labels"] == [1, 0]
+
+
+def test_run_workers_reports_progress_while_the_workers_run(tmp_path, monkeypatch):
+    grid = _grid()
+    polls = {"n": 0}
+
+    class FakeProc:
+        def __init__(self, cmd, env):
+            self.cmd, self.env = cmd, env
+
+        def poll(self):
+            polls["n"] += 1
+            return None if polls["n"] < 12 else 0
+
+        def wait(self, timeout=None):
+            return 0
+
+        def send_signal(self, sig):
+            pass
+
+    monkeypatch.setattr(grid.subprocess, "Popen", FakeProc)
+    monkeypatch.setattr(grid.time, "sleep", lambda s: None)
+    ticks = []
+    args = _recipe_args(tmp_path)
+    args.parallel = 2
+    assert grid.run_workers(args, ["--parallel", "2"], on_tick=lambda: ticks.append(1), tick_s=0.0) == 0
+    assert len(ticks) >= 2  # called while the fake workers were still running
