@@ -92,6 +92,9 @@ VARIANTS: Dict[str, str] = {
     "mi_w0.5": "L_gram weight 0.5 instead of 1.0",
     "mi_w2": "L_gram weight 2.0",
     "batch_256": "batch size 256 instead of --batch-size (the batch statistics ITRD uses)",
+    # what the two-stage recipe's result depends on (against itrd_single at the same budget)
+    "s2_lr_0.1x": "stage 2 (W1A1) starts from a tenth of the learning rate instead of restarting at --lr",
+    "split_1_3": "a quarter of the epochs in stage 1 (W32A1) and three quarters in stage 2, instead of half each",
 }
 
 
@@ -111,6 +114,17 @@ def _variant(d: Dict[str, Any], name: str) -> Dict[str, Any]:
     """Apply one named change to an ``itrd`` student recipe dict."""
     if name == "feat_flatten":
         d["student"]["feature_layer"] = d["teacher"]["feature_layer"] = "flatten"
+        return d
+    if name == "s2_lr_0.1x":
+        d["stages"][-1]["optimizer"]["lr"] *= 0.1
+        return d
+    if name == "split_1_3":
+        first, second = d["stages"]
+        total = first["epochs"] + second["epochs"]
+        first["epochs"] = max(1, round(total / 4))
+        second["epochs"] = total - first["epochs"]
+        for st in d["stages"]:
+            st["schedule"]["warmup_epochs"] = min(st["schedule"]["warmup_epochs"], st["epochs"] / 2)
         return d
     target, key, value = _STAGE_CHANGES[name]
     for st in d["stages"]:

@@ -234,6 +234,11 @@ def test_every_variant_is_a_valid_recipe_with_one_change(tmp_path):
     assert flat.student.feature_layer == flat.teacher.feature_layer == "flatten"
     eps0 = recipe_from_dict(grid.student_recipe(args, "itrd-eps_0", 0, str(ckpt)))
     assert [t.params.get("eps") for t in eps0.stages[1].losses if t.name == "itrd_corr"] == [0.0]
+    lr = recipe_from_dict(grid.student_recipe(args, "itrd-s2_lr_0.1x", 0, str(ckpt)))
+    assert [st.optimizer.lr for st in lr.stages] == pytest.approx([2e-3, 2e-4])
+    split = recipe_from_dict(grid.student_recipe(args, "itrd-split_1_3", 0, str(ckpt)))
+    assert [(st.quant, st.epochs) for st in split.stages] == [("W32A1", 2), ("W1A1", 6)]
+    assert all(st.schedule.warmup_epochs <= st.epochs / 2 for st in split.stages)
 
 
 def test_report_cells_by_hand():
