@@ -19,7 +19,7 @@ What it does:
 3. a probe of ``--probe`` seconds: ``--parallel`` one-epoch CE students at once, read back from
    their ``metrics.jsonl`` (images/s per worker, including the validation and test passes);
 4. sizes ``--stage-epochs`` so that the grid's 15 student runs (5 rows x 3 seeds, in waves of
-   ``--parallel``) fit ``--budget`` seconds, from the probe's images/s;
+   ``--parallel``; 3 more per ``--variants`` name) fit ``--budget`` seconds, from the probe's images/s;
 5. runs ``benchmarks/itrd_grid.py --regime scratch --device cuda --parallel N`` on all 55,000
    training images left after the 5,000-image validation split (no ``--limit-train``).
 
@@ -94,6 +94,7 @@ def grid_args(cfg: dict, out: Path, runs: Path, epochs: int, rows, seeds, extra=
         "--no-cost",
         "--rows",
         *rows,
+        *(["--variants", *cfg["variants"]] if cfg.get("variants") else []),
         "--seeds",
         *seeds,
         "--runs",
@@ -141,7 +142,7 @@ def seed_teacher(cfg: dict, kept: Path) -> None:
 
 def size(cfg: dict, rate_per_worker: float) -> dict:
     """Stage epochs such that the student runs fit the budget, in waves of ``parallel`` workers."""
-    runs = len(cfg["rows"]) * len(cfg["seeds"])
+    runs = (len(cfg["rows"]) + len(cfg.get("variants", []))) * len(cfg["seeds"])
     waves = math.ceil(runs / cfg["parallel"])
     # the trainer's images/s counts training images; the validation and test passes after each epoch
     # (15,000 images forward only) add about a tenth: a 15% margin
@@ -167,6 +168,7 @@ def config(args) -> dict:
         "probe_s": args.probe,
         "budget_s": args.budget,
         "rows": ["ce", "itrd"] if smoke else ROWS,
+        "variants": list(args.variants),
         "seeds": ["0"] if smoke else SEEDS,
         # an epoch's training images (the metrics' images/s counts these)
         "epoch_images": 64 if smoke else 55000,
@@ -184,6 +186,12 @@ def main(argv=None) -> int:
     ap.add_argument("--probe", type=float, default=60.0, help="seconds of the sizing probe")
     ap.add_argument("--budget", type=float, default=390.0, help="seconds for the student runs")
     ap.add_argument("--smoke", action="store_true", help="the same steps on CPU, synthetic data, a tiny grid")
+    ap.add_argument(
+        "--variants",
+        nargs="*",
+        default=[],
+        help="also run these itrd_grid.py variants of the itrd row (e.g. s2_lr_0.1x split_1_3), in the same budget",
+    )
     args = ap.parse_args(argv)
     cfg = config(args)
     out = Path(args.out)

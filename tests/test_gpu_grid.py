@@ -22,6 +22,34 @@ def test_sizing_by_hand():
     assert g.size(cfg, 2000.0) == {"runs": 15, "waves": 2, "epoch_s": 31.62, "stage_epochs": 3}
     assert g.size(cfg, 10.0)["stage_epochs"] == 1  # at least one
     assert g.size(dict(cfg, parallel=15), 1e6)["stage_epochs"] == 100  # at most max_epochs
+    # two variants of the itrd row: 21 runs, 3 waves of 8: 390 / (3 * 2 * 31.625) = 2.06 -> 2
+    assert g.size(dict(cfg, variants=["s2_lr_0.1x", "split_1_3"]), 2000.0)["runs"] == 21
+    assert g.size(dict(cfg, variants=["s2_lr_0.1x", "split_1_3"]), 2000.0)["stage_epochs"] == 2
+    cmd = g.grid_args(
+        dict(
+            cfg,
+            variants=["split_1_3"],
+            dataset="d",
+            teacher_epochs=1,
+            val_size=5,
+            batch_size=8,
+            device="cpu",
+            grid_extra=[],
+        ),
+        "o",
+        "r",
+        2,
+        ["ce"],
+        ["0"],
+    )
+    assert cmd[cmd.index("--variants") + 1] == "split_1_3" and "--variants" not in g.grid_args(
+        dict(cfg, dataset="d", teacher_epochs=1, val_size=5, batch_size=8, device="cpu", grid_extra=[]),
+        "o",
+        "r",
+        2,
+        ["ce"],
+        ["0"],
+    )
 
 
 def test_fmnist_unpacking(tmp_path):
