@@ -25,7 +25,12 @@ def evaluate(
 ) -> Dict[str, Any]:
     """Return ``{"top1", "top5", "loss", "n"}`` (accuracies in %) with the model in eval mode;
     ``keep_predictions`` adds ``"predictions"``, the top-1 class of every sample in loader order
-    (N,) int64."""
+    (N,) int64. The model and the images run in training's layout for ``device``
+    (:func:`~bnn_distill.execution.memory_format_for`; the model's 4-d weights are left in it)."""
+    from .execution import memory_format_for
+
+    fmt = memory_format_for(device)
+    model.to(memory_format=fmt)
     was_training = model.training
     model.eval()
     correct1 = correct5 = 0
@@ -40,7 +45,7 @@ def evaluate(
         it = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True)
     try:
         for x, y in it:
-            x = x.to(device, non_blocking=True)
+            x = x.to(device, non_blocking=True, memory_format=fmt) if x.dim() == 4 else x.to(device, non_blocking=True)
             y = y.to(device, non_blocking=True)
             with ctx:
                 logits = model(x)

@@ -58,6 +58,16 @@ class StopFlag:
 # ---------------------------------------------------------------- execution: device, AMP, DDP
 
 
+def memory_format_for(device: torch.device) -> torch.memory_format:
+    """The layout bnn-distill runs models in on ``device``: channels_last on CPU, NCHW elsewhere.
+
+    Training and every evaluation of its weights use it, so a checkpoint scores exactly what it
+    scored during training: the two layouts sum a convolution in different orders, and in a binary
+    network an activation within rounding of 0 then takes the other sign (one image in 5000 of a
+    Fashion-MNIST validation split changed its prediction that way)."""
+    return torch.channels_last if torch.device(device).type == "cpu" else torch.contiguous_format
+
+
 @dataclass
 class Execution:
     """Where and how a run executes: device, mixed precision (AMP), process group (DDP), memory
@@ -67,9 +77,10 @@ class Execution:
     amp_dtype: Optional[torch.dtype]
     dist: ddp.DistInfo
     progress: bool = True
-    # channels_last on CPU: oneDNN's convolutions run the ResNet-20 W1A1 step ~20% faster and the
-    # teacher's forward ~20% faster than in NCHW (benchmarks/results/train_cost.md); the values
-    # agree within float rounding. CUDA keeps NCHW until it is measured there (benchmarks/gpu_check.py).
+    # channels_last on CPU (memory_format_for): oneDNN's convolutions run the ResNet-20 W1A1 step
+    # ~20% faster and the teacher's forward ~20% faster than in NCHW (benchmarks/results/train_cost.md);
+    # the pre-sign values agree within float rounding. CUDA keeps NCHW until it is measured there
+    # (benchmarks/gpu_check.py).
     memory_format: torch.memory_format = torch.contiguous_format
 
     @staticmethod
@@ -87,8 +98,7 @@ class Execution:
             amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         if use_cuda:
             torch.backends.cudnn.benchmark = True
-        fmt = torch.channels_last if device.type == "cpu" else torch.contiguous_format
-        return Execution(device, amp_dtype, info, progress and info.is_main, fmt)
+        return Execution(device, amp_dtype, info, progress and info.is_main, memory_format_for(device))
 
     def layout(self, module: nn.Module) -> nn.Module:
         """``module`` on this device, its 4-d parameters and buffers in :attr:`memory_format`."""
