@@ -32,13 +32,13 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader
 
-from bnn_distill.data import build_splits
 from bnn_distill.errors import UserError
 from bnn_distill.evaluate import evaluate
 from bnn_distill.models import create_model
 from bnn_distill.quant import set_tau
 from bnn_distill.recipe import load_recipe
 from bnn_distill.rundir import RunDir, model_from_checkpoint
+from bnn_distill.train import recipe_splits
 from bnn_distill.trainer import init_from_state
 
 
@@ -79,20 +79,8 @@ def switch(run_path: Path, bn_batches: int, batch_size: int) -> Dict[str, Any]:
     for st in (s1, s2):
         if not run.last(st.name).exists():
             raise UserError(f"{run_path}: stage '{st.name}' has no checkpoint; finish the run first")
-    d = recipe.data
     torch.manual_seed(recipe.seed)
-    splits = build_splits(
-        d.dataset,
-        d.root,
-        False,
-        d.augment,
-        d.limit_train,
-        d.limit_test,
-        seed=recipe.seed,
-        val_size=d.val_size,
-        val_fraction=d.val_fraction,
-        val_seed=d.val_seed,
-    )
+    splits = recipe_splits(recipe, download=False)
     if splits.val is None:
         raise UserError(f"{run_path}: the recipe holds out no validation split; this measures on one only")
     val = DataLoader(splits.val, batch_size=500)

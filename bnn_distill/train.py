@@ -108,19 +108,15 @@ def run_recipe(recipe: Recipe, resume: bool = False, force: bool = False, progre
         ddp.cleanup(ex.dist)
 
 
-def _setup_run(recipe: Recipe, ex: Execution, resume: bool, force: bool):
-    """Check the run folder, load the data splits, then save the resolved recipe; returns the splits."""
+def recipe_splits(recipe: Recipe, download: Optional[bool] = None):
+    """The train / validation / test splits a recipe trains on (``download``: override the recipe's)."""
     from .data import build_splits
 
-    run = RunDir.of(recipe)
-    if ex.dist.is_main:
-        prepare_run_dir(recipe, resume, force)  # checks only: nothing is written before the data loads
-    torch.manual_seed(recipe.seed)
     d = recipe.data
-    splits = build_splits(
+    return build_splits(
         d.dataset,
         d.root,
-        d.download,
+        d.download if download is None else download,
         d.augment,
         d.limit_train,
         d.limit_test,
@@ -129,6 +125,16 @@ def _setup_run(recipe: Recipe, ex: Execution, resume: bool, force: bool):
         val_fraction=d.val_fraction,
         val_seed=d.val_seed,
     )
+
+
+def _setup_run(recipe: Recipe, ex: Execution, resume: bool, force: bool):
+    """Check the run folder, load the data splits, then save the resolved recipe; returns the splits."""
+
+    run = RunDir.of(recipe)
+    if ex.dist.is_main:
+        prepare_run_dir(recipe, resume, force)  # checks only: nothing is written before the data loads
+    torch.manual_seed(recipe.seed)
+    splits = recipe_splits(recipe)
     if splits.val is None and ex.dist.is_main:
         log.info("no validation split (data.val_size): best.pt is not kept, the last epoch's weights are the result")
     if ex.dist.is_main:
