@@ -313,3 +313,36 @@ def test_run_workers_reports_progress_while_the_workers_run(tmp_path, monkeypatc
     args.parallel = 2
     assert grid.run_workers(args, ["--parallel", "2"], on_tick=lambda: ticks.append(1), tick_s=0.0) == 0
     assert len(ticks) >= 2  # called while the fake workers were still running
+
+
+def test_the_committed_scratch_grid_command_reports_without_training(tmp_path):
+    """benchmarks/itrd_grid_scratch.sh is the committed grid's command: --report-only through it reads
+    the kept runs (the teacher is committed) and trains nothing."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHON=sys.executable)
+    proc = subprocess.run(
+        [
+            "bash",
+            "-x",
+            str(repo / "benchmarks" / "itrd_grid_scratch.sh"),
+            "--report-only",
+            "--runs",
+            str(tmp_path / "runs"),
+            "--out",
+            str(tmp_path / "g"),
+        ],
+        cwd=repo,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    # --runs and --out given twice: the last wins, so the test reads and writes only its own folders
+    assert "--no-cost" in proc.stderr and "--rows ce kd itrd itrd_kd itrd_single" in proc.stderr
+    assert proc.returncode == 2 and f"the teacher in {tmp_path / 'runs'} has not finished" in proc.stderr
+    assert not (tmp_path / "g.json").exists()
