@@ -48,7 +48,12 @@ else
   OUT=${OUT:-benchmarks/results}
   BUDGET=3 ROUNDS=250 REPS=300 REPEATS=3 RUNS=100
   # a core busy with something else (>= 50% of a core over 3 s) makes every ratio below meaningless
-  busy=$(top -b -n 2 -d 3 | awk '/^top -/{n++} n==2 && $1 ~ /^[0-9]+$/ && $9+0 >= 50 {print $1 " " $12}' | head -3)
+  busy=""
+  if command -v top > /dev/null; then
+    busy=$(top -b -n 2 -d 3 | awk '/^top -/{n++} n==2 && $1 ~ /^[0-9]+$/ && $9+0 >= 50 {print $1 " " $12}' | head -3)
+  else
+    echo "isa_check: no 'top' here (procps), so other processes' load is not checked; make sure the machine is idle" >&2
+  fi
   if [ -n "$busy" ] && [ "${BNN_DISTILL_ISA_CHECK_BUSY_OK:-0}" != 1 ]; then
     echo "isa_check.sh: other processes are using the CPU ($(echo "$busy" | tr '\n' ' ')); pause them first, or set BNN_DISTILL_ISA_CHECK_BUSY_OK=1" >&2
     exit 2

@@ -79,6 +79,8 @@ METHODS: Dict[str, List[Dict[str, Any]]] = {
     ],
 }
 SINGLE = "itrd_single"
+#: Seconds between the ``--parallel`` parent's refreshes of the report while its workers train.
+PROGRESS_S = 60.0
 ROWS = list(METHODS) + [SINGLE]
 
 #: Single-change variants of the ``itrd`` row, for finding out what ITRD's result depends on
@@ -711,11 +713,15 @@ def main(argv=None) -> int:
                     key = sorted((row, r["_seed"]) for row, rs in done.items() for r in rs)
                     if key != reported[0]:
                         reported[0] = key
-                        report(args, teacher, done, quiet=True, cost=None)
+                        if key:
+                            report(args, teacher, done, quiet=True, cost=None)
+                        total = len(rows) * len(args.seeds)
+                        where = f"; report refreshed in {args.out}.md" if key else ""
+                        log.info("%d of %d student runs finished%s", len(key), total, where)
                 except Exception as exc:  # noqa: BLE001 - a progress report must never stop the workers
                     log.warning("progress report skipped (%s: %s)", type(exc).__name__, exc)
 
-            failed = run_workers(args, argv, on_tick=progress_report)
+            failed = run_workers(args, argv, on_tick=progress_report, tick_s=PROGRESS_S)
             train = False
         cost = None if args.no_cost or args.parallel_worker else step_cost(args)
         results: Dict[str, List[Dict[str, Any]]] = {row: [] for row in rows}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from conftest import load_script
@@ -165,11 +166,17 @@ def test_a_run_another_process_writes_is_skipped_by_a_worker_and_refused_otherwi
     assert not (tmp_path / "ce_s0" / "summary.json").exists()  # nothing was trained
 
 
-def test_parallel_workers_share_the_grid(tmp_path, capsys):
-    """Two worker processes train the two student runs between them; the parent reports both."""
+def test_parallel_workers_share_the_grid(tmp_path, capsys, caplog):
+    """Two worker processes train the two student runs between them; the parent reports both, and
+    refreshes the report while they train."""
     grid = _grid()
+    grid.PROGRESS_S = 0.5
     argv = _args(grid, tmp_path, "--regime", "scratch", "--val-size", "16", "--rows", "ce", "itrd", "--no-cost")
-    assert grid.main(argv + ["--parallel", "2", "--device", "cpu"]) == 0
+    with caplog.at_level("INFO", logger="itrd_grid"):
+        assert grid.main(argv + ["--parallel", "2", "--device", "cpu"]) == 0
+    seen = [int(n) for n in re.findall(r"(\d+) of 2 student runs finished", caplog.text)]
+    assert seen and seen[0] == 0 and max(seen) >= 1  # said at the start, and again once a run was kept
+    assert "report refreshed" in caplog.text
     kept = tmp_path / "grid_runs"
     assert {p.name for p in kept.iterdir()} == {"teacher", "ce_s0", "itrd_s0"}
     out = json.loads((tmp_path / "grid.json").read_text())
