@@ -144,3 +144,23 @@ def test_fused_sign_kernels_give_the_library_values():
     grad = torch.randn(x.shape, generator=g)
     assert torch.equal(fwd(x), quant_mod.binary_sign(x))
     assert torch.equal(bwd(x, grad), quant_mod.approx_sign_backward(x, grad))
+
+
+def test_fold_batchnorm_gives_the_same_function_without_batchnorms():
+    mod = load_script("benchmarks/train_cost.py")
+    torch.manual_seed(0)
+    teacher = create_model("cifar_resnet20", 10, in_chans=1, width_mult=0.25).eval()
+    with torch.no_grad():  # statistics and affine terms away from the identity
+        for m in teacher.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+    folded = mod.fold_batchnorm(teacher)
+    bn = [m for m in folded.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert bn == [] and sum(isinstance(m, torch.nn.BatchNorm2d) for m in teacher.modules()) == 19
+    x = torch.randn(8, 1, 12, 12)
+    with torch.no_grad():
+        a, b = teacher(x), folded(x)
+    assert not torch.equal(a, b) and torch.allclose(a, b, atol=1e-5, rtol=1e-5)
