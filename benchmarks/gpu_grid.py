@@ -89,6 +89,8 @@ def grid_args(cfg: dict, out: Path, runs: Path, epochs: int, rows, seeds, extra=
         str(cfg["batch_size"]),
         "--device",
         cfg["device"],
+        "--teacher-forward",
+        "folded",  # new runs: the library's default (the CPU grid keeps eager to stay comparable with itself)
         "--parallel",
         str(cfg["parallel"]),
         "--no-cost",

@@ -168,6 +168,7 @@ def base(args, name: str, seed: int, student: bool = True) -> Dict[str, Any]:
         "name": name,
         "seed": seed,
         "device": args.device,  # not part of the recipe's fingerprint: a run may resume on another device
+        "teacher_forward": args.teacher_forward,  # nor is this (float rounding only)
         "output_dir": args.runs,
         "data": data,
         "teacher": dict(model),
@@ -673,6 +674,13 @@ def main(argv=None) -> int:
     ap.add_argument("--remeasure-cost", action="store_true", help="measure the side-by-side step cost again")
     ap.add_argument("--no-cost", action="store_true", help="skip the side-by-side step-cost measurement")
     ap.add_argument("--device", default="auto", help="the runs' device: auto (cuda when present), cpu, cuda, cuda:N")
+    ap.add_argument(
+        "--teacher-forward",
+        default="eager",
+        choices=["eager", "folded", "compiled"],
+        help="the frozen teacher's forward in student runs (the recipe's teacher_forward). Default eager: the "
+        "committed grids trained that way, so their remaining runs keep to it",
+    )
     ap.add_argument(
         "--parallel",
         type=int,

@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 
 import bnn_distill.quant as quant_mod
+from bnn_distill.frozen import fold_batchnorm
 from bnn_distill.losses import Criterion, LossInputs, Term
 from bnn_distill.models import create_model
 from bnn_distill.stepcost import TimedStep, interleaved_times
@@ -70,33 +71,6 @@ def fused_sign_kernels():
         return grad * torch.clamp(2.0 - 2.0 * x.abs(), min=0.0)
 
     return torch.compile(fwd, dynamic=True), torch.compile(bwd, dynamic=True)
-
-
-def fold_batchnorm(model: torch.nn.Module) -> torch.nn.Module:
-    """A copy of an eval-mode bnn-distill ResNet with every BatchNorm2d folded into the conv it follows
-    (``convK`` -> ``bnK`` in a block or the stem, conv -> BatchNorm in a ``Sequential`` shortcut): the
-    same function within float rounding, what a frozen teacher's forward pass could run instead."""
-    from torch.nn.utils.fusion import fuse_conv_bn_eval
-
-    model = copy.deepcopy(model).eval()
-
-    def walk(mod: torch.nn.Module) -> None:
-        names = list(mod._modules)
-        if isinstance(mod, torch.nn.Sequential):  # applied in order: a conv feeds the module after it
-            pairs = list(zip(names, names[1:]))
-        else:  # the models' forward applies bnK to convK's output
-            pairs = [(n, "bn" + n[4:]) for n in names if n.startswith("conv") and "bn" + n[4:] in mod._modules]
-        for conv_name, bn_name in pairs:
-            conv, bn = mod._modules[conv_name], mod._modules[bn_name]
-            if isinstance(conv, torch.nn.Conv2d) and isinstance(bn, torch.nn.BatchNorm2d):
-                mod._modules[conv_name] = fuse_conv_bn_eval(conv, bn)
-                mod._modules[bn_name] = torch.nn.Identity()
-        for child in mod._modules.values():
-            if child is not None:
-                walk(child)
-
-    walk(model)
-    return model
 
 
 def loss_alone(terms, batch: int, d: int, classes: int):

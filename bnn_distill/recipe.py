@@ -272,6 +272,9 @@ class Recipe:
     output_dir: str = "runs"
     device: str = "auto"  # auto: cuda when present, else cpu
     amp: bool = True  # bf16/fp16 autocast on CUDA; ignored on CPU
+    # the frozen teacher's forward in student stages: folded (BatchNorms folded into the convs),
+    # compiled (folded, then torch.compile), eager (as trained); each checked against eager first
+    teacher_forward: str = "folded"
     description: str = ""
 
     def check(self) -> None:
@@ -281,6 +284,9 @@ class Recipe:
             raise RecipeError(f"device: '{self.device}' is not valid; valid: 'auto', 'cpu', 'cuda' or 'cuda:N'")
         if self.seed < 0:
             raise RecipeError(f"seed: {self.seed} is not valid; it must be >= 0")
+        from .frozen import FORMS
+
+        _one_of("teacher_forward", self.teacher_forward, FORMS)
         self.data.check("data")
         self.teacher.check("teacher")
         self.student.check("student")
@@ -396,12 +402,16 @@ class Recipe:
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None)
 
-    def fingerprint(self, ignore: Sequence[str] = ("output_dir", "device", "description")) -> str:
+    def fingerprint(
+        self, ignore: Sequence[str] = ("output_dir", "device", "description", "teacher_forward")
+    ) -> str:
         """Hash of what determines training results (used to refuse resuming a changed recipe).
 
         Fields at their default are left out, so a field added to the recipe later (with a
         default that keeps the old behaviour) leaves the fingerprints of earlier runs unchanged;
         a saved run's recipe.yaml holds every value explicitly, so a changed default still shows.
+        ``device`` and ``teacher_forward`` change results by float rounding only: a run may resume
+        with another.
         """
         d = {k: v for k, v in _non_default(self).items() if k not in ignore}
         d["data"] = {k: v for k, v in d.get("data", {}).items() if k not in ("root", "download", "num_workers")}

@@ -24,6 +24,7 @@ from .checkpoint import (
 from .errors import Interrupted, UserError
 from .evaluate import evaluate
 from .execution import Execution, StopFlag
+from .frozen import FrozenTeacher
 from .hooks import FeatureHook
 from .losses import Criterion, Term
 from .models import create_model, default_feature_layer
@@ -89,6 +90,7 @@ class StageResult:
     best_test_top1: float = float("nan")  # test top-1 of the best-on-validation weights
     wall_s: float = 0.0
     images_per_s: float = float("nan")
+    teacher_forward: str = ""  # the frozen teacher's forward form in use (see .frozen); "" without one
 
     def to_dict(self) -> Dict[str, Any]:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -130,13 +132,14 @@ class Trainer:
         self.student_feature = feature_layer(recipe.student if st.kind == "student" else recipe.teacher)
         self.teacher_feature = feature_layer(recipe.teacher)
         self.criterion = self._make_criterion(teacher, train_set)
-        self.teacher = teacher
-        self.teacher_hook: Optional[FeatureHook] = None
+        self.teacher: Optional[FrozenTeacher] = None
         if self.criterion.needs_teacher:
             assert teacher is not None, "recipe validation guarantees a teacher"
-            self.teacher = ex.layout(teacher).eval().requires_grad_(False)
-            if self.criterion.needs_features:
-                self.teacher_hook = FeatureHook(self.teacher, self.teacher_feature)
+            self.teacher = FrozenTeacher(
+                ex.layout(teacher),
+                self.teacher_feature if self.criterion.needs_features else None,
+                recipe.teacher_forward,
+            )
         self.step_module = DistillStep(self.model, self.criterion, self.student_feature)
         self.train_module: nn.Module = ex.data_parallel(self.step_module)
         self.optimizer = _make_optimizer(st, self.step_module)
@@ -316,6 +319,7 @@ class Trainer:
             float(last.get("best_test_top1", float("nan"))),
             round(self.wall_s, 3),
             float(sum(ips) / len(ips)) if ips else float("nan"),
+            (self.teacher.form or self.teacher.requested) if self.teacher is not None else "",
         )
 
     def _loader(self, start_batch: int = 0) -> DataLoader:
@@ -400,13 +404,9 @@ class Trainer:
 
     def _teacher_outputs(self, x: torch.Tensor):
         """The frozen teacher's (logits (B, classes), hooked feature (B, d_t) or None), computed
-        under ``inference_mode`` (no autograd bookkeeping at all) and cloned out of it, so the
-        losses may save them for the student's backward pass."""
+        under ``inference_mode`` in the recipe's ``teacher_forward`` form (see :mod:`.frozen`)."""
         assert self.teacher is not None
-        with torch.inference_mode():
-            logits = self.teacher(x)
-            feat = self.teacher_hook.pop() if self.teacher_hook is not None else None
-        return logits.clone(), (feat.clone() if feat is not None else None)
+        return self.teacher(x)
 
     def _step_checks(self, out: Dict[str, torch.Tensor]):
         """(loss finite on every process, stop requested on any process): one collective per step."""

@@ -35,6 +35,7 @@ def _recipe_args(tmp_path):
         val_size=500,
         out=str(tmp_path / "grid"),
         device="auto",
+        teacher_forward="eager",
         parallel_worker=False,
     )
 
@@ -76,6 +77,7 @@ def test_every_row_is_a_valid_recipe_with_the_same_budget(tmp_path):
         r = recipe_from_dict(grid.student_recipe(args, row, 1, str(ckpt)))
         budgets[row] = sum(st.epochs for st in r.stages)
         assert all(st.init_from for st in r.stages) and r.seed == 1
+        assert r.teacher_forward == "eager"  # the committed grids trained so; their remaining runs too
         names = [t.name for t in r.stages[-1].losses]
         assert names[0] == "ce"
     assert set(budgets.values()) == {8}  # same total student epochs in every row

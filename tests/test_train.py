@@ -40,6 +40,8 @@ def test_pipeline_writes_a_complete_run(tiny):
     on_disk = json.loads((run / "summary.json").read_text())
     assert on_disk == json.loads(json.dumps(summary))
     assert [s["quant"] for s in on_disk["stages"]] == ["FP", "W32A1", "W1A1"]
+    # the student stages ran the frozen teacher with its BatchNorms folded (checked against eager)
+    assert [s["teacher_forward"] for s in on_disk["stages"]] == ["", "folded", "folded"]
     assert "test_top1" in on_disk["teacher"]
     ck = _final_states(run)
     assert all(c["complete"] for c in ck.values())
