@@ -9,6 +9,8 @@ Trains one FP teacher, then binary students of the same family from it, one row 
 * ``itrd_single`` one W1A1 stage of the same total epochs, CE + 2.0 L_corr + 1.0 L_gram
 
 * ``itrd_kd``     two stages, CE + KD + 2.0 L_corr + 1.0 L_gram (do the losses stack?)
+* ``ce_single``, ``kd_single``, ``itrd_kd_single``: any method in one W1A1 stage of the same total
+  epochs (only when named in ``--rows``; the default rows are the five above)
 
 Two regimes (``--regime``):
 
@@ -79,9 +81,12 @@ METHODS: Dict[str, List[Dict[str, Any]]] = {
     ],
 }
 SINGLE = "itrd_single"
+#: Each method in one W1A1 stage of the grid's total epochs: row name -> method.
+SINGLE_ROWS: Dict[str, str] = {f"{m}_single": m for m in METHODS if m != "itrd_corr"}
 #: Seconds between the ``--parallel`` parent's refreshes of the report while its workers train.
 PROGRESS_S = 60.0
-ROWS = list(METHODS) + [SINGLE]
+DEFAULT_ROWS = list(METHODS) + [SINGLE]
+ROWS = DEFAULT_ROWS + [r for r in SINGLE_ROWS if r != SINGLE]
 
 #: Single-change variants of the ``itrd`` row, for finding out what ITRD's result depends on
 #: (``--variants``; each runs as row ``itrd-NAME`` with the same seeds and budget).
@@ -203,8 +208,8 @@ def student_recipe(args, row: str, seed: int, teacher_ckpt: str) -> Dict[str, An
     d = base(args, f"{row}_s{seed}", seed)
     d["teacher"]["checkpoint"] = teacher_ckpt
     start = None if args.regime == "scratch" else "teacher"
-    if row == SINGLE:
-        d["stages"] = [_stage("binary", "W1A1", start, 2 * args.stage_epochs, args, METHODS["itrd"])]
+    if row in SINGLE_ROWS:
+        d["stages"] = [_stage("binary", "W1A1", start, 2 * args.stage_epochs, args, METHODS[SINGLE_ROWS[row]])]
     else:
         d["stages"] = [
             _stage("stage1", "W32A1", start, args.stage_epochs, args, METHODS[row]),
@@ -530,8 +535,8 @@ def report(
     for row, r in rows.items():
         gap = "-" if r["gap_to_teacher"] is None else f"{r['gap_to_teacher']:.2f}"
         wall = f"{statistics.mean(r['wall_s']):.0f}" if r["wall_s"] else "-"
-        # itrd_single and the itrd- variants take itrd's step, except batch_256 (a different batch than measured)
-        crow = "itrd" if row == SINGLE or (row.startswith("itrd-") and row != "itrd-batch_256") else row
+        # a single-stage row takes its method's step; the itrd- variants itrd's, except batch_256 (another batch)
+        crow = SINGLE_ROWS.get(row) or ("itrd" if row.startswith("itrd-") and row != "itrd-batch_256" else row)
         side = ratio = "-"
         if cost and crow in cost["images_per_s"]:
             side, ratio = f"{cost['images_per_s'][crow]:.0f}", f"{cost['vs_ce'][crow]:.3f}"
@@ -551,7 +556,8 @@ def report(
             if cost
             else ""
         )
-        + "; itrd_single and the itrd- variants have itrd's step (batch_256: not measured). vs itrd, same "
+        + "; a single-stage row (NAME_single) has its method's step, the itrd- variants itrd's (batch_256: "
+        "not measured). vs itrd, same "
         "seeds: mean over the seeds both rows have finished of (row top-1 - itrd top-1), in points, and on how many of "
         "those seeds the row was above itrd. McNemar: per seed, (row - itrd) in points over the same test "
         "images and the exact two-sided p.",
@@ -660,7 +666,7 @@ def main(argv=None) -> int:
         help="balanced training subset (scratch: of the students' split; the teacher uses all of it)",
     )
     ap.add_argument("--limit-test", type=int, default=None)
-    ap.add_argument("--rows", nargs="+", default=ROWS, choices=ROWS)
+    ap.add_argument("--rows", nargs="+", default=DEFAULT_ROWS, choices=ROWS)
     ap.add_argument(
         "--variants",
         nargs="+",

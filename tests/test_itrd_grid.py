@@ -81,6 +81,11 @@ def test_every_row_is_a_valid_recipe_with_the_same_budget(tmp_path):
         names = [t.name for t in r.stages[-1].losses]
         assert names[0] == "ce"
     assert set(budgets.values()) == {8}  # same total student epochs in every row
+    for row in ("kd_single", "itrd_kd_single"):  # any method in one W1A1 stage, named explicitly
+        single = recipe_from_dict(grid.student_recipe(args, row, 0, str(ckpt)))
+        assert [(st.quant, st.epochs) for st in single.stages] == [("W1A1", 8)]
+        assert [t.name for t in single.stages[0].losses] == [d["name"] for d in grid.METHODS[row[: -len("_single")]]]
+    assert "itrd_kd_single" in grid.ROWS and "itrd_kd_single" not in grid.DEFAULT_ROWS
     two_stage = recipe_from_dict(grid.student_recipe(args, "itrd", 0, str(ckpt)))
     assert [st.quant for st in two_stage.stages] == ["W32A1", "W1A1"]
     assert [t.name for t in two_stage.stages[0].losses] == ["ce", "itrd_corr", "itrd_mi"]
