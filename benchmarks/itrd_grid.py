@@ -485,6 +485,67 @@ def _mcnemar_cell(tests: List[Dict[str, Any]]) -> str:
     return "; ".join(f"s{t['seed']} {t['diff_points']:+.2f} p={t['p']:.2g}" for t in tests) or "-"
 
 
+def _paired(rows: Dict[str, Any], a: str, b: str) -> List[Dict[str, Any]]:
+    """(seed, row a's top-1 minus row b's) for every seed both rows have finished."""
+    if a not in rows or b not in rows:
+        return []
+    tb = dict(zip(rows[b]["seeds"], rows[b]["top1"]))
+    return [
+        {"seed": sd, "diff": round(x - tb[sd], 2)} for sd, x in zip(rows[a]["seeds"], rows[a]["top1"]) if sd in tb
+    ]
+
+
+def targets(rows: Dict[str, Any], teacher_top1: float, seeds_wanted: int) -> List[Dict[str, Any]]:
+    """Issue 13's three accuracy targets, computed from the finished runs: each with its evidence and
+    ``met`` True / False, or None while fewer than ``seeds_wanted`` paired seeds are in."""
+    out = []
+
+    def above_all(pairs):
+        if not pairs:
+            return None
+        if any(p["diff"] <= 0 for p in pairs):
+            return False  # one seed against it decides "on every seed"
+        return True if len(pairs) >= seeds_wanted else None
+
+    kd = {r: _paired(rows, r, "kd") for r in ("itrd", "itrd_kd") if r in rows}
+    verdicts = [above_all(p) for p in kd.values()]
+    met = True if True in verdicts else (False if verdicts and all(v is False for v in verdicts) else None)
+    out.append({"target": f"itrd or itrd_kd above kd on {seeds_wanted}/{seeds_wanted} seeds", "met": met,
+                "evidence": {r: p for r, p in kd.items()}})
+    stage = {a: _paired(rows, a, f"{a}_single") for a in ("itrd", "itrd_kd") if f"{a}_single" in rows}
+    verdicts = [above_all(p) for p in stage.values()]
+    met = None
+    if verdicts:
+        met = False if False in verdicts else (True if all(v is True for v in verdicts) else None)
+    out.append({"target": "two stages above one stage at the same budget, every seed", "met": met,
+                "evidence": {f"{a} - {a}_single": p for a, p in stage.items()}})
+    done = {r: v for r, v in rows.items() if v["top1"]}
+    if done:
+        best = max(done, key=lambda r: done[r]["mean"])
+        gap = teacher_top1 - done[best]["mean"]
+        n = len(done[best]["top1"])
+        out.append({"target": "the best binary student within 0.5 points of the teacher",
+                    "met": (gap <= 0.5) if n >= seeds_wanted else None,
+                    "evidence": {"best": best, "mean": round(done[best]["mean"], 2), "gap": round(gap, 2), "seeds": n}})
+    return out
+
+
+def _targets_lines(ts: List[Dict[str, Any]]) -> List[str]:
+    word = {True: "**met**", False: "**not met**", None: "not decided yet"}
+    lines = ["", "Targets (issue 13), computed from the finished runs:", ""]
+    for t in ts:
+        ev = t["evidence"]
+        if "best" in ev:
+            detail = f"best {ev['best']}, {ev['mean']:.2f}% over {ev['seeds']} seed(s), {ev['gap']:.2f} below the teacher"
+        else:
+            detail = "; ".join(
+                f"{name}: " + (", ".join(f"s{p['seed']} {p['diff']:+.2f}" for p in pairs) or "no paired seed yet")
+                for name, pairs in ev.items()
+            ) or "rows not in this grid"
+        lines.append(f"- {t['target']}: {word[t['met']]} ({detail})")
+    return lines
+
+
 def report(
     args,
     teacher: Dict[str, Any],
@@ -521,6 +582,8 @@ def report(
         "machine": teacher["machine"],
         "step_cost": cost,
     }
+    if args.regime == "scratch":
+        out["targets"] = targets(rows, t_acc, len(args.seeds))
     start = "random initialisation" if args.regime == "scratch" else "the teacher's weights"
     lines = [
         f"Binary {args.arch} x{args.width_mult} students on {args.dataset}, from {start}; teacher top-1 "
@@ -562,6 +625,8 @@ def report(
         "those seeds the row was above itrd. McNemar: per seed, (row - itrd) in points over the same test "
         "images and the exact two-sided p.",
     ]
+    if "targets" in out:
+        lines += _targets_lines(out["targets"])
     path = Path(args.out)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.with_suffix(".json").write_text(json.dumps(out, indent=2) + "\n")

@@ -360,3 +360,27 @@ def test_the_committed_scratch_grid_command_reports_without_training(tmp_path):
     assert "--no-cost" in proc.stderr and "--rows ce kd itrd itrd_kd itrd_single" in proc.stderr
     assert proc.returncode == 2 and f"the teacher in {tmp_path / 'runs'} has not finished" in proc.stderr
     assert not (tmp_path / "g.json").exists()
+
+
+def test_targets_are_computed_from_paired_seeds_and_wait_for_every_seed():
+    grid = _grid()
+
+    def row(top1, seeds):
+        return {"top1": top1, "seeds": seeds, "mean": sum(top1) / len(top1)}
+
+    rows = {
+        "kd": row([89.0, 89.4, 89.1], [0, 1, 2]),
+        "itrd": row([89.5, 89.9], [0, 1]),  # above kd on both seeds so far: not decided
+        "itrd_kd": row([90.6, 90.0, 89.0], [0, 1, 2]),  # below kd on seed 2
+        "itrd_single": row([89.6, 89.8], [0, 1]),
+    }
+    kd_t, stage_t, best_t = grid.targets(rows, 92.0, 3)
+    assert kd_t["met"] is None and kd_t["evidence"]["itrd"] == [{"seed": 0, "diff": 0.5}, {"seed": 1, "diff": 0.5}]
+    assert kd_t["evidence"]["itrd_kd"][2] == {"seed": 2, "diff": -0.1}
+    assert stage_t["met"] is False  # itrd below itrd_single on seed 0: "on every seed" cannot hold
+    assert stage_t["evidence"]["itrd - itrd_single"] == [{"seed": 0, "diff": -0.1}, {"seed": 1, "diff": 0.1}]
+    assert best_t["met"] is False and best_t["evidence"]["best"] == "itrd_kd"  # 3 seeds, mean 89.87: 2.13 below
+    rows["itrd"] = row([89.5, 90.3, 89.2], [0, 1, 2])
+    assert grid.targets(rows, 92.0, 3)[0]["met"] is True  # itrd above kd on 3/3
+    lines = "\n".join(grid._targets_lines(grid.targets(rows, 92.0, 3)))
+    assert "**met**" in lines and "**not met**" in lines and "s2 -0.10" in lines
