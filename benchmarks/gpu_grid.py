@@ -19,7 +19,8 @@ What it does:
 3. a probe of ``--probe`` seconds: ``--parallel`` one-epoch CE students at once, read back from
    their ``metrics.jsonl`` (images/s per worker, including the validation and test passes);
 4. sizes ``--stage-epochs`` so that the grid's 15 student runs (5 rows x 3 seeds, in waves of
-   ``--parallel``; 3 more per ``--variants`` name) fit ``--budget`` seconds, from the probe's images/s;
+   ``--parallel``; 3 more per extra ``--rows`` or ``--variants`` name) fit ``--budget`` seconds, from
+   the probe's images/s;
 5. runs ``benchmarks/itrd_grid.py --regime scratch --device cuda --parallel N`` on all 55,000
    training images left after the 5,000-image validation split (no ``--limit-train``).
 
@@ -169,7 +170,7 @@ def config(args) -> dict:
         "parallel": args.parallel,
         "probe_s": args.probe,
         "budget_s": args.budget,
-        "rows": ["ce", "itrd"] if smoke else ROWS,
+        "rows": ["ce", "itrd"] if smoke else list(getattr(args, "rows", None) or ROWS),
         "variants": list(args.variants),
         "seeds": ["0"] if smoke else SEEDS,
         # an epoch's training images (the metrics' images/s counts these)
@@ -188,6 +189,12 @@ def main(argv=None) -> int:
     ap.add_argument("--probe", type=float, default=60.0, help="seconds of the sizing probe")
     ap.add_argument("--budget", type=float, default=390.0, help="seconds for the student runs")
     ap.add_argument("--smoke", action="store_true", help="the same steps on CPU, synthetic data, a tiny grid")
+    ap.add_argument(
+        "--rows",
+        nargs="+",
+        default=ROWS,
+        help="itrd_grid.py rows to run (default: the CPU grid's five; e.g. add itrd_kd_single, kd_single)",
+    )
     ap.add_argument(
         "--variants",
         nargs="*",
