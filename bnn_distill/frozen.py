@@ -105,16 +105,21 @@ class FrozenTeacher:
     # ------------------------------------------------------------ choosing the form
 
     def _runner(self, model: Callable[[Tensor], Tensor], hooked: nn.Module):
+        """(run(x) -> (logits, feature), remove()) for ``model``, its feature hooked on ``hooked``."""
         hook = FeatureHook(hooked, self.feature_path) if self.feature_path else None
 
         def run(x: Tensor) -> Tuple[Tensor, Optional[Tensor]]:
             logits = model(x)
             return logits, (hook.pop() if hook is not None else None)
 
-        return run
+        def remove() -> None:
+            if hook is not None:
+                hook.remove()
+
+        return run, remove
 
     def _settle(self, x: Tensor) -> None:
-        eager = self._runner(self.eager, self.eager)
+        eager, remove_eager = self._runner(self.eager, self.eager)
         self._run, self.form = eager, "eager"
         if self.requested == "eager":
             return
@@ -131,21 +136,27 @@ class FrozenTeacher:
                     log.info("teacher forward: eager (no BatchNorm to fold)")
                     return
                 model = torch.compile(folded) if form == "compiled" else folded
-                run = self._runner(model, folded)
-                with torch.inference_mode(), torch.autocast(x.device.type, enabled=False):
-                    got = run(x)
+                run, remove = self._runner(model, folded)
+                try:
+                    with torch.inference_mode(), torch.autocast(x.device.type, enabled=False):
+                        got = run(x)
+                except Exception:
+                    remove()
+                    raise
             except Exception as exc:  # noqa: BLE001 - a compiler or fold failure: fall back
                 log.warning("teacher forward: %s failed (%s: %s); trying a safer form", form, type(exc).__name__,
                             str(exc).splitlines()[0] if str(exc) else "")
                 continue
             err = _max_rel_err(ref, got)
             if err <= TOLERANCE:
+                remove_eager()  # the teacher as trained is left without this stage's hook
                 self._run, self.form = run, form
                 self.check = {"form": form, "max_rel_err": err, "batchnorms_folded":
                               count_batchnorms(self.eager) - count_batchnorms(folded)}
                 log.info("teacher forward: %s (%d BatchNorms folded; max difference to eager %.1e of the "
                          "largest output, on the first batch)", form, self.check["batchnorms_folded"], err)
                 return
+            remove()
             log.warning("teacher forward: %s differs from the teacher as trained (%.1e of the largest output, "
                         "more than %.0e); trying a safer form", form, err, TOLERANCE)
         self.check = {"form": "eager", "why": "no faster form matched the teacher as trained"}

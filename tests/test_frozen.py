@@ -81,6 +81,8 @@ def test_frozen_teacher_returns_the_eager_outputs_and_feature():
     assert not logits.is_inference() and not feat.is_inference()  # usable by the student's backward
     again, _ = t(x)  # settled once: the same form afterwards
     assert t.form == "folded" and torch.equal(again, logits)
+    # the teacher as trained keeps no hook of this stage (it is evaluated and reused after it)
+    assert not model.get_submodule("layer3")._forward_hooks
 
 
 def test_eager_is_the_model_as_trained():
