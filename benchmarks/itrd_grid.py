@@ -490,9 +490,7 @@ def _paired(rows: Dict[str, Any], a: str, b: str) -> List[Dict[str, Any]]:
     if a not in rows or b not in rows:
         return []
     tb = dict(zip(rows[b]["seeds"], rows[b]["top1"]))
-    return [
-        {"seed": sd, "diff": round(x - tb[sd], 2)} for sd, x in zip(rows[a]["seeds"], rows[a]["top1"]) if sd in tb
-    ]
+    return [{"seed": sd, "diff": round(x - tb[sd], 2)} for sd, x in zip(rows[a]["seeds"], rows[a]["top1"]) if sd in tb]
 
 
 def targets(rows: Dict[str, Any], teacher_top1: float, seeds_wanted: int) -> List[Dict[str, Any]]:
@@ -510,23 +508,37 @@ def targets(rows: Dict[str, Any], teacher_top1: float, seeds_wanted: int) -> Lis
     kd = {r: _paired(rows, r, "kd") for r in ("itrd", "itrd_kd") if r in rows}
     verdicts = [above_all(p) for p in kd.values()]
     met = True if True in verdicts else (False if verdicts and all(v is False for v in verdicts) else None)
-    out.append({"target": f"itrd or itrd_kd above kd on {seeds_wanted}/{seeds_wanted} seeds", "met": met,
-                "evidence": {r: p for r, p in kd.items()}})
+    out.append(
+        {
+            "target": f"itrd or itrd_kd above kd on {seeds_wanted}/{seeds_wanted} seeds",
+            "met": met,
+            "evidence": {r: p for r, p in kd.items()},
+        }
+    )
     stage = {a: _paired(rows, a, f"{a}_single") for a in ("itrd", "itrd_kd") if f"{a}_single" in rows}
     verdicts = [above_all(p) for p in stage.values()]
     met = None
     if verdicts:
         met = False if False in verdicts else (True if all(v is True for v in verdicts) else None)
-    out.append({"target": "two stages above one stage at the same budget, every seed", "met": met,
-                "evidence": {f"{a} - {a}_single": p for a, p in stage.items()}})
+    out.append(
+        {
+            "target": "two stages above one stage at the same budget, every seed",
+            "met": met,
+            "evidence": {f"{a} - {a}_single": p for a, p in stage.items()},
+        }
+    )
     done = {r: v for r, v in rows.items() if v["top1"]}
     if done:
         best = max(done, key=lambda r: done[r]["mean"])
         gap = teacher_top1 - done[best]["mean"]
         n = len(done[best]["top1"])
-        out.append({"target": "the best binary student within 0.5 points of the teacher",
-                    "met": (gap <= 0.5) if n >= seeds_wanted else None,
-                    "evidence": {"best": best, "mean": round(done[best]["mean"], 2), "gap": round(gap, 2), "seeds": n}})
+        out.append(
+            {
+                "target": "the best binary student within 0.5 points of the teacher",
+                "met": (gap <= 0.5) if n >= seeds_wanted else None,
+                "evidence": {"best": best, "mean": round(done[best]["mean"], 2), "gap": round(gap, 2), "seeds": n},
+            }
+        )
     return out
 
 
@@ -536,12 +548,17 @@ def _targets_lines(ts: List[Dict[str, Any]]) -> List[str]:
     for t in ts:
         ev = t["evidence"]
         if "best" in ev:
-            detail = f"best {ev['best']}, {ev['mean']:.2f}% over {ev['seeds']} seed(s), {ev['gap']:.2f} below the teacher"
+            detail = (
+                f"best {ev['best']}, {ev['mean']:.2f}% over {ev['seeds']} seed(s), {ev['gap']:.2f} below the teacher"
+            )
         else:
-            detail = "; ".join(
-                f"{name}: " + (", ".join(f"s{p['seed']} {p['diff']:+.2f}" for p in pairs) or "no paired seed yet")
-                for name, pairs in ev.items()
-            ) or "rows not in this grid"
+            detail = (
+                "; ".join(
+                    f"{name}: " + (", ".join(f"s{p['seed']} {p['diff']:+.2f}" for p in pairs) or "no paired seed yet")
+                    for name, pairs in ev.items()
+                )
+                or "rows not in this grid"
+            )
         lines.append(f"- {t['target']}: {word[t['met']]} ({detail})")
     return lines
 

@@ -144,21 +144,38 @@ class FrozenTeacher:
                     remove()
                     raise
             except Exception as exc:  # noqa: BLE001 - a compiler or fold failure: fall back
-                log.warning("teacher forward: %s failed (%s: %s); trying a safer form", form, type(exc).__name__,
-                            str(exc).splitlines()[0] if str(exc) else "")
+                log.warning(
+                    "teacher forward: %s failed (%s: %s); trying a safer form",
+                    form,
+                    type(exc).__name__,
+                    str(exc).splitlines()[0] if str(exc) else "",
+                )
                 continue
             err = _max_rel_err(ref, got)
             if err <= TOLERANCE:
                 remove_eager()  # the teacher as trained is left without this stage's hook
                 self._run, self.form = run, form
-                self.check = {"form": form, "max_rel_err": err, "batchnorms_folded":
-                              count_batchnorms(self.eager) - count_batchnorms(folded)}
-                log.info("teacher forward: %s (%d BatchNorms folded; max difference to eager %.1e of the "
-                         "largest output, on the first batch)", form, self.check["batchnorms_folded"], err)
+                self.check = {
+                    "form": form,
+                    "max_rel_err": err,
+                    "batchnorms_folded": count_batchnorms(self.eager) - count_batchnorms(folded),
+                }
+                log.info(
+                    "teacher forward: %s (%d BatchNorms folded; max difference to eager %.1e of the "
+                    "largest output, on the first batch)",
+                    form,
+                    self.check["batchnorms_folded"],
+                    err,
+                )
                 return
             remove()
-            log.warning("teacher forward: %s differs from the teacher as trained (%.1e of the largest output, "
-                        "more than %.0e); trying a safer form", form, err, TOLERANCE)
+            log.warning(
+                "teacher forward: %s differs from the teacher as trained (%.1e of the largest output, "
+                "more than %.0e); trying a safer form",
+                form,
+                err,
+                TOLERANCE,
+            )
         self.check = {"form": "eager", "why": "no faster form matched the teacher as trained"}
         log.warning("teacher forward: eager (no faster form matched the teacher as trained)")
 

@@ -402,9 +402,7 @@ class Recipe:
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None)
 
-    def fingerprint(
-        self, ignore: Sequence[str] = ("output_dir", "device", "description", "teacher_forward")
-    ) -> str:
+    def fingerprint(self, ignore: Sequence[str] = ("output_dir", "device", "description", "teacher_forward")) -> str:
         """Hash of what determines training results (used to refuse resuming a changed recipe).
 
         Fields at their default are left out, so a field added to the recipe later (with a

@@ -8,13 +8,12 @@ import logging
 import pytest
 import torch
 import torch.nn as nn
-import torchvision
+from conftest import tiny_recipe_dict
 
 from bnn_distill.errors import RecipeError
 from bnn_distill.frozen import FrozenTeacher, count_batchnorms, fold_batchnorm
 from bnn_distill.models import create_model
 from bnn_distill.recipe import recipe_from_dict
-from conftest import tiny_recipe_dict
 
 
 def _with_statistics(model: nn.Module, x: torch.Tensor) -> nn.Module:
@@ -77,7 +76,9 @@ def test_frozen_teacher_returns_the_eager_outputs_and_feature():
     assert t.form == "folded" and t.check["batchnorms_folded"] == count_batchnorms(model)
     assert t.check["max_rel_err"] < 5e-4
     assert torch.allclose(logits, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
-    assert feat.shape == (16, feats["out"][0].numel()) and torch.allclose(feat, feats["out"].flatten(1), rtol=1e-3, atol=1e-3 * feats["out"].abs().max().item())
+    assert feat.shape == (16, feats["out"][0].numel()) and torch.allclose(
+        feat, feats["out"].flatten(1), rtol=1e-3, atol=1e-3 * feats["out"].abs().max().item()
+    )
     assert not logits.is_inference() and not feat.is_inference()  # usable by the student's backward
     again, _ = t(x)  # settled once: the same form afterwards
     assert t.form == "folded" and torch.equal(again, logits)
