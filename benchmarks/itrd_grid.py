@@ -61,6 +61,7 @@ from typing import Any, Callable, Dict, List, Optional
 
 from bnn_distill.errors import FolderInUse, UserError
 from bnn_distill.evaluate import mcnemar_p
+from bnn_distill.frozen import FORMS as TEACHER_FORMS
 from bnn_distill.recipe import recipe_from_dict
 from bnn_distill.rundir import RunDir
 from bnn_distill.train import run_recipe
@@ -765,7 +766,7 @@ def main(argv=None) -> int:
     ap.add_argument(
         "--teacher-forward",
         default="eager",
-        choices=["eager", "folded", "compiled"],
+        choices=list(TEACHER_FORMS),
         help="the frozen teacher's forward in student runs (the recipe's teacher_forward). Default eager: the "
         "committed grids trained that way, so their remaining runs keep to it",
     )
