@@ -38,7 +38,7 @@ TIMING = re.compile(r"(wall|elapsed|per_s|time|seconds|_s$|^machine$)")
 
 
 def shrunk_quick(out: Path) -> Dict[str, Any]:
-    raw = yaml.safe_load((REPO / "recipes" / "quick_fmnist.yaml").read_text())
+    raw = yaml.safe_load((REPO / "recipes" / "quick_fmnist_two_stage.yaml").read_text())
     raw["output_dir"] = str(out)
     raw["data"].update(limit_train=512, limit_test=64)
     raw["data"].pop("val_size", None)
